@@ -1,0 +1,1 @@
+"""Model import (HF directories, GGUF files) and, later, QoQ calibration and checkpoints."""

@@ -1,0 +1,232 @@
+"""Batched generation: `complete` returns `Completion`s, `generate` the plain texts or token lists.
+
+Shapes are bucketed (batch to a power of two, prompt block and cache length to powers of two within the
+context) and decoding runs `decode_chunk` steps per compiled call under `lax.scan`, so a new prompt length or
+token count does not recompile, and the host reads each chunk while the device already runs the next.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Sequence, Union
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from qoq_jax.errors import InvalidRequestError, PromptTooLongError
+from qoq_jax.params import Params
+from qoq_jax.sampling import SamplingBatch, SamplingParams, sample
+from qoq_jax.steps import DecodeState, decode_step, prefill
+
+Message = dict
+Prompt = Union[str, Sequence[int], Sequence[Message]]
+
+_MIN_PROMPT_BLOCK = 16
+
+
+@dataclasses.dataclass(frozen=True)
+class Completion:
+    """One prompt's result. `text` is None for token-id prompts; finish_reason is "stop" or "length"."""
+
+    prompt_token_ids: list[int]
+    token_ids: list[int]
+    text: str | None
+    finish_reason: str
+
+
+def generate(params: Params, prompts: Sequence[Prompt], **kwargs) -> list[str] | list[list[int]]:
+    """String (or chat) prompts give continuation strings; token-id prompts give lists of new token ids.
+
+    Keywords are those of `complete`.
+    """
+    completions = complete(params, prompts, **kwargs)
+    return [c.token_ids if c.text is None else c.text for c in completions]
+
+
+def complete(
+    params: Params,
+    prompts: Sequence[Prompt],
+    *,
+    max_new_tokens: int = 32,
+    temperature: float = 0.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    seed: int | Sequence[int] = 0,
+    stop: str | Sequence[str] | None = None,
+    stop_token_ids: Sequence[int] = (),
+    ignore_eos: bool = False,
+    chat: bool = False,
+    decode_chunk: int = 16,
+) -> list[Completion]:
+    """Generates for a batch of prompts of any lengths.
+
+    Greedy unless temperature > 0. `seed` is one int (prompt i uses seed + i) or one per prompt. Generation of a
+    prompt stops at the model's EOS (unless `ignore_eos`), at any of `stop_token_ids`, or when the text contains
+    one of the `stop` strings (cut before it), and after `max_new_tokens` tokens otherwise. With `chat=True`
+    string prompts are user messages; lists of {"role", "content"} dicts always go through the chat template.
+    """
+    if isinstance(prompts, str) or not len(prompts):
+        raise InvalidRequestError("prompts must be a non-empty list of prompts")
+    if isinstance(stop, str):
+        stop = [stop]
+    stop = [s for s in (stop or []) if s]
+    if max_new_tokens < 1:
+        raise InvalidRequestError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    if decode_chunk < 1:
+        raise InvalidRequestError(f"decode_chunk must be >= 1, got {decode_chunk}")
+    tokenizer = params.tokenizer
+    if stop and tokenizer is None:
+        raise InvalidRequestError("stop strings need a tokenizer; this model has none (use stop_token_ids)")
+    seeds = [seed + i for i in range(len(prompts))] if isinstance(seed, int) else list(seed)
+    if len(seeds) != len(prompts):
+        raise InvalidRequestError(f"got {len(seeds)} seeds for {len(prompts)} prompts")
+    sampling = [SamplingParams(temperature, top_k, top_p, s) for s in seeds]
+
+    encoded = [_encode(params, p, chat) for p in prompts]
+    for ids, _ in encoded:
+        _check_prompt(params, ids, max_new_tokens)
+    stop_ids = set(stop_token_ids) | (set() if ignore_eos else _eos_ids(params))
+
+    rows = [_Row(list(ids), is_text, max_new_tokens) for ids, is_text in encoded]
+    _run(params, rows, sampling, stop_ids, stop, decode_chunk)
+    return [row.completion(tokenizer) for row in rows]
+
+
+@dataclasses.dataclass
+class _Row:
+    prompt: list[int]
+    is_text: bool
+    max_new_tokens: int
+    tokens: list[int] = dataclasses.field(default_factory=list)
+    text: str | None = None
+    finish_reason: str | None = None
+
+    def extend(self, new_tokens, stop_ids, stop, tokenizer) -> None:
+        for token in new_tokens:
+            if self.finish_reason is not None:
+                return
+            if token in stop_ids:
+                self.finish_reason = "stop"
+                return
+            self.tokens.append(int(token))
+            if stop and self._cut_at_stop_string(stop, tokenizer):
+                return
+            if len(self.tokens) >= self.max_new_tokens:
+                self.finish_reason = "length"
+
+    def _cut_at_stop_string(self, stop, tokenizer) -> bool:
+        text = tokenizer.decode(self.tokens, skip_special_tokens=True)
+        hits = [i for i in (text.find(s) for s in stop) if i >= 0]
+        if not hits:
+            return False
+        self.text = text[: min(hits)]
+        self.tokens.pop()  # the token that completed the stop string
+        self.finish_reason = "stop"
+        return True
+
+    def completion(self, tokenizer) -> Completion:
+        text = None
+        if self.is_text:
+            text = self.text if self.text is not None else tokenizer.decode(self.tokens, skip_special_tokens=True)
+        return Completion(list(self.prompt), list(self.tokens), text, self.finish_reason or "length")
+
+
+def _run(params: Params, rows: list[_Row], sampling, stop_ids, stop, decode_chunk: int) -> None:
+    """Prefills the padded batch, then decodes chunk by chunk until every row has finished."""
+    config = params.config
+    batch = _power_of_two(len(rows))
+    longest = max(len(r.prompt) for r in rows)
+    block = min(_power_of_two(max(longest, _MIN_PROMPT_BLOCK)), config.max_context)
+    max_new = max(r.max_new_tokens for r in rows)
+    cache_length = min(_power_of_two(longest + max_new), config.max_context)
+
+    tokens = np.zeros((batch, block), np.int32)
+    lengths = np.ones((batch,), np.int32)  # padding rows: one token, never read
+    for i, row in enumerate(rows):
+        tokens[i, : len(row.prompt)] = row.prompt
+        lengths[i] = len(row.prompt)
+    padding = [SamplingParams()] * (batch - len(rows))
+    sampling_batch = SamplingBatch.stack(list(sampling) + padding)
+
+    state, last = _prefill_and_sample(
+        params, jnp.asarray(tokens), jnp.asarray(lengths), sampling_batch, max_length=cache_length
+    )
+    pending = last[None]  # [steps, B] tokens not yet read back
+    steps_dispatched = 1
+    while True:
+        if steps_dispatched < max_new:  # dispatch the next chunk before reading this one
+            state, last, chunk = _decode_chunk(params, state, last, sampling_batch, num_steps=decode_chunk)
+            steps_dispatched += decode_chunk
+        else:
+            chunk = None
+        host_tokens = np.asarray(pending)
+        for i, row in enumerate(rows):
+            row.extend(host_tokens[:, i], stop_ids, stop, params.tokenizer)
+        if chunk is None or all(row.finish_reason is not None for row in rows):
+            return
+        pending = chunk
+
+
+@functools.partial(jax.jit, static_argnames=("max_length",))
+def _prefill_and_sample(params, tokens, lengths, sampling, *, max_length):
+    state, logits = prefill(params, tokens, lengths, max_length=max_length)
+    return state, sample(logits, sampling, state.lengths)
+
+
+@functools.partial(jax.jit, static_argnames=("num_steps",), donate_argnames=("state",))
+def _decode_chunk(params, state: DecodeState, tokens, sampling, *, num_steps):
+    """`num_steps` decode steps in one program; returns the state, the last tokens and all tokens [steps, B]."""
+
+    def step(carry, _):
+        state, tokens = carry
+        state, logits = decode_step(params, state, tokens)
+        next_tokens = sample(logits, sampling, state.lengths)
+        return (state, next_tokens), next_tokens
+
+    (state, last), generated = jax.lax.scan(step, (state, tokens), None, length=num_steps)
+    return state, last, generated
+
+
+def _encode(params: Params, prompt: Prompt, chat: bool) -> tuple[list[int], bool]:
+    """Token ids of a prompt and whether its result is text."""
+    tokenizer = params.tokenizer
+    is_messages = not isinstance(prompt, str) and len(prompt) and isinstance(prompt[0], dict)
+    if isinstance(prompt, str) or is_messages:
+        if tokenizer is None:
+            raise InvalidRequestError("this model has no tokenizer: pass prompts as lists of token ids")
+        if chat or is_messages:
+            if not getattr(tokenizer, "chat_template", None):
+                raise InvalidRequestError("the tokenizer has no chat template")
+            messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
+            text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+            return list(tokenizer(text, add_special_tokens=False).input_ids), True
+        return list(tokenizer(prompt).input_ids), True
+    ids = [int(t) for t in prompt]
+    if any(t < 0 or t >= params.config.vocab_size for t in ids):
+        raise InvalidRequestError(f"token ids must be in [0, {params.config.vocab_size})")
+    return ids, False
+
+
+def _check_prompt(params: Params, ids: list[int], max_new_tokens: int) -> None:
+    if not ids:
+        raise InvalidRequestError("empty prompt")
+    config = params.config
+    if len(ids) + max_new_tokens > config.max_context:
+        raise PromptTooLongError(
+            f"prompt of {len(ids)} tokens + max_new_tokens={max_new_tokens} exceeds the model's context of "
+            f"{config.max_context} tokens ({config.context_limit_reason})"
+        )
+
+
+def _eos_ids(params: Params) -> set[int]:
+    ids = set(params.config.eos_token_ids)
+    tokenizer_eos = getattr(params.tokenizer, "eos_token_id", None)
+    if tokenizer_eos is not None:
+        ids.add(tokenizer_eos)
+    return ids
+
+
+def _power_of_two(n: int) -> int:
+    return 1 << max(n - 1, 0).bit_length()

@@ -1,0 +1,87 @@
+"""The KV cache interface the model talks to, and the simple dense cache behind it.
+
+The model only calls `write` then `attend` once per layer, so a paged, quantized cache can replace
+`DenseKVCache` without the model changing. Every cache is a pytree and is updated functionally: the step
+functions donate it so XLA writes in place.
+
+Positions are absolute token indices per sequence. A query at position p attends over the cached keys at
+positions 0..p of its own sequence; padded tokens (valid=False) are never written.
+"""
+
+from __future__ import annotations
+
+import abc
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+
+from qoq_jax.config import ModelConfig
+
+
+class KVCache(abc.ABC):
+    """init / write / attend: all a cache must provide."""
+
+    @classmethod
+    @abc.abstractmethod
+    def init(cls, config: ModelConfig, batch_size: int, max_length: int, dtype) -> "KVCache":
+        """An empty cache for `batch_size` sequences of up to `max_length` tokens."""
+
+    @property
+    @abc.abstractmethod
+    def max_length(self) -> int:
+        """Tokens each sequence can hold."""
+
+    @abc.abstractmethod
+    def write(self, layer: int, k_bthd, v_bthd, positions_bt, valid_bt) -> "KVCache":
+        """Stores post-RoPE keys and values of new tokens at their positions; invalid tokens are dropped."""
+
+    @abc.abstractmethod
+    def attend(self, layer: int, q_bthd, positions_bt) -> jnp.ndarray:
+        """Causal attention of new queries [B, T, Hq, D] over the cache, in the query dtype."""
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class DenseKVCache(KVCache):
+    """Per layer, keys and values as [batch, max_length, kv_heads, head_dim] arrays in the model dtype."""
+
+    keys: tuple[jax.Array, ...]
+    values: tuple[jax.Array, ...]
+
+    @classmethod
+    def init(cls, config: ModelConfig, batch_size: int, max_length: int, dtype) -> "DenseKVCache":
+        shape = (batch_size, max_length, config.num_kv_heads, config.head_dim)
+        empty = tuple(jnp.zeros(shape, dtype) for _ in range(config.num_layers))
+        return cls(keys=empty, values=tuple(jnp.zeros(shape, dtype) for _ in range(config.num_layers)))
+
+    @property
+    def max_length(self) -> int:
+        return self.keys[0].shape[1]
+
+    def write(self, layer, k_bthd, v_bthd, positions_bt, valid_bt) -> "DenseKVCache":
+        batch = jnp.arange(k_bthd.shape[0])[:, None]
+        slots = jnp.where(valid_bt, positions_bt, self.max_length)  # out of range: dropped
+        keys = list(self.keys)
+        values = list(self.values)
+        keys[layer] = keys[layer].at[batch, slots].set(k_bthd.astype(keys[layer].dtype), mode="drop")
+        values[layer] = values[layer].at[batch, slots].set(v_bthd.astype(values[layer].dtype), mode="drop")
+        return DenseKVCache(keys=tuple(keys), values=tuple(values))
+
+    def attend(self, layer, q_bthd, positions_bt) -> jnp.ndarray:
+        key_positions = jnp.arange(self.max_length)
+        mask_bts = key_positions[None, None, :] <= positions_bt[:, :, None]
+        return grouped_attention(q_bthd, self.keys[layer], self.values[layer], mask_bts)
+
+
+def grouped_attention(q_bthd, k_bshd, v_bshd, mask_bts) -> jnp.ndarray:
+    """GQA softmax attention with float32 logits; query head h reads KV head h // (Hq / Hkv)."""
+    batch, length, num_heads, head_dim = q_bthd.shape
+    num_kv_heads = k_bshd.shape[2]
+    q = q_bthd.reshape(batch, length, num_kv_heads, num_heads // num_kv_heads, head_dim)
+    logits = jnp.einsum("btkgd,bskd->bkgts", q, k_bshd, preferred_element_type=jnp.float32)
+    logits = logits * (1.0 / head_dim**0.5)
+    logits = jnp.where(mask_bts[:, None, None], logits, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(logits, axis=-1).astype(v_bshd.dtype)
+    out = jnp.einsum("bkgts,bskd->btkgd", probs, v_bshd, preferred_element_type=jnp.float32)
+    return out.reshape(batch, length, num_heads, head_dim).astype(q_bthd.dtype)

@@ -1,0 +1,29 @@
+"""`qoq_jax.load`: the one entry from a model source to `Params`.
+
+Reading HF directories, GGUF files and checkpoints is the converters' job, and `qoq_jax` must not depend on
+them; they register themselves under the `qoq_jax.importers` entry-point group and are found at call time.
+"""
+
+from __future__ import annotations
+
+import os
+from importlib.metadata import entry_points
+
+from qoq_jax.errors import UnsupportedModelError
+from qoq_jax.params import Params
+
+IMPORTER_GROUP = "qoq_jax.importers"
+
+
+def load(source: str | os.PathLike, *, dtype=None) -> Params:
+    """Loads "smollm2" (the embedded SmolLM2-135M GGUF), an HF model directory or a .gguf file.
+
+    dtype: "float32" / "bfloat16" / "float16"; None means float32 on CPU and bfloat16 on accelerators.
+    """
+    importers = sorted(entry_points(group=IMPORTER_GROUP), key=lambda ep: ep.name)
+    if not importers:
+        raise UnsupportedModelError(
+            f"no model importer is installed (entry-point group {IMPORTER_GROUP!r}); "
+            "install the qoq-jax distribution, which provides the converters package"
+        )
+    return importers[0].load()(source, dtype=dtype)

@@ -1,0 +1,101 @@
+"""`Params`: a loaded model as one pytree — NNX state as leaves; graph, config and tokenizer as static data.
+
+The module is split once (`nnx.split`) and every step function merges it inside jit, so there is no
+per-call `nnx.jit` overhead. `assemble_params` is the single place weights enter the model: it checks a
+complete name → array mapping against the abstract model and reports every problem at once, so a model is
+either fully loaded or not at all.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Mapping
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from qoq_jax.config import ModelConfig
+from qoq_jax.errors import CheckpointError
+from qoq_jax.model import CausalLM
+
+ParamPath = tuple[str | int, ...]
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+
+
+def resolve_dtype(dtype) -> jnp.dtype:
+    """None → float32 on CPU, bfloat16 on accelerators; names or jnp dtypes otherwise."""
+    if dtype is None:
+        return jnp.dtype(jnp.float32 if jax.default_backend() == "cpu" else jnp.bfloat16)
+    if isinstance(dtype, str):
+        if dtype not in DTYPES:
+            raise ValueError(f"dtype {dtype!r} is not supported (choose from {', '.join(DTYPES)})")
+        return jnp.dtype(DTYPES[dtype])
+    if jnp.dtype(dtype) not in {jnp.dtype(d) for d in DTYPES.values()}:
+        raise ValueError(f"dtype {dtype} is not supported (choose from {', '.join(DTYPES)})")
+    return jnp.dtype(dtype)
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True, eq=False)
+class Params:
+    """What `qoq_jax.load` returns and every step function takes."""
+
+    state: nnx.State
+    graphdef: Any = dataclasses.field(metadata=dict(static=True))
+    config: ModelConfig = dataclasses.field(metadata=dict(static=True))
+    tokenizer: Any = dataclasses.field(default=None, metadata=dict(static=True))
+
+    def model(self) -> CausalLM:
+        return nnx.merge(self.graphdef, self.state)
+
+    @property
+    def dtype(self) -> jnp.dtype:
+        return self.state["embed_tokens"][...].dtype
+
+
+def init_params(config: ModelConfig, *, dtype=None, seed: int = 0, tokenizer=None) -> Params:
+    """Random weights with the model's shapes (tests, benchmarks)."""
+    model = CausalLM(config, dtype=resolve_dtype(dtype), rngs=nnx.Rngs(seed))
+    graphdef, state = nnx.split(model)
+    return Params(state=state, graphdef=graphdef, config=config, tokenizer=tokenizer)
+
+
+def expected_shapes(config: ModelConfig) -> dict[ParamPath, tuple[int, ...]]:
+    """Every parameter path of the model with its shape, computed without allocating."""
+    abstract = nnx.eval_shape(lambda: CausalLM(config, rngs=nnx.Rngs(0)))
+    _, state = nnx.split(abstract)
+    return {path: tuple(var.shape) for path, var in nnx.to_flat_state(state)}
+
+
+def assemble_params(
+    config: ModelConfig,
+    tensors: Mapping[ParamPath, np.ndarray],
+    *,
+    dtype=None,
+    tokenizer=None,
+    source: str = "checkpoint",
+) -> Params:
+    """Builds `Params` from a full mapping of parameter paths to arrays, or raises `CheckpointError`."""
+    expected = expected_shapes(config)
+    problems = [f"missing tensor {_name(p)} (shape {s})" for p, s in expected.items() if p not in tensors]
+    problems += [f"unexpected tensor {_name(p)}" for p in tensors if p not in expected]
+    problems += [
+        f"tensor {_name(p)} has shape {tuple(a.shape)}, the config needs {expected[p]}"
+        for p, a in tensors.items()
+        if p in expected and tuple(a.shape) != expected[p]
+    ]
+    if problems:
+        listed = "\n  ".join(problems[:20]) + (f"\n  ... and {len(problems) - 20} more" if len(problems) > 20 else "")
+        raise CheckpointError(f"{source} does not match the model config:\n  {listed}")
+    dtype = resolve_dtype(dtype)
+    model = nnx.eval_shape(lambda: CausalLM(config, dtype=dtype, rngs=nnx.Rngs(0)))
+    graphdef, state = nnx.split(model)
+    flat = [(path, var.replace(jnp.asarray(tensors[path], dtype=dtype))) for path, var in nnx.to_flat_state(state)]
+    return Params(state=nnx.from_flat_state(flat), graphdef=graphdef, config=config, tokenizer=tokenizer)
+
+
+def _name(path: ParamPath) -> str:
+    return ".".join(str(part) for part in path)

@@ -1,0 +1,1 @@
+"""Serving: engine, HTTP server and the `qoq-jax` command line."""
