@@ -1,0 +1,22 @@
+"""Shared fixtures: tiny random transformers models saved to disk, and the embedded SmolLM2."""
+
+from __future__ import annotations
+
+import os
+
+# Tests compare float32 numerics against torch: keep XLA's CPU matmuls at full precision.
+os.environ.setdefault("JAX_DEFAULT_MATMUL_PRECISION", "highest")
+
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+GPL_TEXT = REPO.parent / "shared" / "data" / "gpl-3.0.txt"
+
+
+@pytest.fixture(scope="session")
+def gpl_text() -> str:
+    if not GPL_TEXT.is_file():
+        pytest.fail(f"the shared test text is missing: {GPL_TEXT}")
+    return GPL_TEXT.read_text()

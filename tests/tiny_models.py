@@ -1,0 +1,90 @@
+"""Tiny random transformers models of each supported family, built with transformers' own config classes."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, LlamaConfig, MistralConfig, Qwen2Config
+
+_COMMON = dict(
+    vocab_size=320,
+    hidden_size=64,
+    intermediate_size=96,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=512,
+    initializer_range=0.15,
+    rms_norm_eps=1e-5,
+    bos_token_id=1,
+    eos_token_id=2,
+    pad_token_id=0,
+)
+
+TINY_CONFIGS = {
+    "llama": lambda: LlamaConfig(**_COMMON),
+    "llama_tied": lambda: LlamaConfig(**_COMMON, tie_word_embeddings=True),
+    "llama31_rope": lambda: LlamaConfig(
+        **_COMMON,
+        rope_scaling={
+            "rope_type": "llama3",
+            "factor": 8.0,
+            "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 64,
+        },
+    ),
+    "llama_linear_rope": lambda: LlamaConfig(**_COMMON, rope_scaling={"rope_type": "linear", "factor": 4.0}),
+    "llama_head_dim_24_mqa_bias": lambda: LlamaConfig(
+        **{**_COMMON, "num_key_value_heads": 1}, head_dim=24, attention_bias=True, mlp_bias=True
+    ),
+    "mistral": lambda: MistralConfig(**_COMMON, sliding_window=256),
+    "qwen2_bias_tied": lambda: Qwen2Config(**{**_COMMON, "num_key_value_heads": 4}, tie_word_embeddings=True),
+}
+
+
+def build_hf_model(name: str, seed: int = 0):
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(TINY_CONFIGS[name](), dtype=torch.float32).eval()
+    if name.startswith("qwen2"):  # Qwen2 initialises biases to zero; make them matter
+        with torch.no_grad():
+            for layer in model.model.layers:
+                for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):
+                    proj.bias.normal_(0.0, 0.5)
+    return model
+
+
+def save_hf_model(model, directory: Path, **kwargs) -> Path:
+    model.save_pretrained(directory, **kwargs)
+    return directory
+
+
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}</s>{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>{% endif %}"
+)
+
+
+def tiny_tokenizer(text: str, vocab_size: int = 300):
+    """A byte-level BPE trained on `text`, with <unk>=0, <s>=1, </s>=2 and a chat template."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tokenizer = Tokenizer(models.BPE(unk_token="<unk>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=["<unk>", "<s>", "</s>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tokenizer.train_from_iterator([text], trainer=trainer)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer,
+        unk_token="<unk>",
+        bos_token="<s>",
+        eos_token="</s>",
+        chat_template=CHAT_TEMPLATE,
+    )
