@@ -1,0 +1,189 @@
+"""HF directory import variants and every import error path: clear errors, never a half-loaded model."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+import qoq_jax
+from converters.gguf_import import unpermute_qk_rows
+from qoq_jax.errors import CheckpointError, UnsupportedModelError
+from tiny_models import TINY_CONFIGS, build_hf_model, save_hf_model, tiny_tokenizer
+
+
+@pytest.fixture(scope="module")
+def hf_model():
+    return build_hf_model("llama", seed=3)
+
+
+@pytest.fixture(scope="module")
+def model_dir(hf_model, tmp_path_factory):
+    return save_hf_model(hf_model, tmp_path_factory.mktemp("single"))
+
+
+@pytest.fixture
+def copy_of(model_dir, tmp_path):
+    directory = tmp_path / "model"
+    shutil.copytree(model_dir, directory)
+    return directory
+
+
+def reference_logits(hf_model, token_ids):
+    with torch.no_grad():
+        return hf_model(torch.tensor(token_ids)).logits.numpy()
+
+
+def assert_same_model(params, hf_model):
+    token_ids = np.random.default_rng().integers(0, params.config.vocab_size, (1, 16))
+    np.testing.assert_allclose(qoq_jax.forward(params, token_ids), reference_logits(hf_model, token_ids), atol=1e-4)
+
+
+def test_sharded_safetensors(hf_model, tmp_path):
+    directory = save_hf_model(hf_model, tmp_path, max_shard_size="40KB")
+    assert (directory / "model.safetensors.index.json").is_file()
+    assert len(list(directory.glob("*.safetensors"))) > 2
+    assert_same_model(qoq_jax.load(directory), hf_model)
+
+
+def test_pytorch_bin(hf_model, model_dir, tmp_path):
+    shutil.copy(model_dir / "config.json", tmp_path / "config.json")
+    torch.save(hf_model.state_dict(), tmp_path / "pytorch_model.bin")
+    assert_same_model(qoq_jax.load(tmp_path), hf_model)
+
+
+def test_bfloat16_safetensors_loads_in_any_dtype(hf_model, tmp_path):
+    directory = save_hf_model(hf_model.to(torch.bfloat16), tmp_path)
+    hf_model.to(torch.float32)
+    for dtype in ("float32", "bfloat16", "float16"):
+        params = qoq_jax.load(directory, dtype=dtype)
+        assert params.dtype == np.dtype(dtype)
+        expected = hf_model.model.embed_tokens.weight.detach().to(torch.bfloat16).float().numpy()
+        np.testing.assert_allclose(np.asarray(params.state["embed_tokens"][...], np.float32), expected, rtol=1e-2)
+
+
+def test_tokenizer_is_loaded_with_the_model(hf_model, gpl_text, tmp_path):
+    directory = save_hf_model(hf_model, tmp_path)
+    tiny_tokenizer(gpl_text).save_pretrained(directory)
+    params = qoq_jax.load(directory)
+    assert params.tokenizer is not None
+    assert params.tokenizer("General Public").input_ids == tiny_tokenizer(gpl_text)("General Public").input_ids
+
+
+def test_missing_config(copy_of):
+    (copy_of / "config.json").unlink()
+    with pytest.raises(CheckpointError, match="no config.json"):
+        qoq_jax.load(copy_of)
+
+
+def test_missing_weights(copy_of):
+    (copy_of / "model.safetensors").unlink()
+    with pytest.raises(CheckpointError, match="no weights found"):
+        qoq_jax.load(copy_of)
+
+
+def test_missing_shard(hf_model, tmp_path):
+    directory = save_hf_model(hf_model, tmp_path, max_shard_size="40KB")
+    shard = sorted(directory.glob("*.safetensors"))[1]
+    shard.unlink()
+    with pytest.raises(CheckpointError, match=f"missing: {shard.name}"):
+        qoq_jax.load(directory)
+
+
+@pytest.mark.parametrize("keep_fraction", [0.0001, 0.5, 0.99])
+def test_truncated_safetensors(copy_of, keep_fraction):
+    weights = copy_of / "model.safetensors"
+    data = weights.read_bytes()
+    weights.write_bytes(data[: max(int(len(data) * keep_fraction), 4)])
+    with pytest.raises(CheckpointError, match="model.safetensors"):
+        qoq_jax.load(copy_of)
+
+
+def test_shape_mismatch_lists_every_bad_tensor(copy_of):
+    config = json.loads((copy_of / "config.json").read_text())
+    config["intermediate_size"] += 8
+    (copy_of / "config.json").write_text(json.dumps(config))
+    with pytest.raises(CheckpointError) as raised:
+        qoq_jax.load(copy_of)
+    message = str(raised.value)
+    for layer in range(config["num_hidden_layers"]):
+        for proj in ("gate_proj", "up_proj", "down_proj"):
+            assert f"layers.{layer}.mlp.{proj}.kernel has shape" in message
+
+
+def test_missing_tensor_is_named(hf_model, tmp_path):
+    state = {k: v for k, v in hf_model.state_dict().items() if k != "model.layers.1.post_attention_layernorm.weight"}
+    hf_model.save_pretrained(tmp_path, state_dict=state)
+    with pytest.raises(CheckpointError, match=r"missing tensor layers\.1\.post_attention_layernorm\.weight"):
+        qoq_jax.load(tmp_path)
+
+
+def test_unexpected_tensor_is_named(hf_model, model_dir, tmp_path):
+    shutil.copy(model_dir / "config.json", tmp_path / "config.json")
+    state = dict(hf_model.state_dict())
+    state["model.layers.0.self_attn.rotary_bias"] = torch.zeros(4)
+    torch.save(state, tmp_path / "pytorch_model.bin")
+    with pytest.raises(CheckpointError, match="rotary_bias"):
+        qoq_jax.load(tmp_path)
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"architectures": ["GPT2LMHeadModel"]}, "architecture 'GPT2LMHeadModel' is not supported"),
+        ({"hidden_act": "gelu"}, "hidden_act='gelu'"),
+        ({"rope_parameters": {"rope_type": "yarn", "factor": 4.0, "rope_theta": 1e4}}, "rope scaling type 'yarn'"),
+        ({"quantization_config": {"quant_method": "awq"}}, "pre-quantized checkpoints \\(awq\\)"),
+        ({"num_key_value_heads": 3}, "not a multiple of num_key_value_heads=3"),
+    ],
+)
+def test_unsupported_options_are_refused_by_name(copy_of, change, message):
+    config = json.loads((copy_of / "config.json").read_text())
+    config.update(change)
+    (copy_of / "config.json").write_text(json.dumps(config))
+    with pytest.raises(UnsupportedModelError, match=message):
+        qoq_jax.load(copy_of)
+
+
+def test_yi_loads_as_llama():
+    config = TINY_CONFIGS["llama"]().to_dict()
+    config["architectures"] = ["YiForCausalLM"]
+    assert qoq_jax.ModelConfig.from_hf(config).architecture == "LlamaForCausalLM"
+
+
+def test_sliding_window_limits_the_context():
+    config = qoq_jax.ModelConfig.from_hf(TINY_CONFIGS["mistral"]().to_dict())
+    assert config.max_context == 256 and "sliding_window" in config.context_limit_reason
+    params = qoq_jax.init_params(config)
+    with pytest.raises(qoq_jax.PromptTooLongError, match="sliding-window attention is not implemented"):
+        qoq_jax.generate(params, [[5] * 250], max_new_tokens=16)
+
+
+def test_unknown_source(tmp_path):
+    with pytest.raises(CheckpointError, match="no such file or directory"):
+        qoq_jax.load(tmp_path / "nowhere")
+    (tmp_path / "weights.txt").write_text("x")
+    with pytest.raises(CheckpointError, match="expected a .gguf file or a model directory"):
+        qoq_jax.load(tmp_path / "weights.txt")
+
+
+def test_truncated_gguf(tmp_path):
+    from converters.importing import smollm2_path
+
+    with open(smollm2_path(), "rb") as source:
+        head = source.read(1 << 20)
+    (tmp_path / "broken.gguf").write_bytes(head)
+    with pytest.raises(CheckpointError, match="broken.gguf"):
+        qoq_jax.load(tmp_path / "broken.gguf")
+
+
+def test_unpermute_inverts_llama_cpp_permutation():
+    """llama.cpp's convert_hf_to_gguf permutes rows per head as reshape(h, 2, d/2).swapaxes(1, 2)."""
+    rng = np.random.default_rng()
+    for num_heads, head_dim in ((4, 8), (3, 64), (1, 16)):
+        w = rng.standard_normal((num_heads * head_dim, 5))
+        permuted = w.reshape(num_heads, 2, head_dim // 2, 5).swapaxes(1, 2).reshape(w.shape)
+        np.testing.assert_array_equal(unpermute_qk_rows(permuted, num_heads), w)
