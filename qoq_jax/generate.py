@@ -140,7 +140,7 @@ def _run(params: Params, rows: list[_Row], sampling, stop_ids, stop, decode_chun
     longest = max(len(r.prompt) for r in rows)
     block = min(_power_of_two(max(longest, _MIN_PROMPT_BLOCK)), config.max_context)
     max_new = max(r.max_new_tokens for r in rows)
-    cache_length = min(_power_of_two(longest + max_new), config.max_context)
+    cache_length = min(max(_power_of_two(longest + max_new), block), config.max_context)
 
     tokens = np.zeros((batch, block), np.int32)
     lengths = np.ones((batch,), np.int32)  # padding rows: one token, never read

@@ -42,6 +42,11 @@ def test_max_new_tokens_and_finish_reason(params):
     assert len(completion.token_ids) == 21 and completion.finish_reason == "length"
 
 
+def test_shortest_request(params):
+    [completion] = qoq_jax.complete(params, [[7]], max_new_tokens=1, ignore_eos=True)
+    assert len(completion.token_ids) == 1
+
+
 def test_stop_token_ids_cut_before_the_first_stop_token(params):
     [full] = qoq_jax.generate(params, [[9, 8, 7]], max_new_tokens=24, ignore_eos=True)
     stop_token = full[6]
