@@ -59,9 +59,24 @@ def test_scaled_rope_differs_from_default():
 
 
 @pytest.fixture(scope="module")
-def llama(tmp_path_factory):
-    hf_model = build_hf_model("llama", seed=7)
-    return qoq_jax.load(save_hf_model(hf_model, tmp_path_factory.mktemp("llama")), dtype="float32")
+def llama_dir(tmp_path_factory):
+    return save_hf_model(build_hf_model("llama", seed=7), tmp_path_factory.mktemp("llama"))
+
+
+@pytest.fixture(scope="module")
+def llama(llama_dir):
+    return qoq_jax.load(llama_dir, dtype="float32")
+
+
+@pytest.mark.parametrize("dtype, tolerance", [("bfloat16", 0.05), ("float16", 0.01)])
+def test_half_precision_stays_close_to_float32(llama, llama_dir, dtype, tolerance):
+    half = qoq_jax.load(llama_dir, dtype=dtype)
+    token_ids = np.random.default_rng().integers(0, llama.config.vocab_size, (2, 24))
+    logits = qoq_jax.forward(half, token_ids)
+    assert logits.dtype == np.float32
+    assert relative_error(logits, np.asarray(qoq_jax.forward(llama, token_ids))) <= tolerance
+    [tokens] = qoq_jax.generate(half, [token_ids[0].tolist()], max_new_tokens=8, ignore_eos=True)
+    assert len(tokens) == 8
 
 
 def test_prefill_and_decode_steps_match_forward(llama):
