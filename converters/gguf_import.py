@@ -70,7 +70,7 @@ def import_gguf(file: str | Path, *, dtype=None) -> Params:
         tensors[path] = np.ascontiguousarray(w.T) if is_kernel else w
     if unknown:
         raise CheckpointError(f"{file}: tensors the model does not have: {', '.join(unknown[:10])}")
-    return assemble_params(config, tensors, dtype=dtype, tokenizer=_tokenizer(file), source=str(file))
+    return assemble_params(config, tensors, dtype=dtype, tokenizer=gguf_tokenizer(metadata), source=str(file))
 
 
 def gguf_to_hf_config(metadata: dict, tensor_names: set[str], *, source: str) -> dict:
@@ -138,7 +138,21 @@ def _field_value(field):
         return None
 
 
-def _tokenizer(file: Path):
-    from transformers import AutoTokenizer
+def gguf_tokenizer(metadata: dict):
+    """The file's tokenizer and chat template, built by transformers' GGUF tokenizer converter from the metadata
+    already read: `AutoTokenizer.from_pretrained(gguf_file=...)` would parse the file again and needs torch."""
+    from transformers import PreTrainedTokenizerFast
+    from transformers.integrations.gguf.gguf_tokenizer_mapping import GGUF_TOKENIZER_MAPPING, convert_gguf_tokenizer
 
-    return AutoTokenizer.from_pretrained(str(file.parent), gguf_file=file.name)
+    grouped = {
+        group: {name: metadata[f"tokenizer.{key}"] for key, name in renames.items() if f"tokenizer.{key}" in metadata}
+        for group, renames in GGUF_TOKENIZER_MAPPING.items()
+    }
+    tokenizer_dict, tokenizer_config = grouped["tokenizer"], grouped["tokenizer_config"]
+    if tokenizer_dict.get("tokenizer_type") == "llama":  # llama.cpp adds BOS to sentencepiece vocabularies
+        tokenizer_config.setdefault("add_bos_token", True)
+    for special in ("bos", "eos", "unk", "pad"):
+        token_id = tokenizer_dict.get(f"{special}_token_id")
+        tokenizer_config[f"{special}_token"] = None if token_id is None else tokenizer_dict["tokens"][token_id]
+    backend, extra = convert_gguf_tokenizer(metadata["general.architecture"], tokenizer_dict)
+    return PreTrainedTokenizerFast(tokenizer_object=backend, **tokenizer_config, **extra)

@@ -52,8 +52,11 @@ class DenseKVCache(KVCache):
     @classmethod
     def init(cls, config: ModelConfig, batch_size: int, max_length: int, dtype) -> "DenseKVCache":
         shape = (batch_size, max_length, config.num_kv_heads, config.head_dim)
-        empty = tuple(jnp.zeros(shape, dtype) for _ in range(config.num_layers))
-        return cls(keys=empty, values=tuple(jnp.zeros(shape, dtype) for _ in range(config.num_layers)))
+
+        def per_layer_zeros():
+            return tuple(jnp.zeros(shape, dtype) for _ in range(config.num_layers))
+
+        return cls(keys=per_layer_zeros(), values=per_layer_zeros())
 
     @property
     def max_length(self) -> int:

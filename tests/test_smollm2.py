@@ -41,6 +41,24 @@ def test_config_from_gguf_metadata(params):
     assert c.eos_token_ids == (2,) and c.rope.theta == 100000.0
 
 
+def test_tokenizer_matches_transformers_gguf_tokenizer(params, gpl_text):
+    from transformers import AutoTokenizer
+
+    path = smollm2_path()
+    reference = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+    ours = params.tokenizer
+    assert ours(gpl_text).input_ids == reference(gpl_text).input_ids
+    messages = [{"role": "user", "content": "Hi there"}]
+    assert ours.apply_chat_template(messages, tokenize=False, add_generation_prompt=True) == (
+        reference.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    )
+    assert (ours.bos_token_id, ours.eos_token_id, ours.all_special_tokens) == (
+        reference.bos_token_id,
+        reference.eos_token_id,
+        reference.all_special_tokens,
+    )
+
+
 def test_logits_match_transformers(params, hf_model, text_tokens):
     token_ids = text_tokens[None, 1000:1256]
     with torch.no_grad():
