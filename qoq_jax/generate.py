@@ -144,49 +144,84 @@ def _run(params: Params, rows: list[_Row], sampling, stop_ids, stop, decode_chun
 
     tokens = np.zeros((batch, block), np.int32)
     lengths = np.ones((batch,), np.int32)  # padding rows: one token, never read
+    limits = np.zeros((batch,), np.int32)  # padding rows: done at once
     for i, row in enumerate(rows):
         tokens[i, : len(row.prompt)] = row.prompt
         lengths[i] = len(row.prompt)
+        limits[i] = len(row.prompt) + row.max_new_tokens - 1
     padding = [SamplingParams()] * (batch - len(rows))
-    sampling_batch = SamplingBatch.stack(list(sampling) + padding)
-
-    state, last = _prefill_and_sample(
-        params, jnp.asarray(tokens), jnp.asarray(lengths), sampling_batch, max_length=cache_length
+    stopping = _Stopping(
+        sampling=SamplingBatch.stack(list(sampling) + padding),
+        stop_ids=jnp.asarray(_padded(sorted(stop_ids)), jnp.int32),
+        limits=jnp.asarray(limits),
     )
-    pending = last[None]  # [steps, B] tokens not yet read back
+
+    state, last, done = _prefill_and_sample(params, tokens, lengths, stopping, max_length=cache_length)
+    pending, pending_steps = last[None], 1  # tokens [steps, B] not yet read back
     steps_dispatched = 1
     while True:
+        chunk = None
         if steps_dispatched < max_new:  # dispatch the next chunk before reading this one
-            state, last, chunk = _decode_chunk(params, state, last, sampling_batch, num_steps=decode_chunk)
+            state, last, done, chunk, chunk_steps = _decode_chunk(
+                params, state, last, done, stopping, num_steps=decode_chunk
+            )
             steps_dispatched += decode_chunk
-        else:
-            chunk = None
-        host_tokens = np.asarray(pending)
+        host_tokens = np.asarray(pending)[: int(pending_steps)]
         for i, row in enumerate(rows):
             row.extend(host_tokens[:, i], stop_ids, stop, params.tokenizer)
         if chunk is None or all(row.finish_reason is not None for row in rows):
             return
-        pending = chunk
+        pending, pending_steps = chunk, chunk_steps
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class _Stopping:
+    """Per-row sampling and the device's own stop rule (stop ids, last position), so a chunk ends early."""
+
+    sampling: SamplingBatch
+    stop_ids: jax.Array  # [S] int32, padded with -1
+    limits: jax.Array  # [B] int32: a row is done once its cache holds this many tokens
+
+    def is_done(self, tokens, lengths):
+        return jnp.isin(tokens, self.stop_ids) | (lengths >= self.limits)
 
 
 @functools.partial(jax.jit, static_argnames=("max_length",))
-def _prefill_and_sample(params, tokens, lengths, sampling, *, max_length):
+def _prefill_and_sample(params, tokens, lengths, stopping: _Stopping, *, max_length):
     state, logits = prefill(params, tokens, lengths, max_length=max_length)
-    return state, sample(logits, sampling, state.lengths)
+    first = sample(logits, stopping.sampling, state.lengths)
+    return state, first, stopping.is_done(first, state.lengths)
 
 
 @functools.partial(jax.jit, static_argnames=("num_steps",), donate_argnames=("state",))
-def _decode_chunk(params, state: DecodeState, tokens, sampling, *, num_steps):
-    """`num_steps` decode steps in one program; returns the state, the last tokens and all tokens [steps, B]."""
+def _decode_chunk(params, state: DecodeState, tokens, done, stopping: _Stopping, *, num_steps):
+    """Up to `num_steps` decode steps in one program, ending early once every row is done.
 
-    def step(carry, _):
-        state, tokens = carry
+    Returns the state, the last tokens, the done flags, the tokens [num_steps, B] and how many steps ran.
+    """
+
+    def not_finished(carry):
+        step, _, _, done, _ = carry
+        return (step < num_steps) & ~jnp.all(done)
+
+    def decode(carry):
+        step, state, tokens, done, generated = carry
         state, logits = decode_step(params, state, tokens)
-        next_tokens = sample(logits, sampling, state.lengths)
-        return (state, next_tokens), next_tokens
+        tokens = sample(logits, stopping.sampling, state.lengths)
+        done = done | stopping.is_done(tokens, state.lengths)
+        return step + 1, state, tokens, done, generated.at[step].set(tokens)
 
-    (state, last), generated = jax.lax.scan(step, (state, tokens), None, length=num_steps)
-    return state, last, generated
+    generated = jnp.zeros((num_steps, tokens.shape[0]), jnp.int32)
+    steps, state, tokens, done, generated = jax.lax.while_loop(
+        not_finished, decode, (jnp.int32(0), state, tokens, done, generated)
+    )
+    return state, tokens, done, generated, steps
+
+
+def _padded(ids: list[int], multiple: int = 8) -> list[int]:
+    """Pads to a multiple of `multiple` with -1 (never a token), so new stop lists rarely recompile."""
+    return ids + [-1] * (-len(ids) % multiple or (0 if ids else multiple))
 
 
 def _encode(params: Params, prompt: Prompt, chat: bool) -> tuple[list[int], bool]:
