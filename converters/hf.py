@@ -139,12 +139,12 @@ def _iter_safetensors(file: Path):
     from safetensors import safe_open
 
     try:
-        handle = safe_open(str(file), framework="flax")  # jax arrays: bfloat16 survives, unlike numpy
+        handle = safe_open(str(file), framework="flax")  # bfloat16 survives (numpy via ml_dtypes), no fp32 copy
     except Exception as err:  # safetensors raises its own error types for truncated or corrupt headers
         raise CheckpointError(f"{file}: cannot be read as safetensors (truncated or corrupt?): {err}") from err
     with handle as f:
         for name in f.keys():
-            yield name, _guarded(file, lambda name=name: np.asarray(f.get_tensor(name), dtype=np.float32))
+            yield name, _guarded(file, lambda name=name: np.asarray(f.get_tensor(name)))
 
 
 def _iter_torch_bin(file: Path):

@@ -1,8 +1,9 @@
 """Batched generation: `complete` returns `Completion`s, `generate` the plain texts or token lists.
 
 Shapes are bucketed (batch to a power of two, prompt block and cache length to powers of two within the
-context) and decoding runs `decode_chunk` steps per compiled call under `lax.scan`, so a new prompt length or
-token count does not recompile, and the host reads each chunk while the device already runs the next.
+context), so a new prompt length or token count does not recompile. Decoding runs up to `decode_chunk` steps
+per compiled call in a `lax.while_loop` that ends once every row has hit a stop token or its length, and the
+host reads each chunk (and checks stop strings) while the device already runs the next.
 """
 
 from __future__ import annotations

@@ -44,14 +44,16 @@ class KVCache(abc.ABC):
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass
 class DenseKVCache(KVCache):
-    """Per layer, keys and values as [batch, max_length, kv_heads, head_dim] arrays in the model dtype."""
+    """Per layer, keys and values as [batch, kv_heads, max_length, head_dim] arrays in the model dtype.
+
+    Heads before positions, so attention's batched matmuls read the cache without transposing it."""
 
     keys: tuple[jax.Array, ...]
     values: tuple[jax.Array, ...]
 
     @classmethod
     def init(cls, config: ModelConfig, batch_size: int, max_length: int, dtype) -> "DenseKVCache":
-        shape = (batch_size, max_length, config.num_kv_heads, config.head_dim)
+        shape = (batch_size, config.num_kv_heads, max_length, config.head_dim)
 
         def per_layer_zeros():
             return tuple(jnp.zeros(shape, dtype) for _ in range(config.num_layers))
@@ -60,15 +62,15 @@ class DenseKVCache(KVCache):
 
     @property
     def max_length(self) -> int:
-        return self.keys[0].shape[1]
+        return self.keys[0].shape[2]
 
     def write(self, layer, k_bthd, v_bthd, positions_bt, valid_bt) -> "DenseKVCache":
         batch = jnp.arange(k_bthd.shape[0])[:, None]
         slots = jnp.where(valid_bt, positions_bt, self.max_length)  # out of range: dropped
         keys = list(self.keys)
         values = list(self.values)
-        keys[layer] = keys[layer].at[batch, slots].set(k_bthd.astype(keys[layer].dtype), mode="drop")
-        values[layer] = values[layer].at[batch, slots].set(v_bthd.astype(values[layer].dtype), mode="drop")
+        keys[layer] = keys[layer].at[batch, :, slots].set(k_bthd.astype(keys[layer].dtype), mode="drop")
+        values[layer] = values[layer].at[batch, :, slots].set(v_bthd.astype(values[layer].dtype), mode="drop")
         return DenseKVCache(keys=tuple(keys), values=tuple(values))
 
     def attend(self, layer, q_bthd, positions_bt) -> jnp.ndarray:
@@ -77,14 +79,14 @@ class DenseKVCache(KVCache):
         return grouped_attention(q_bthd, self.keys[layer], self.values[layer], mask_bts)
 
 
-def grouped_attention(q_bthd, k_bshd, v_bshd, mask_bts) -> jnp.ndarray:
-    """GQA softmax attention with float32 logits; query head h reads KV head h // (Hq / Hkv)."""
+def grouped_attention(q_bthd, k_bksd, v_bksd, mask_bts) -> jnp.ndarray:
+    """GQA softmax attention; query head h reads KV head h // (Hq / Hkv)."""
     batch, length, num_heads, head_dim = q_bthd.shape
-    num_kv_heads = k_bshd.shape[2]
+    num_kv_heads = k_bksd.shape[1]
     q = q_bthd.reshape(batch, length, num_kv_heads, num_heads // num_kv_heads, head_dim)
-    logits = jnp.einsum("btkgd,bskd->bkgts", q, k_bshd, preferred_element_type=jnp.float32)
-    logits = logits * (1.0 / head_dim**0.5)
+    # Matmuls in the model dtype (as transformers does), softmax in float32.
+    logits = jnp.einsum("btkgd,bksd->bkgts", q, k_bksd).astype(jnp.float32) * (1.0 / head_dim**0.5)
     logits = jnp.where(mask_bts[:, None, None], logits, jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(logits, axis=-1).astype(v_bshd.dtype)
-    out = jnp.einsum("bkgts,bskd->btkgd", probs, v_bshd, preferred_element_type=jnp.float32)
+    probs = jax.nn.softmax(logits, axis=-1).astype(v_bksd.dtype)
+    out = jnp.einsum("bkgts,bksd->btkgd", probs, v_bksd)
     return out.reshape(batch, length, num_heads, head_dim).astype(q_bthd.dtype)
