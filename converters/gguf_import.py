@@ -64,7 +64,9 @@ def import_gguf(file: str | Path, *, dtype=None) -> Params:
         try:
             w = np.asarray(gguf.quants.dequantize(tensor.data, tensor.tensor_type), dtype=np.float32)
         except NotImplementedError as err:
-            raise UnsupportedModelError(f"{file}: tensor {tensor.name} uses an unsupported type {tensor.tensor_type.name}") from err
+            raise UnsupportedModelError(
+                f"{file}: tensor {tensor.name} uses an unsupported type {tensor.tensor_type.name}"
+            ) from err
         if architecture == "llama" and len(path) > 2 and path[-2] in ("q_proj", "k_proj"):
             w = unpermute_qk_rows(w, config.num_heads if path[-2] == "q_proj" else config.num_kv_heads)
         tensors[path] = np.ascontiguousarray(w.T) if is_kernel else w

@@ -7,7 +7,6 @@ and `assemble_params` rejects the whole model on any missing, unexpected or miss
 from __future__ import annotations
 
 import json
-import logging
 import re
 from pathlib import Path
 from typing import Callable, Iterator
@@ -18,8 +17,6 @@ from tqdm.auto import tqdm
 from qoq_jax.config import ModelConfig
 from qoq_jax.errors import CheckpointError
 from qoq_jax.params import Params, ParamPath, assemble_params
-
-logger = logging.getLogger(__name__)
 
 Transform = Callable[[np.ndarray], np.ndarray]
 
@@ -33,16 +30,16 @@ def _same(w: np.ndarray) -> np.ndarray:
 
 
 _LAYER = r"model\.layers\.(\d+)\."
-# (pattern over the HF name, parameter path template with {0}/{1} for the groups, transform)
-HF_NAME_TABLE: list[tuple[re.Pattern, tuple, Transform]] = [
-    (re.compile(r"model\.embed_tokens\.weight"), ("embed_tokens",), _same),
-    (re.compile(r"model\.norm\.weight"), ("norm", "weight"), _same),
-    (re.compile(r"lm_head\.weight"), ("lm_head", "kernel"), _transpose),
-    (re.compile(_LAYER + r"(input_layernorm|post_attention_layernorm)\.weight"), ("layers", "{0}", "{1}", "weight"), _same),
-    (re.compile(_LAYER + r"self_attn\.([qkvo]_proj)\.weight"), ("layers", "{0}", "self_attn", "{1}", "kernel"), _transpose),
-    (re.compile(_LAYER + r"self_attn\.([qkvo]_proj)\.bias"), ("layers", "{0}", "self_attn", "{1}", "bias"), _same),
-    (re.compile(_LAYER + r"mlp\.(gate_proj|up_proj|down_proj)\.weight"), ("layers", "{0}", "mlp", "{1}", "kernel"), _transpose),
-    (re.compile(_LAYER + r"mlp\.(gate_proj|up_proj|down_proj)\.bias"), ("layers", "{0}", "mlp", "{1}", "bias"), _same),
+# (regex over the HF name, dotted model path with {0}/{1} for the groups, transform)
+HF_NAME_TABLE: list[tuple[str, str, Transform]] = [
+    (r"model\.embed_tokens\.weight", "embed_tokens", _same),
+    (r"model\.norm\.weight", "norm.weight", _same),
+    (r"lm_head\.weight", "lm_head.kernel", _transpose),
+    (_LAYER + r"(input_layernorm|post_attention_layernorm)\.weight", "layers.{0}.{1}.weight", _same),
+    (_LAYER + r"self_attn\.([qkvo]_proj)\.weight", "layers.{0}.self_attn.{1}.kernel", _transpose),
+    (_LAYER + r"self_attn\.([qkvo]_proj)\.bias", "layers.{0}.self_attn.{1}.bias", _same),
+    (_LAYER + r"mlp\.(gate_proj|up_proj|down_proj)\.weight", "layers.{0}.mlp.{1}.kernel", _transpose),
+    (_LAYER + r"mlp\.(gate_proj|up_proj|down_proj)\.bias", "layers.{0}.mlp.{1}.bias", _same),
 ]
 # Buffers some exports carry that the model recomputes.
 _IGNORED = re.compile(r".*rotary_emb\.inv_freq")
@@ -51,19 +48,11 @@ _IGNORED = re.compile(r".*rotary_emb\.inv_freq")
 def map_hf_name(name: str) -> tuple[ParamPath, Transform] | None:
     """The model path and transform for an HF tensor name, or None if the name is not a model weight."""
     for pattern, template, transform in HF_NAME_TABLE:
-        match = pattern.fullmatch(name)
+        match = re.fullmatch(pattern, name)
         if match:
-            groups = match.groups()
-            path = tuple(_fill(part, groups) for part in template)
-            return path, transform
+            parts = template.format(*match.groups()).split(".")
+            return tuple(int(part) if part.isdigit() else part for part in parts), transform
     return None
-
-
-def _fill(part: str, groups: tuple[str, ...]):
-    if part.startswith("{") and part.endswith("}"):
-        value = groups[int(part[1:-1])]
-        return int(value) if value.isdigit() else value
-    return part
 
 
 def import_hf_directory(directory: str | Path, *, dtype=None) -> Params:
@@ -123,7 +112,9 @@ def _weight_files(directory: Path) -> list[Path]:
     loose = sorted(directory.glob("*.safetensors"))
     if loose:
         return loose
-    raise CheckpointError(f"{directory}: no weights found (model.safetensors, shards with an index, or pytorch_model.bin)")
+    raise CheckpointError(
+        f"{directory}: no weights found (model.safetensors, shards with an index, or pytorch_model.bin)"
+    )
 
 
 def _iter_tensors(files: list[Path]) -> Iterator[tuple[str, Callable[[], np.ndarray]]]:

@@ -50,7 +50,9 @@ def test_shortest_request(params):
 def test_stop_token_ids_cut_before_the_first_stop_token(params):
     [full] = qoq_jax.generate(params, [[9, 8, 7]], max_new_tokens=24, ignore_eos=True)
     stop_token = full[6]
-    [completion] = qoq_jax.complete(params, [[9, 8, 7]], max_new_tokens=24, ignore_eos=True, stop_token_ids=[stop_token])
+    [completion] = qoq_jax.complete(
+        params, [[9, 8, 7]], max_new_tokens=24, ignore_eos=True, stop_token_ids=[stop_token]
+    )
     assert completion.token_ids == full[: full.index(stop_token)] and completion.finish_reason == "stop"
 
 
