@@ -221,8 +221,9 @@ def _decode_chunk(params, state: DecodeState, tokens, done, stopping: _Stopping,
 
 
 def _padded(ids: list[int], multiple: int = 8) -> list[int]:
-    """Pads to a multiple of `multiple` with -1 (never a token), so new stop lists rarely recompile."""
-    return ids + [-1] * (-len(ids) % multiple or (0 if ids else multiple))
+    """Pads to a non-zero multiple of `multiple` with -1 (never a token), so new stop lists rarely recompile."""
+    size = max(multiple, -(-len(ids) // multiple) * multiple)
+    return ids + [-1] * (size - len(ids))
 
 
 def _encode(params: Params, prompt: Prompt, chat: bool) -> tuple[list[int], bool]:
