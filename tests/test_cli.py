@@ -33,8 +33,8 @@ def test_errors_exit_with_a_message(tmp_path, capsys):
     assert "no such file or directory" in capsys.readouterr().err
 
 
-@pytest.mark.skipif(shutil.which("qoq-jax") is None, reason="console script not installed (pip install -e .)")
 def test_console_script_is_installed(model_dir):
+    assert shutil.which("qoq-jax"), "the qoq-jax console script is not on PATH (pip install -e .)"
     run = subprocess.run(
         ["qoq-jax", "generate", "--model", str(model_dir), "--max-new-tokens", "4", "--no-warmup", "Hi"],
         capture_output=True,
