@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 
 from qoq_jax.config import ModelConfig
+from qoq_jax.quant import fake_quantize_kv
 
 
 class KVCache(abc.ABC):
@@ -24,8 +25,8 @@ class KVCache(abc.ABC):
 
     @classmethod
     @abc.abstractmethod
-    def init(cls, config: ModelConfig, batch_size: int, max_length: int, dtype) -> "KVCache":
-        """An empty cache for `batch_size` sequences of up to `max_length` tokens."""
+    def init(cls, config: ModelConfig, batch_size: int, max_length: int, dtype, *, kv_bits: int = 16) -> "KVCache":
+        """An empty cache for `batch_size` sequences of up to `max_length` tokens, storing K/V at `kv_bits`."""
 
     @property
     @abc.abstractmethod
@@ -46,19 +47,22 @@ class KVCache(abc.ABC):
 class DenseKVCache(KVCache):
     """Per layer, keys and values as [batch, kv_heads, max_length, head_dim] arrays in the model dtype.
 
-    Heads before positions, so attention's batched matmuls read the cache without transposing it."""
+    Heads before positions, so attention's batched matmuls read the cache without transposing it. With
+    kv_bits < 16 each token-head is stored after its quantization round trip, so attention sees exactly the
+    values a KV4/KV8 cache holds (what evaluation must measure); the paged cache stores the codes themselves."""
 
     keys: tuple[jax.Array, ...]
     values: tuple[jax.Array, ...]
+    kv_bits: int = dataclasses.field(default=16, metadata=dict(static=True))
 
     @classmethod
-    def init(cls, config: ModelConfig, batch_size: int, max_length: int, dtype) -> "DenseKVCache":
+    def init(cls, config: ModelConfig, batch_size: int, max_length: int, dtype, *, kv_bits: int = 16) -> "DenseKVCache":
         shape = (batch_size, config.num_kv_heads, max_length, config.head_dim)
 
         def per_layer_zeros():
             return tuple(jnp.zeros(shape, dtype) for _ in range(config.num_layers))
 
-        return cls(keys=per_layer_zeros(), values=per_layer_zeros())
+        return cls(keys=per_layer_zeros(), values=per_layer_zeros(), kv_bits=kv_bits)
 
     @property
     def max_length(self) -> int:
@@ -69,9 +73,10 @@ class DenseKVCache(KVCache):
         slots = jnp.where(valid_bt, positions_bt, self.max_length)  # out of range: dropped
         keys = list(self.keys)
         values = list(self.values)
-        keys[layer] = keys[layer].at[batch, :, slots].set(k_bthd.astype(keys[layer].dtype), mode="drop")
-        values[layer] = values[layer].at[batch, :, slots].set(v_bthd.astype(values[layer].dtype), mode="drop")
-        return DenseKVCache(keys=tuple(keys), values=tuple(values))
+        k_bthd, v_bthd = (fake_quantize_kv(x.astype(keys[layer].dtype), self.kv_bits) for x in (k_bthd, v_bthd))
+        keys[layer] = keys[layer].at[batch, :, slots].set(k_bthd, mode="drop")
+        values[layer] = values[layer].at[batch, :, slots].set(v_bthd, mode="drop")
+        return dataclasses.replace(self, keys=tuple(keys), values=tuple(values))
 
     def attend(self, layer, q_bthd, positions_bt) -> jnp.ndarray:
         key_positions = jnp.arange(self.max_length)

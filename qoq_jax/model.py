@@ -7,31 +7,62 @@ is the one matmul dispatcher that quantized weight types plug into.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
 from qoq_jax.config import ModelConfig
 from qoq_jax.kv_cache import KVCache
+from qoq_jax.quant import QuantFormat, QuantizedWeight
 from qoq_jax.rope import apply_rope, inverse_frequencies
 
+Observer = Callable[[str, jax.Array], None]
+"""Called with named intermediates of a decoder layer; calibration uses it to collect statistics."""
 
-def linear(x: jax.Array, kernel: jax.Array, bias: jax.Array | None = None) -> jax.Array:
-    """x [..., in] @ kernel [in, out] (+ bias), accumulated in float32, returned in x's dtype."""
-    y = jnp.einsum("...i,io->...o", x, kernel.astype(x.dtype), preferred_element_type=jnp.float32)
+
+def _observe(observe: Observer | None, name: str, value: jax.Array) -> None:
+    if observe is not None:
+        observe(name, value)
+
+
+def linear(x: jax.Array, kernel: jax.Array | QuantizedWeight, bias: jax.Array | None = None) -> jax.Array:
+    """x [..., in] @ kernel [in, out] (+ bias), returned in x's dtype.
+
+    A float kernel is multiplied in x's dtype with float32 accumulation; a quantized one runs its own
+    integer GEMM (W4A8 or W8A8, activations quantized per token inside)."""
+    if isinstance(kernel, jax.Array):
+        y = jnp.einsum("...i,io->...o", x, kernel.astype(x.dtype), preferred_element_type=jnp.float32)
+    else:
+        y = kernel.matmul(x).astype(jnp.float32)
     if bias is not None:
         y = y + bias.astype(jnp.float32)
     return y.astype(x.dtype)
 
 
 class Linear(nnx.Module):
-    def __init__(self, in_features: int, out_features: int, *, use_bias: bool, dtype, rngs: nnx.Rngs):
-        init = nnx.initializers.normal(0.02)
-        self.kernel = nnx.Param(init(rngs.params(), (in_features, out_features), dtype))
+    """A float kernel [in, out], or one stored in `quant`'s weight format (initialised by rounding the random
+    float kernel, which gives valid codes and scales for tests and benchmarks)."""
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        *,
+        use_bias: bool,
+        dtype,
+        rngs: nnx.Rngs,
+        quant: QuantFormat | None = None,
+    ):
+        kernel = nnx.initializers.normal(0.02)(rngs.params(), (in_features, out_features), dtype)
+        if quant is not None:
+            kernel = quant.round_to_nearest(kernel)
+        self.kernel = nnx.Param(kernel)
         self.bias = nnx.Param(jnp.zeros((out_features,), dtype)) if use_bias else None
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        return linear(x, self.kernel[...], None if self.bias is None else self.bias[...])
+        return linear(x, self.kernel.get_value(), None if self.bias is None else self.bias[...])
 
 
 class RMSNorm(nnx.Module):
@@ -46,61 +77,77 @@ class RMSNorm(nnx.Module):
 
 
 class Attention(nnx.Module):
-    def __init__(self, config: ModelConfig, *, dtype, rngs: nnx.Rngs):
+    def __init__(self, config: ModelConfig, *, dtype, rngs: nnx.Rngs, quant: QuantFormat | None = None):
         c = config
         self.num_heads, self.num_kv_heads, self.head_dim = c.num_heads, c.num_kv_heads, c.head_dim
-        self.q_proj = Linear(c.hidden_size, c.num_heads * c.head_dim, use_bias=c.qkv_bias, dtype=dtype, rngs=rngs)
-        self.k_proj = Linear(c.hidden_size, c.num_kv_heads * c.head_dim, use_bias=c.qkv_bias, dtype=dtype, rngs=rngs)
-        self.v_proj = Linear(c.hidden_size, c.num_kv_heads * c.head_dim, use_bias=c.qkv_bias, dtype=dtype, rngs=rngs)
-        self.o_proj = Linear(c.num_heads * c.head_dim, c.hidden_size, use_bias=c.o_bias, dtype=dtype, rngs=rngs)
+        kw = {"dtype": dtype, "rngs": rngs, "quant": quant}
+        self.q_proj = Linear(c.hidden_size, c.num_heads * c.head_dim, use_bias=c.qkv_bias, **kw)
+        self.k_proj = Linear(c.hidden_size, c.num_kv_heads * c.head_dim, use_bias=c.qkv_bias, **kw)
+        self.v_proj = Linear(c.hidden_size, c.num_kv_heads * c.head_dim, use_bias=c.qkv_bias, **kw)
+        self.o_proj = Linear(c.num_heads * c.head_dim, c.hidden_size, use_bias=c.o_bias, **kw)
         self.rope = c.rope
 
-    def __call__(self, x_btd, positions_bt, valid_bt, cache: KVCache, layer: int):
+    def __call__(self, x_btd, positions_bt, valid_bt, cache: KVCache, layer: int, observe: Observer | None = None):
         batch, length, _ = x_btd.shape
+        _observe(observe, "attn_input", x_btd)
         q = self.q_proj(x_btd).reshape(batch, length, self.num_heads, self.head_dim)
         k = self.k_proj(x_btd).reshape(batch, length, self.num_kv_heads, self.head_dim)
         v = self.v_proj(x_btd).reshape(batch, length, self.num_kv_heads, self.head_dim)
         inv_freq = inverse_frequencies(self.rope, self.head_dim)
         q = apply_rope(q, positions_bt, inv_freq)
         k = apply_rope(k, positions_bt, inv_freq)
+        _observe(observe, "query", q)
+        _observe(observe, "key", k)
         cache = cache.write(layer, k, v, positions_bt, valid_bt)
-        out = cache.attend(layer, q, positions_bt)
-        return self.o_proj(out.reshape(batch, length, self.num_heads * self.head_dim)), cache
+        out = cache.attend(layer, q, positions_bt).reshape(batch, length, self.num_heads * self.head_dim)
+        _observe(observe, "o_input", out)
+        return self.o_proj(out), cache
 
 
 class MLP(nnx.Module):
-    def __init__(self, config: ModelConfig, *, dtype, rngs: nnx.Rngs):
+    def __init__(self, config: ModelConfig, *, dtype, rngs: nnx.Rngs, quant: QuantFormat | None = None):
         c = config
-        self.gate_proj = Linear(c.hidden_size, c.intermediate_size, use_bias=c.mlp_bias, dtype=dtype, rngs=rngs)
-        self.up_proj = Linear(c.hidden_size, c.intermediate_size, use_bias=c.mlp_bias, dtype=dtype, rngs=rngs)
-        self.down_proj = Linear(c.intermediate_size, c.hidden_size, use_bias=c.mlp_bias, dtype=dtype, rngs=rngs)
+        kw = {"use_bias": c.mlp_bias, "dtype": dtype, "rngs": rngs, "quant": quant}
+        self.gate_proj = Linear(c.hidden_size, c.intermediate_size, **kw)
+        self.up_proj = Linear(c.hidden_size, c.intermediate_size, **kw)
+        self.down_proj = Linear(c.intermediate_size, c.hidden_size, **kw)
 
-    def __call__(self, x_btd):
-        return self.down_proj(jax.nn.silu(self.gate_proj(x_btd)) * self.up_proj(x_btd))
+    def __call__(self, x_btd, observe: Observer | None = None):
+        _observe(observe, "mlp_input", x_btd)
+        hidden = jax.nn.silu(self.gate_proj(x_btd)) * self.up_proj(x_btd)
+        _observe(observe, "down_input", hidden)
+        return self.down_proj(hidden)
 
 
 class DecoderLayer(nnx.Module):
-    def __init__(self, config: ModelConfig, *, dtype, rngs: nnx.Rngs):
+    def __init__(self, config: ModelConfig, *, dtype, rngs: nnx.Rngs, quant: QuantFormat | None = None):
         self.input_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps, dtype=dtype)
-        self.self_attn = Attention(config, dtype=dtype, rngs=rngs)
+        self.self_attn = Attention(config, dtype=dtype, rngs=rngs, quant=quant)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps, dtype=dtype)
-        self.mlp = MLP(config, dtype=dtype, rngs=rngs)
+        self.mlp = MLP(config, dtype=dtype, rngs=rngs, quant=quant)
 
-    def __call__(self, x_btd, positions_bt, valid_bt, cache: KVCache, layer: int):
-        attn_out, cache = self.self_attn(self.input_layernorm(x_btd), positions_bt, valid_bt, cache, layer)
+    def __call__(self, x_btd, positions_bt, valid_bt, cache: KVCache, layer: int, observe: Observer | None = None):
+        """`observe` sees each linear's input and the post-RoPE queries and keys (names in `Observer` calls:
+        attn_input, query, key, o_input, mlp_input, down_input)."""
+        attn_out, cache = self.self_attn(self.input_layernorm(x_btd), positions_bt, valid_bt, cache, layer, observe)
         x_btd = x_btd + attn_out
-        x_btd = x_btd + self.mlp(self.post_attention_layernorm(x_btd))
+        x_btd = x_btd + self.mlp(self.post_attention_layernorm(x_btd), observe)
         return x_btd, cache
 
 
 class CausalLM(nnx.Module):
-    """Embedding → decoder layers → final norm; `logits` applies the (possibly tied) LM head."""
+    """Embedding → decoder layers → final norm; `logits` applies the (possibly tied) LM head.
 
-    def __init__(self, config: ModelConfig, *, dtype=jnp.float32, rngs: nnx.Rngs):
+    With `quant`, the decoder layers' linears are quantized; embeddings, norms and the LM head stay
+    in `dtype` (QoQ quantizes only the decoder linears)."""
+
+    def __init__(self, config: ModelConfig, *, dtype=jnp.float32, rngs: nnx.Rngs, quant: QuantFormat | None = None):
         self.config = config
         embed_init = nnx.initializers.normal(0.02)
         self.embed_tokens = nnx.Param(embed_init(rngs.params(), (config.vocab_size, config.hidden_size), dtype))
-        self.layers = nnx.List([DecoderLayer(config, dtype=dtype, rngs=rngs) for _ in range(config.num_layers)])
+        self.layers = nnx.List(
+            [DecoderLayer(config, dtype=dtype, rngs=rngs, quant=quant) for _ in range(config.num_layers)]
+        )
         self.norm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps, dtype=dtype)
         self.lm_head = (
             None

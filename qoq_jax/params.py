@@ -19,6 +19,7 @@ from flax import nnx
 from qoq_jax.config import ModelConfig
 from qoq_jax.errors import CheckpointError
 from qoq_jax.model import CausalLM
+from qoq_jax.quant import QuantFormat
 
 ParamPath = tuple[str | int, ...]
 
@@ -47,6 +48,7 @@ class Params:
     graphdef: Any = dataclasses.field(metadata=dict(static=True))
     config: ModelConfig = dataclasses.field(metadata=dict(static=True))
     tokenizer: Any = dataclasses.field(default=None, metadata=dict(static=True))
+    quant: QuantFormat | None = dataclasses.field(default=None, metadata=dict(static=True))
 
     def model(self) -> CausalLM:
         return nnx.merge(self.graphdef, self.state)
@@ -55,12 +57,18 @@ class Params:
     def dtype(self) -> jnp.dtype:
         return self.state["embed_tokens"][...].dtype
 
+    @property
+    def kv_bits(self) -> int:
+        return 16 if self.quant is None else self.quant.kv_bits
 
-def init_params(config: ModelConfig, *, dtype=None, seed: int = 0, tokenizer=None) -> Params:
-    """Random weights with the model's shapes (tests, benchmarks)."""
-    model = CausalLM(config, dtype=resolve_dtype(dtype), rngs=nnx.Rngs(seed))
+
+def init_params(
+    config: ModelConfig, *, dtype=None, seed: int = 0, tokenizer=None, quant: QuantFormat | None = None
+) -> Params:
+    """Random weights with the model's shapes (tests, benchmarks), in `quant`'s formats when given."""
+    model = CausalLM(config, dtype=resolve_dtype(dtype), rngs=nnx.Rngs(seed), quant=quant)
     graphdef, state = nnx.split(model)
-    return Params(state=state, graphdef=graphdef, config=config, tokenizer=tokenizer)
+    return Params(state=state, graphdef=graphdef, config=config, tokenizer=tokenizer, quant=quant)
 
 
 def expected_shapes(config: ModelConfig) -> dict[ParamPath, tuple[int, ...]]:

@@ -32,7 +32,7 @@ def forward(params: Params, token_ids: jax.Array) -> jax.Array:
     batch, length = token_ids.shape
     _check_fits(params, length)
     model = params.model()
-    cache = DenseKVCache.init(params.config, batch, length, params.dtype)
+    cache = DenseKVCache.init(params.config, batch, length, params.dtype, kv_bits=params.kv_bits)
     positions = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), (batch, length))
     hidden, _ = model(token_ids, positions, jnp.ones((batch, length), bool), cache)
     return model.logits(hidden)
@@ -51,7 +51,7 @@ def prefill(
     _check_fits(params, max_length)
     lengths = jnp.full((batch,), length, jnp.int32) if lengths is None else lengths.astype(jnp.int32)
     model = params.model()
-    cache = DenseKVCache.init(params.config, batch, max_length, params.dtype)
+    cache = DenseKVCache.init(params.config, batch, max_length, params.dtype, kv_bits=params.kv_bits)
     positions = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), (batch, length))
     hidden, cache = model(token_ids, positions, positions < lengths[:, None], cache)
     last = jnp.take_along_axis(hidden, jnp.maximum(lengths - 1, 0)[:, None, None], axis=1)[:, 0]

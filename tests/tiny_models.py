@@ -41,6 +41,13 @@ TINY_CONFIGS = {
     ),
     "mistral": lambda: MistralConfig(**_COMMON, sliding_window=256),
     "qwen2_bias_tied": lambda: Qwen2Config(**{**_COMMON, "num_key_value_heads": 4}, tie_word_embeddings=True),
+    # Every linear a multiple of 64, as the W4A8 formats need; hidden 192 = 12·16 has a non-power-of-two Hadamard.
+    "llama_quantizable": lambda: LlamaConfig(
+        **{**_COMMON, "hidden_size": 192, "intermediate_size": 384, "num_attention_heads": 6}
+    ),
+    "qwen2_quantizable_tied": lambda: Qwen2Config(
+        **{**_COMMON, "hidden_size": 128, "intermediate_size": 256}, tie_word_embeddings=True
+    ),
 }
 
 
