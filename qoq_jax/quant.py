@@ -91,9 +91,14 @@ def progressive_level1(w_kn: jax.Array) -> tuple[jax.Array, jax.Array]:
 
 def progressive_level2(u_kn: jax.Array, group_size: int) -> tuple[jax.Array, jax.Array]:
     """Level 2 of g128 per group of inputs: integer s2 = round((max−min)/15) (0 → 1) and int8-domain zero
-    z = round(−min), both int8 [K/group_size, N]."""
+    z = round(−min), both int8 [K/group_size, N].
+
+    min is taken ≤ 0 (as QServe's converter requires): then every code 0..15, not only those the group's
+    values round to, dequantizes into int8 (q·s2 − z ≤ max + 8 ≤ 127), which GPTQ needs since its error
+    feedback can move a weight outside its group's original range. An all-positive group with min 113
+    would otherwise give s2 = 1, z = −113 and 15·1 + 113 = 128."""
     grouped = _group_rows(u_kn.astype(jnp.float32), group_size)
-    vmax, vmin = jnp.max(grouped, axis=1), jnp.min(grouped, axis=1)
+    vmax, vmin = jnp.max(grouped, axis=1), jnp.minimum(jnp.min(grouped, axis=1), 0.0)
     s2 = jnp.clip(jnp.round((vmax - vmin) / 15), -127, 127)
     s2 = jnp.where(s2 == 0, 1, s2).astype(jnp.int8)
     zero = jnp.clip(jnp.round(-vmin), -128, 127).astype(jnp.int8)
@@ -155,8 +160,14 @@ class Int4GroupWeight:
 
     @classmethod
     def from_codes(cls, codes_kn, s1, s2, zero, *, group_size: int, kernel: str = "auto") -> "Int4GroupWeight":
-        return cls(w4a8_gemm.pack_uint4(codes_kn), jnp.asarray(s1, jnp.float16), jnp.asarray(s2, jnp.int8),
-                   jnp.asarray(zero, jnp.int8), group_size=group_size, kernel=kernel)
+        return cls(
+            w4a8_gemm.pack_uint4(codes_kn),
+            jnp.asarray(s1, jnp.float16),
+            jnp.asarray(s2, jnp.int8),
+            jnp.asarray(zero, jnp.int8),
+            group_size=group_size,
+            kernel=kernel,
+        )
 
     @classmethod
     def round_to_nearest(cls, w_kn: jax.Array, *, group_size: int, kernel: str = "auto") -> "Int4GroupWeight":
@@ -183,8 +194,7 @@ class Int4GroupWeight:
         x2, lead = _flatten_tokens(x)
         x_i8, x_scale = quantize_activations(x2)
         gemm = w4a8_gemm.w4a8_gemm_g128 if _use_pallas(self.kernel) else w4a8_gemm.w4a8_gemm_g128_reference
-        y = gemm(x_i8, x_scale, self.packed, self.s1, self.s2, self.zero, group_size=self.group_size,
-                 out_dtype=x.dtype)
+        y = gemm(x_i8, x_scale, self.packed, self.s1, self.s2, self.zero, group_size=self.group_size, out_dtype=x.dtype)
         return y.reshape(*lead, -1)
 
 
@@ -202,8 +212,12 @@ class Int4ChannelWeight:
 
     @classmethod
     def from_codes(cls, codes_kn, scale, zero, *, kernel: str = "auto") -> "Int4ChannelWeight":
-        return cls(w4a8_gemm.pack_uint4(codes_kn), jnp.asarray(scale, jnp.float16), jnp.asarray(zero, jnp.float16),
-                   kernel=kernel)
+        return cls(
+            w4a8_gemm.pack_uint4(codes_kn),
+            jnp.asarray(scale, jnp.float16),
+            jnp.asarray(zero, jnp.float16),
+            kernel=kernel,
+        )
 
     @classmethod
     def round_to_nearest(cls, w_kn: jax.Array, *, kernel: str = "auto") -> "Int4ChannelWeight":

@@ -1,0 +1,168 @@
+"""The W4A8KV4 formats against float64 numpy formulas (spec §1.7, §2), with fresh random inputs."""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from qoq_jax.model import linear
+from qoq_jax.quant import (
+    PROTECTIVE_RANGE,
+    Int4ChannelWeight,
+    Int4GroupWeight,
+    Int8ChannelWeight,
+    QuantFormat,
+    fake_quantize_kv,
+    progressive_level2,
+    quantize_activations,
+    quantize_kv,
+)
+
+rng = np.random.default_rng()
+
+
+def _fp16(x):
+    return np.asarray(x, np.float64).astype(np.float16).astype(np.float64)
+
+
+def _level2_numpy(vmin, vmax):
+    """Spec §2.1 level 2 for one group range (min taken ≤ 0 as QServe's converter needs), float64, half-even."""
+    vmin = np.minimum(vmin, 0)
+    s2 = np.clip(np.round((vmax - vmin) / 15), -127, 127)
+    s2 = np.where(s2 == 0, 1, s2)
+    zero = np.clip(np.round(-vmin), -128, 127)
+    return s2, zero
+
+
+def test_protective_range_keeps_every_integer_group_in_int8():
+    """Exhaustive over all integer ranges vmin ≤ vmax inside [−P, P]: every code 0..15 dequantizes into int8."""
+    values = np.arange(-PROTECTIVE_RANGE, PROTECTIVE_RANGE + 1, dtype=np.float64)
+    vmin, vmax = np.meshgrid(values, values, indexing="ij")
+    keep = vmin <= vmax
+    s2, zero = _level2_numpy(vmin[keep], vmax[keep])
+    lowest, highest = -zero, 15 * s2 - zero
+    assert lowest.min() >= -128 and highest.max() <= 127
+    # The check can fail: the spec's counter-example just outside the range overflows (15·17 − 127 = 128).
+    s2, zero = _level2_numpy(np.float64(-127), np.float64(121))
+    assert 15 * s2 - zero == 128
+    # An all-positive group (which without min ≤ 0 would get s2 = 1, z = −113 and 15 + 113 = 128) is safe.
+    s2, zero = progressive_level2(jnp.full((64, 1), 113.0), 64)
+    assert 15 * int(s2[0, 0]) - int(zero[0, 0]) <= 127 and int(zero[0, 0]) == 0
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.floats(-PROTECTIVE_RANGE, PROTECTIVE_RANGE), st.floats(-PROTECTIVE_RANGE, PROTECTIVE_RANGE))
+def test_protective_range_holds_for_real_valued_groups(a, b):
+    vmin, vmax = min(a, b), max(a, b)
+    u = jnp.asarray(np.linspace(vmin, vmax, 64)[:, None], jnp.float32)
+    s2, zero = progressive_level2(u, 64)
+    s2, zero = int(s2[0, 0]), int(zero[0, 0])
+    assert -128 <= -zero and 15 * s2 - zero <= 127
+    expected_s2, expected_zero = _level2_numpy(np.float64(np.float32(vmin)), np.float64(np.float32(vmax)))
+    assert (s2, zero) == (expected_s2, expected_zero)
+
+
+@pytest.mark.parametrize("group_size", [64, 128])
+def test_progressive_g128_matches_numpy_and_bounds_its_error(group_size):
+    k, n = 256, 128
+    w = rng.standard_normal((k, n)) * rng.uniform(0.01, 1.0, n)
+    w[rng.integers(0, k, 5), rng.integers(0, n, 5)] *= 20  # outliers
+    weight = Int4GroupWeight.round_to_nearest(jnp.asarray(w, jnp.float32), group_size=group_size)
+
+    s1 = _fp16(np.abs(w).max(axis=0) / PROTECTIVE_RANGE)
+    u = np.clip(w / s1, -PROTECTIVE_RANGE, PROTECTIVE_RANGE).reshape(k // group_size, group_size, n)
+    s2, zero = _level2_numpy(u.min(axis=1), u.max(axis=1))
+    codes = np.clip(np.round((u + zero[:, None]) / s2[:, None]), 0, 15)
+    w8 = (codes * s2[:, None] - zero[:, None]).reshape(k, n)
+
+    np.testing.assert_array_equal(np.asarray(weight.s1, np.float64), s1)
+    np.testing.assert_array_equal(np.asarray(weight.s2), s2)
+    np.testing.assert_array_equal(np.asarray(weight.zero), zero)
+    np.testing.assert_array_equal(np.asarray(weight.int8_weight(), np.float64), w8)
+    assert np.abs(w8).max() <= PROTECTIVE_RANGE + 8  # int8 with room: |W8| ≤ 15·s2 − z ≤ 127
+    # Inside the grid's span each value is within half a level-2 step of its reconstruction.
+    u_flat, step = u.reshape(k, n), np.repeat(s2, group_size, axis=0)
+    low, high = np.repeat(-zero, group_size, axis=0), np.repeat(15 * s2 - zero, group_size, axis=0)
+    inside = (u_flat >= low) & (u_flat <= high)
+    assert np.all(np.abs(u_flat - w8)[inside] <= step[inside] / 2 + 1e-4)
+    np.testing.assert_allclose(np.asarray(weight.dequantize()), w8 * s1, rtol=1e-6)
+
+
+def test_per_channel_w4_matches_numpy_and_bounds_its_error():
+    k, n = 192, 64
+    w = rng.standard_normal((k, n)) * rng.uniform(0.01, 1.0, n) + rng.uniform(-0.5, 0.5, n)
+    weight = Int4ChannelWeight.round_to_nearest(jnp.asarray(w, jnp.float32))
+    scale = _fp16((w.max(axis=0) - w.min(axis=0)) / 15)
+    zero = _fp16(-w.min(axis=0))
+    codes = np.clip(np.round((w + zero) / scale), 0, 15)
+    np.testing.assert_array_equal(np.asarray(weight.scale, np.float64), scale)
+    np.testing.assert_array_equal(np.asarray(weight.zero, np.float64), zero)
+    dequantized = np.asarray(weight.dequantize(), np.float64)
+    np.testing.assert_allclose(dequantized, codes * scale - zero, rtol=1e-6, atol=1e-6)
+    # fp16 rounding of the zero shifts the grid by at most one fp16 ulp of it.
+    assert np.all(np.abs(w - dequantized) <= scale / 2 + np.abs(zero) * 2**-10 + 1e-6)
+
+
+def test_int8_activations_per_token():
+    x = rng.standard_normal((7, 96)) * rng.uniform(0.1, 30.0, (7, 1))
+    codes, scale = quantize_activations(jnp.asarray(x, jnp.float32))
+    expected_scale = np.abs(x).max(axis=1) / 127
+    np.testing.assert_allclose(np.asarray(scale), expected_scale, rtol=1e-6)
+    expected = np.clip(np.round(x / expected_scale[:, None]), -127, 127)
+    assert np.abs(np.asarray(codes, np.float64) - expected).max() <= 1  # ties may round apart in float32
+    assert np.all(np.abs(np.asarray(codes, np.float64) * expected_scale[:, None] - x) <= expected_scale[:, None] * 0.51)
+    codes, scale = quantize_activations(jnp.zeros((2, 8)))
+    assert np.all(np.asarray(codes) == 0) and np.all(np.isfinite(np.asarray(scale)))
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_kv_quantization_per_token_head(bits):
+    levels = 2**bits - 1
+    x = rng.standard_normal((3, 5, 2, 64)) * rng.uniform(0.1, 10.0, (3, 5, 2, 1)) + rng.uniform(-3, 3, (3, 5, 2, 1))
+    codes, scale, zero = quantize_kv(jnp.asarray(x, jnp.float32), bits)
+    expected_scale = _fp16((x.max(-1) - x.min(-1)) / levels)
+    expected_zero = _fp16(-x.min(-1))
+    np.testing.assert_array_equal(np.asarray(scale, np.float64), expected_scale)
+    np.testing.assert_array_equal(np.asarray(zero, np.float64), expected_zero)
+    assert int(np.asarray(codes).max()) <= levels
+    restored = np.asarray(fake_quantize_kv(jnp.asarray(x, jnp.float32), bits), np.float64)
+    bound = expected_scale[..., None] / 2 + np.abs(expected_zero[..., None]) * 2**-10 + 1e-6
+    assert np.all(np.abs(restored - x) <= bound)
+    assert fake_quantize_kv(jnp.asarray(x, jnp.float32), 16) is not None
+    np.testing.assert_array_equal(np.asarray(fake_quantize_kv(jnp.asarray(x, jnp.float32), 16)), np.float32(x))
+
+
+@pytest.mark.parametrize(
+    "fmt",
+    [QuantFormat("w4a8-g128", group_size=64), QuantFormat("w4a8-chn"), QuantFormat("w8a8")],
+    ids=lambda f: f.weights,
+)
+def test_quantized_linear_equals_float64_of_its_quantized_operands(fmt):
+    """linear(x, W) = s_x·X8 · Ŵ (+ bias): the integer GEMM loses nothing beyond the two quantizers."""
+    x = rng.standard_normal((2, 3, 128)) * 2
+    w = rng.standard_normal((128, 192)) * 0.1
+    bias = rng.standard_normal(192)
+    weight = fmt.round_to_nearest(jnp.asarray(w, jnp.float32))
+    y = np.asarray(linear(jnp.asarray(x, jnp.float32), weight, jnp.asarray(bias, jnp.float32)), np.float64)
+    codes, scale = quantize_activations(jnp.asarray(x, jnp.float32))
+    x_hat = np.asarray(codes, np.float64) * np.asarray(scale, np.float64)[..., None]
+    expected = x_hat @ np.asarray(weight.dequantize(), np.float64) + bias
+    np.testing.assert_allclose(y, expected, rtol=1e-4, atol=1e-4 * np.abs(expected).max())
+
+
+def test_formats_refuse_what_they_cannot_store():
+    with pytest.raises(ValueError, match="multiples of 64"):
+        QuantFormat("w4a8-chn").check_linear(576, 100, "k_proj")
+    with pytest.raises(ValueError, match="group_size=128"):
+        QuantFormat("w4a8-g128", group_size=128).check_linear(576, 192, "q_proj")
+    with pytest.raises(ValueError, match="group_size is required"):
+        QuantFormat("w4a8-g128")
+    with pytest.raises(ValueError, match="kv_bits"):
+        QuantFormat("w4a8-chn", kv_bits=3)
+    with pytest.raises(ValueError, match="not one of"):
+        QuantFormat("w3a8")
+    QuantFormat("w8a8").check_linear(576, 100, "any")  # int8 takes any shape
+    assert Int8ChannelWeight.round_to_nearest(jnp.ones((3, 5))).shape == (3, 5)
