@@ -3,8 +3,10 @@
     params = qoq_jax.load("smollm2")
     logits = qoq_jax.forward(params, token_ids)
     texts = qoq_jax.generate(params, ["The capital of France is"], max_new_tokens=32)
+    qoq_jax.save_checkpoint(params, "ckpt"); params = qoq_jax.load("ckpt")
 """
 
+from qoq_jax.checkpoint import load_checkpoint, save_checkpoint
 from qoq_jax.config import ModelConfig, RopeConfig
 from qoq_jax.errors import (
     CheckpointError,
@@ -18,6 +20,8 @@ from qoq_jax.generate import Completion, complete, generate
 from qoq_jax.kv_cache import DenseKVCache, KVCache
 from qoq_jax.loading import load
 from qoq_jax.params import Params, assemble_params, expected_shapes, init_params
+from qoq_jax.perplexity import Perplexity, perplexity
+from qoq_jax.quant import QuantFormat
 from qoq_jax.sampling import SamplingParams
 from qoq_jax.steps import DecodeState, decode_step, forward, prefill
 
@@ -31,8 +35,10 @@ __all__ = [
     "KVCache",
     "ModelConfig",
     "Params",
+    "Perplexity",
     "PromptTooLongError",
     "QoQError",
+    "QuantFormat",
     "RopeConfig",
     "SamplingParams",
     "UnsupportedModelError",
@@ -44,5 +50,8 @@ __all__ = [
     "generate",
     "init_params",
     "load",
+    "load_checkpoint",
+    "perplexity",
     "prefill",
+    "save_checkpoint",
 ]

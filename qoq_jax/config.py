@@ -78,6 +78,22 @@ class ModelConfig:
         """Query heads per KV head (GQA group size; 1 is MHA, num_heads is MQA)."""
         return self.num_heads // self.num_kv_heads
 
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON-ready values (checkpoints store this; `from_dict` inverts it exactly)."""
+        data = dataclasses.asdict(self)
+        data["eos_token_ids"] = list(self.eos_token_ids)
+        return data
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> "ModelConfig":
+        """Inverse of `to_dict`: an unknown field raises TypeError (never silently dropped)."""
+        fields = dict(data)
+        if "rope" in fields:
+            fields["rope"] = RopeConfig(**fields["rope"])
+        if "eos_token_ids" in fields:
+            fields["eos_token_ids"] = tuple(fields["eos_token_ids"])
+        return cls(**fields)
+
     @classmethod
     def from_hf(cls, hf: Mapping[str, Any]) -> "ModelConfig":
         """Builds the config from a transformers config dict, naming any unsupported option."""

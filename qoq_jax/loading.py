@@ -1,7 +1,8 @@
 """`qoq_jax.load`: the one entry from a model source to `Params`.
 
-Reading HF directories, GGUF files and checkpoints is the converters' job, and `qoq_jax` must not depend on
-them; they register themselves under the `qoq_jax.importers` entry-point group and are found at call time.
+qoq-jax checkpoints (`qoq_jax.checkpoint`) are read here directly. Importing HF directories and GGUF files is
+the converters' job, and `qoq_jax` must not depend on them; they register themselves under the
+`qoq_jax.importers` entry-point group and are found at call time.
 """
 
 from __future__ import annotations
@@ -9,17 +10,23 @@ from __future__ import annotations
 import os
 from importlib.metadata import entry_points
 
+from qoq_jax.checkpoint import is_checkpoint, load_checkpoint
 from qoq_jax.errors import UnsupportedModelError
 from qoq_jax.params import Params
 
 IMPORTER_GROUP = "qoq_jax.importers"
 
 
-def load(source: str | os.PathLike, *, dtype=None) -> Params:
-    """Loads "smollm2" (the embedded SmolLM2-135M GGUF), an HF model directory or a .gguf file.
+def load(source: str | os.PathLike, *, dtype=None, kernel: str = "auto") -> Params:
+    """Loads a qoq-jax checkpoint directory, "smollm2" (the embedded SmolLM2-135M GGUF), an HF model directory
+    or a .gguf file.
 
-    dtype: "float32" / "bfloat16" / "float16"; None means float32 on CPU and bfloat16 on accelerators.
+    dtype: "float32" / "bfloat16" / "float16"; None means float32 on CPU and bfloat16 on accelerators for
+    imports, and the stored dtype for a checkpoint (which refuses any other: see `load_checkpoint`).
+    kernel: how a checkpoint's quantized matmuls run ("auto", "pallas", "reference"); imported models are float.
     """
+    if is_checkpoint(source):
+        return load_checkpoint(source, dtype=dtype, kernel=kernel)
     importers = sorted(entry_points(group=IMPORTER_GROUP), key=lambda ep: ep.name)
     if not importers:
         raise UnsupportedModelError(
