@@ -78,6 +78,11 @@ class Recipe:
     def grouped(self) -> bool:
         return self.weights in (Int4GroupWeight.format_name, WEIGHT_ONLY_G128)
 
+    @property
+    def needs_statistics(self) -> bool:
+        """Whether any stage reads calibration activations (plain rounding does not)."""
+        return self.reorder or self.smooth_attention or self.smooth_linear or self.clip_search or self.gptq
+
     def stages(self) -> list[str]:
         flags = ("rotate", "reorder", "smooth_attention", "smooth_linear", "clip_search", "gptq")
         return [flag for flag in flags if getattr(self, flag)]
@@ -145,28 +150,30 @@ def quantize_model(
     float_model = assemble_params(config, _flatten(weights), dtype=jnp.float32).model()
 
     tokens = jnp.asarray(calibration_tokens, jnp.int32)
-    hidden = jnp.take(float_model.embed_tokens[...], tokens, axis=0)
-    sample_rows, sample_starts = _sample_blocks(*tokens.shape)
-    stages_per_layer = 2 + len(_LINEARS)
-    bar = tqdm(total=config.num_layers * stages_per_layer, desc=f"QoQ {recipe.name}", disable=not progress)
+    if recipe.needs_statistics:
+        hidden = jnp.take(float_model.embed_tokens[...], tokens, axis=0)
+        sample_rows, sample_starts = _sample_blocks(*tokens.shape)
+    bar = tqdm(total=config.num_layers * (2 + len(_LINEARS)), desc=f"QoQ {recipe.name}", disable=not progress)
     quantized_layers = {}
     for index in range(config.num_layers):
-        bar.set_postfix_str(f"layer {index} · statistics")
-        layer_graph, layer_state = nnx.split(float_model.layers[index])
-        hidden, stats = _calibration_pass(
-            layer_graph, layer_state, hidden, sample_rows, sample_starts, config=config, batch_size=batch_size
-        )
-        bar.update()
-        bar.set_postfix_str(f"layer {index} · transforms")
-        layer, stats = _transform_layer(weights["layers"][index], stats, recipe, config)
-        bar.update()
+        layer, stats = weights["layers"][index], None
+        if recipe.needs_statistics:
+            bar.set_postfix_str(f"layer {index} · statistics")
+            layer_graph, layer_state = nnx.split(float_model.layers[index])
+            hidden, stats = _calibration_pass(
+                layer_graph, layer_state, hidden, sample_rows, sample_starts, config=config, batch_size=batch_size
+            )
+            bar.update()
+            bar.set_postfix_str(f"layer {index} · transforms")
+            layer, stats = _transform_layer(layer, stats, recipe, config)
+        bar.update(2 - recipe.needs_statistics)
         quantized = {group: dict(modules) for group, modules in layer.items()}
         for (module, name), observed in _LINEARS.items():
             bar.set_postfix_str(f"layer {index} · {module}.{name}")
             linear = dict(layer[module][name])
-            linear["kernel"] = _quantize_kernel(
-                linear["kernel"], stats.hessians[observed].hessian(), stats.samples[observed], recipe, group_size
-            )
+            hessian = None if stats is None else stats.hessians[observed].hessian()
+            sample = None if stats is None else stats.samples[observed]
+            linear["kernel"] = _quantize_kernel(linear["kernel"], hessian, sample, recipe, group_size)
             quantized[module] = {**quantized[module], name: linear}
             bar.update()
         quantized_layers[index] = quantized
