@@ -2,13 +2,20 @@
 
 from __future__ import annotations
 
+import dataclasses
+
+import jax
 import jax.numpy as jnp
+import jaxlib
 import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from tiny_models import TINY_CONFIGS
 
+from qoq_jax.config import ModelConfig
 from qoq_jax.model import linear
+from qoq_jax.params import init_params
 from qoq_jax.quant import (
     PROTECTIVE_RANGE,
     Int4ChannelWeight,
@@ -20,6 +27,7 @@ from qoq_jax.quant import (
     quantize_activations,
     quantize_kv,
 )
+from qoq_jax.steps import forward
 
 rng = np.random.default_rng()
 
@@ -166,3 +174,18 @@ def test_formats_refuse_what_they_cannot_store():
         QuantFormat("w3a8")
     QuantFormat("w8a8").check_linear(576, 100, "any")  # int8 takes any shape
     assert Int8ChannelWeight.round_to_nearest(jnp.ones((3, 5))).shape == (3, 5)
+
+
+@pytest.mark.skipif(
+    tuple(int(p) for p in jaxlib.__version__.split(".")[:3]) > (0, 10, 2),
+    reason="later jaxlibs compile the Triton kernel while lowering, which needs a GPU",
+)
+@pytest.mark.parametrize("fmt", [QuantFormat("w4a8-g128", group_size=64), QuantFormat("w4a8-chn")], ids=str)
+def test_quantized_model_lowers_for_cuda_through_the_pallas_kernels(fmt):
+    """The whole quantized forward, with kernel="pallas", passes the Pallas Triton lowering for CUDA on CPU:
+    every distinct linear shape becomes a Triton custom call (q, k/v, gate/up, down; o shares q's)."""
+    config = ModelConfig.from_hf(TINY_CONFIGS["llama_quantizable"]().to_dict())
+    params = init_params(config, dtype="bfloat16", quant=dataclasses.replace(fmt, kernel="pallas"))
+    tokens = jax.ShapeDtypeStruct((2, 16), jnp.int32)
+    text = forward.trace(params, tokens).lower(lowering_platforms=("cuda",)).as_text()
+    assert text.count("__gpu$xla.gpu.triton") == 4
