@@ -45,10 +45,13 @@ def perplexity(
     if num_chunks == 0:
         raise ValueError(f"the text has {len(ids)} tokens, fewer than one {seq_len}-token chunk")
     chunks = ids[: num_chunks * seq_len].reshape(num_chunks, seq_len)
+    batch_size = min(batch_size, num_chunks)
+    # The last batch is padded with repeats of the first chunk (losses dropped): one compiled shape.
+    padded = np.concatenate([chunks, np.repeat(chunks[:1], -num_chunks % batch_size, axis=0)])
     losses = []
     for start in tqdm(range(0, num_chunks, batch_size), desc="perplexity", disable=not progress):
-        losses.append(np.asarray(_chunk_losses(params, jnp.asarray(chunks[start : start + batch_size]))))
-    mean_loss = float(np.mean(np.concatenate(losses)))
+        losses.append(np.asarray(_chunk_losses(params, jnp.asarray(padded[start : start + batch_size]))))
+    mean_loss = float(np.mean(np.concatenate(losses)[:num_chunks]))
     return Perplexity(math.exp(mean_loss), seq_len, num_chunks, len(ids))
 
 
