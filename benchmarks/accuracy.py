@@ -83,9 +83,15 @@ def main() -> None:
     for row in args.only or ROWS:
         method, precision, recipe = ROWS[row]
         started = time.perf_counter()
-        model = params if recipe is None else quantize_model(params, recipe, tokens)[0]
+        model, quantized = (params, {}) if recipe is None else quantize_model(params, recipe, tokens)
         seconds = time.perf_counter() - started
-        entry = {"name": row, "method": method, "precision": precision, "quantize_seconds": round(seconds, 1)}
+        entry = {
+            "name": row,
+            "method": method,
+            "precision": precision,
+            "group_size": quantized.get("group_size"),
+            "quantize_seconds": round(seconds, 1),
+        }
         for seq_len in seq_lens:
             result = qoq_jax.perplexity(model, text, seq_len=seq_len, progress=True)
             entry[f"ppl_{seq_len}"] = round(result.perplexity, 4)
@@ -118,7 +124,10 @@ def _write(report: dict, seq_lens: list[int], name: str) -> None:
             value = r.get(f"ppl_{n}")
             delta = f" ({100 * (value / fp[f'ppl_{n}'] - 1):+.1f}%)" if fp and r is not fp and value else ""
             cells.append(f"{value:.3f}{delta}" if value else "–")
-        lines.append(f"| {r['method']} | {r['precision']} | " + " | ".join(cells) + f" | {r['quantize_seconds']} |")
+        precision = r["precision"]
+        if r.get("group_size") and "g128" in precision and r["group_size"] != 128:
+            precision = precision.replace("g128", f"g128 recipe, groups of {r['group_size']}")
+        lines.append(f"| {r['method']} | {precision} | " + " | ".join(cells) + f" | {r['quantize_seconds']} |")
     (RESULTS / f"accuracy-{name}.md").write_text("\n".join(lines) + "\n")
 
 

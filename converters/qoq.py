@@ -51,6 +51,10 @@ _LINEARS = {  # linear → the observed input it multiplies
     ("mlp", "up_proj"): "mlp_input",
     ("mlp", "down_proj"): "down_input",
 }
+_LINEARS_BY_INPUT = {
+    observed: tuple(linear for linear, name in _LINEARS.items() if name == observed)
+    for observed in dict.fromkeys(_LINEARS.values())
+}
 _SAMPLE_BLOCKS, _SAMPLE_BLOCK_LEN = 8, 64
 
 
@@ -153,7 +157,7 @@ def quantize_model(
     if recipe.needs_statistics:
         hidden = jnp.take(float_model.embed_tokens[...], tokens, axis=0)
         sample_rows, sample_starts = _sample_blocks(*tokens.shape)
-    bar = tqdm(total=config.num_layers * (2 + len(_LINEARS)), desc=f"QoQ {recipe.name}", disable=not progress)
+    bar = tqdm(total=config.num_layers * (2 + len(_LINEARS_BY_INPUT)), desc=f"QoQ {recipe.name}", disable=not progress)
     quantized_layers = {}
     for index in range(config.num_layers):
         layer, stats = weights["layers"][index], None
@@ -168,13 +172,15 @@ def quantize_model(
             layer, stats = _transform_layer(layer, stats, recipe, config)
         bar.update(2 - recipe.needs_statistics)
         quantized = {group: dict(modules) for group, modules in layer.items()}
-        for (module, name), observed in _LINEARS.items():
-            bar.set_postfix_str(f"layer {index} · {module}.{name}")
-            linear = dict(layer[module][name])
+        for observed, members in _LINEARS_BY_INPUT.items():
+            bar.set_postfix_str(f"layer {index} · {'/'.join(name for _, name in members)}")
             hessian = None if stats is None else stats.hessians[observed].hessian()
             sample = None if stats is None else stats.samples[observed]
-            linear["kernel"] = _quantize_kernel(linear["kernel"], hessian, sample, recipe, group_size)
-            quantized[module] = {**quantized[module], name: linear}
+            kernels = tuple(layer[module][name]["kernel"] for module, name in members)
+            for (module, name), kernel in zip(
+                members, _quantize_kernels(kernels, hessian, sample, recipe, group_size), strict=True
+            ):
+                quantized[module] = {**quantized[module], name: {**layer[module][name], "kernel": kernel}}
             bar.update()
         quantized_layers[index] = quantized
     bar.close()
@@ -317,31 +323,44 @@ def _transform_layer(layer: Mapping, stats: LayerStatistics, recipe: Recipe, con
 
 
 @functools.partial(jax.jit, static_argnames=("recipe", "group_size"))
-def _quantize_kernel(kernel_kn, hessian, sample, recipe: Recipe, group_size: int | None):
-    """One linear's float kernel [in, out] → its quantized weight (or, weight-only, its dequantized floats).
-    Jitted whole, so each linear shape compiles once per recipe."""
-    kernel_kn = jnp.asarray(kernel_kn, jnp.float32)
+def _quantize_kernels(kernels_kn: tuple, hessian, sample, recipe: Recipe, group_size: int | None) -> tuple:
+    """Float kernels [in, out] that share one input (q/k/v, gate/up) → their quantized weights (or, weight-only,
+    their dequantized floats). Every grid is per output channel, so they are quantized as one matrix of their
+    concatenated outputs — one GPTQ pass over the shared Hessian — and split afterwards. Jitted whole, so each
+    shape compiles once per recipe."""
+    widths = [kernel.shape[1] for kernel in kernels_kn]
+    kernel_kn = jnp.concatenate([jnp.asarray(kernel, jnp.float32) for kernel in kernels_kn], axis=1)
+
+    def split(array):
+        return jnp.split(array, np.cumsum(widths)[:-1], axis=-1)
+
     if recipe.weights == Int8ChannelWeight.format_name:
-        return Int8ChannelWeight.round_to_nearest(kernel_kn)
+        return tuple(Int8ChannelWeight.round_to_nearest(part) for part in split(kernel_kn))
     if recipe.weights == Int4GroupWeight.format_name:
         s1, u = progressive_level1(kernel_kn)
         s2, zero = progressive_level2(u, group_size)
         codes = _codes(u.T, hessian, s2.T, zero.T, group_size, PROTECTIVE_RANGE, recipe)
-        return Int4GroupWeight.from_codes(codes.T, s1, s2, zero, group_size=group_size)
+        return tuple(
+            Int4GroupWeight.from_codes(*parts, group_size=group_size)
+            for parts in zip(split(codes.T), split(s1), split(s2), split(zero), strict=True)
+        )
     w = kernel_kn.T
     if recipe.weights == Int4ChannelWeight.format_name:
         ratios = gptq.search_clip_ratios(w, sample.reshape(-1, w.shape[1])) if recipe.clip_search else 1.0
         scale, zero = gptq.channel_scale_zero(w, ratios)
         scale = jnp.where(scale > 0, scale, 1.0)
         codes = _codes(w, hessian, scale[:, None], zero[:, None], w.shape[1], None, recipe)
-        return Int4ChannelWeight.from_codes(codes.T, scale, zero)
+        return tuple(
+            Int4ChannelWeight.from_codes(*parts)
+            for parts in zip(split(codes.T), split(scale), split(zero), strict=True)
+        )
     # Weight-only g128 baseline: asymmetric uint4 per group with fp16 scale and zero.
     grouped = w.reshape(w.shape[0] * (w.shape[1] // group_size), group_size)
     scale, zero = gptq.channel_scale_zero(grouped, 1.0)
     scale = jnp.where(scale > 0, scale, 1.0).reshape(w.shape[0], -1)
     zero = zero.reshape(w.shape[0], -1)
     codes = _codes(w, hessian, scale, zero, group_size, None, recipe)
-    return gptq.dequantize(codes, scale, zero, group_size).T
+    return tuple(split(gptq.dequantize(codes, scale, zero, group_size).T))
 
 
 def _codes(w, hessian, scale, zero, group_size, clip, recipe: Recipe):
