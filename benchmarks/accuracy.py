@@ -31,6 +31,7 @@ ROWS = {  # name → (method, precision, recipe or None for the float model)
     "rtn-w8a8": ("RTN", "W8A8 (KV16)", RECIPES["rtn-w8a8"]),
     "rtn-w4a16-g128": ("RTN", "W4A16 g128", RECIPES["rtn-w4a16-g128"]),
     "gptq-w4a16-g128": ("GPTQ", "W4A16 g128", RECIPES["gptq-w4a16-g128"]),
+    "rtn-w4a16-progressive": ("RTN", "W4A16 g128, QoQ's progressive format", RECIPES["rtn-w4a16-progressive"]),
     "rtn-w4a8kv4-g128": ("RTN", "W4A8KV4 g128", RECIPES["rtn-w4a8kv4-g128"]),
     "g128": ("QoQ", "W4A8KV4 g128", RECIPES["g128"]),
     "gchn": ("QoQ", "W4A8KV4 per-channel", RECIPES["gchn"]),
@@ -55,7 +56,9 @@ def main() -> None:
     parser.add_argument("--calib-seq-len", type=int, default=None)
     parser.add_argument("--seq-lens", type=int, nargs="+", default=[512, 2048])
     parser.add_argument("--dtype", default=None)
-    parser.add_argument("--only", nargs="+", choices=sorted(ROWS), default=None)
+    parser.add_argument(
+        "--only", nargs="+", choices=sorted(ROWS), default=None, help="run these rows, keeping the file's others"
+    )
     args = parser.parse_args()
 
     params = qoq_jax.load(args.model, dtype=args.dtype)
@@ -80,6 +83,9 @@ def main() -> None:
         "calibration": {"source": args.calib, "samples": int(tokens.shape[0]), "seq_len": int(tokens.shape[1])},
         "rows": [],
     }
+    existing = RESULTS / f"accuracy-{name}.json"
+    if args.only and existing.is_file():
+        report["rows"] = [r for r in json.loads(existing.read_text())["rows"] if r["name"] not in args.only]
     for row in args.only or ROWS:
         method, precision, recipe = ROWS[row]
         started = time.perf_counter()
@@ -97,6 +103,7 @@ def main() -> None:
             entry[f"ppl_{seq_len}"] = round(result.perplexity, 4)
             entry[f"chunks_{seq_len}"] = result.num_chunks
         report["rows"].append(entry)
+        report["rows"].sort(key=lambda r: list(ROWS).index(r["name"]))
         print(json.dumps(entry), flush=True)
         _write(report, seq_lens, name)
 

@@ -41,6 +41,9 @@ from qoq_jax.quant import (
 
 WEIGHT_ONLY_G128 = "w4a16-g128"
 """Weight-only 4-bit baseline (GPTQ/AWQ-style, fp16 scale and zero per group): stored as dequantized floats."""
+WEIGHT_ONLY_PROGRESSIVE = "w4a16-progressive"
+"""The g128 weight format alone (float activations and KV), stored dequantized: isolates the format's cost."""
+_WEIGHT_ONLY = (WEIGHT_ONLY_G128, WEIGHT_ONLY_PROGRESSIVE)
 
 _LINEARS = {  # linear → the observed input it multiplies
     ("self_attn", "q_proj"): "attn_input",
@@ -63,7 +66,7 @@ class Recipe:
     """One quantization recipe: the storage format and which calibration stages run (ablations flip them)."""
 
     name: str
-    weights: str  # a QuantFormat weight format, or WEIGHT_ONLY_G128
+    weights: str  # a QuantFormat weight format, or a weight-only baseline (_WEIGHT_ONLY)
     kv_bits: int = 4
     group_size: int | None = None  # g128 formats: None picks 128, or 64 where a linear's K needs it
     rotate: bool = True
@@ -80,7 +83,7 @@ class Recipe:
 
     @property
     def grouped(self) -> bool:
-        return self.weights in (Int4GroupWeight.format_name, WEIGHT_ONLY_G128)
+        return self.weights in (Int4GroupWeight.format_name, *_WEIGHT_ONLY)
 
     @property
     def needs_statistics(self) -> bool:
@@ -103,6 +106,7 @@ RECIPES = {
     "rtn-w8a8": Recipe("rtn-w8a8", Int8ChannelWeight.format_name, kv_bits=16, **_RTN),
     "rtn-w4a16-g128": Recipe("rtn-w4a16-g128", WEIGHT_ONLY_G128, kv_bits=16, **_RTN),
     "gptq-w4a16-g128": Recipe("gptq-w4a16-g128", WEIGHT_ONLY_G128, kv_bits=16, **{**_RTN, "gptq": True}),
+    "rtn-w4a16-progressive": Recipe("rtn-w4a16-progressive", WEIGHT_ONLY_PROGRESSIVE, kv_bits=16, **_RTN),
 }
 """QoQ's two recipes (defaults of qoq-g128.yaml / qoq-gchn.yaml; SmoothAttention is the manual λ = √max|K|
 for both) and the baselines of the accuracy table."""
@@ -139,7 +143,7 @@ def quantize_model(
         raise ValueError("the model is already quantized; calibration needs the float model")
     config = params.config
     group_size = resolve_group_size(recipe, config)
-    quant = None if recipe.weights == WEIGHT_ONLY_G128 else QuantFormat(recipe.weights, recipe.kv_bits, group_size)
+    quant = None if recipe.weights in _WEIGHT_ONLY else QuantFormat(recipe.weights, recipe.kv_bits, group_size)
     if quant is not None:
         for (module, name), _ in _LINEARS.items():
             in_features, out_features = _linear_shape(config, name)
@@ -336,14 +340,15 @@ def _quantize_kernels(kernels_kn: tuple, hessian, sample, recipe: Recipe, group_
 
     if recipe.weights == Int8ChannelWeight.format_name:
         return tuple(Int8ChannelWeight.round_to_nearest(part) for part in split(kernel_kn))
-    if recipe.weights == Int4GroupWeight.format_name:
+    if recipe.weights in (Int4GroupWeight.format_name, WEIGHT_ONLY_PROGRESSIVE):
         s1, u = progressive_level1(kernel_kn)
         s2, zero = progressive_level2(u, group_size)
         codes = _codes(u.T, hessian, s2.T, zero.T, group_size, PROTECTIVE_RANGE, recipe)
-        return tuple(
+        weights = tuple(
             Int4GroupWeight.from_codes(*parts, group_size=group_size)
             for parts in zip(split(codes.T), split(s1), split(s2), split(zero), strict=True)
         )
+        return weights if recipe.weights == Int4GroupWeight.format_name else tuple(w.dequantize() for w in weights)
     w = kernel_kn.T
     if recipe.weights == Int4ChannelWeight.format_name:
         ratios = gptq.search_clip_ratios(w, sample.reshape(-1, w.shape[1])) if recipe.clip_search else 1.0

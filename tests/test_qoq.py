@@ -90,10 +90,11 @@ def test_weight_only_and_w8a8_baselines(model_dirs):
     calibration = np.random.default_rng().integers(3, 320, (4, 64)).astype(np.int32)
     tokens = jnp.asarray(np.random.default_rng().integers(3, 320, (2, 48)))
     reference = qoq_jax.forward(params, tokens)
-    weight_only, _ = quantize_model(params, RECIPES["gptq-w4a16-g128"], calibration, progress=False)
-    assert weight_only.quant is None and weight_only.dtype == params.dtype  # dequantized float weights
-    kernel = np.asarray(weight_only.state["layers"][0]["mlp"]["up_proj"]["kernel"][...])
-    assert all(len(np.unique(kernel[g * 64 : (g + 1) * 64, c])) <= 16 for g in range(3) for c in range(0, 384, 37))
+    for name in ("rtn-w4a16-progressive", "gptq-w4a16-g128"):
+        weight_only, _ = quantize_model(params, RECIPES[name], calibration, progress=False)
+        assert weight_only.quant is None and weight_only.dtype == params.dtype  # dequantized float weights
+        kernel = np.asarray(weight_only.state["layers"][0]["mlp"]["up_proj"]["kernel"][...])
+        assert all(len(np.unique(kernel[g * 64 : (g + 1) * 64, c])) <= 16 for g in range(3) for c in range(0, 384, 37))
     w8a8, _ = quantize_model(params, RECIPES["rtn-w8a8"], calibration, progress=False)
     assert w8a8.kv_bits == 16
     assert _output_error(w8a8, reference, tokens) < 0.05 < _output_error(weight_only, reference, tokens) < 0.6
