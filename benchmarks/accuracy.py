@@ -27,7 +27,7 @@ RESULTS = Path(__file__).parent / "results"
 DEFAULT_TEXT = Path(__file__).resolve().parents[2] / "shared" / "data" / "gpl-3.0.txt"
 
 ROWS = {  # name → (method, precision, recipe or None for the float model)
-    "fp": ("FP", "W16A16KV16", None),
+    "fp": ("FP", "float (the model dtype)", None),
     "rtn-w8a8": ("RTN", "W8A8 (KV16)", RECIPES["rtn-w8a8"]),
     "rtn-w4a16-g128": ("RTN", "W4A16 g128", RECIPES["rtn-w4a16-g128"]),
     "gptq-w4a16-g128": ("GPTQ", "W4A16 g128", RECIPES["gptq-w4a16-g128"]),
@@ -120,7 +120,8 @@ def _write(report: dict, seq_lens: list[int], name: str) -> None:
         "",
         f"Calibration: {report['calibration']['samples']} × {report['calibration']['seq_len']} tokens of "
         f"{', '.join(report['calibration']['source'])}. Non-overlapping chunks, tail dropped; "
-        "quantized models attend over K/V after their KV round trip. In brackets: change against FP.",
+        "quantized models attend over K/V after their KV round trip. In brackets: change against FP. "
+        "Quantize seconds are wall time on the machine named above, shared with other jobs.",
         "",
         header,
         "|" + "---|" * (3 + len(seq_lens)),
