@@ -21,6 +21,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from qoq_jax.quant import channel_grid, round_to_grid
+
 QMAX = 15
 # The reference reads 512-row slices when it sums xᵀx; the same blocks keep the float32 sums comparable.
 HESSIAN_BLOCK_ROWS = 512
@@ -82,14 +84,11 @@ def _per_column(params, group_size):
 
 
 def rtn_quantize(w, scale, zero, group_size: int, clip: float | None = None) -> jax.Array:
-    """Round-to-nearest uint8 codes [out, in] on the static grid."""
-    return _rtn_codes(w, scale, zero, _clip_bound(clip), group_size)
-
-
-@functools.partial(jax.jit, static_argnames=("group_size",))
-def _rtn_codes(w, scale, zero, clip, group_size):
-    codes = _quantize(w.astype(jnp.float32), _per_column(scale, group_size), _per_column(zero, group_size), clip)
-    return codes.astype(jnp.uint8)
+    """Round-to-nearest uint8 codes [out, in] on the static grid: the formats' own rounding
+    (`qoq_jax.quant.round_to_grid`, which works on [in, out]) after the optional clip."""
+    bound = _clip_bound(clip)
+    clipped = jnp.clip(jnp.asarray(w, jnp.float32), -bound, bound)
+    return round_to_grid(clipped.T, jnp.asarray(scale).T, jnp.asarray(zero).T, group_size).T
 
 
 def dequantize(codes, scale, zero, group_size: int) -> jax.Array:
@@ -205,17 +204,13 @@ def _gptq_codes(w, hessian, scale, zero, clip, act_order, damp, group_size, bloc
 
 
 def channel_scale_zero(w, ratio) -> tuple[jax.Array, jax.Array]:
-    """Per-channel uint4 scale and scaled zero of the range [r·min, r·max], both rounded to fp16.
+    """Per-channel uint4 scale and scaled zero of the range [r·min, r·max], both rounded to fp16: the
+    per-channel format's own grid (`qoq_jax.quant.channel_grid`) for W [out, in].
 
     `ratio` is a scalar or one per output channel. Returned as float32 [out].
     """
-    w = jnp.asarray(w, jnp.float32)
-    ratio = jnp.asarray(ratio, jnp.float32)
-    vmin = jnp.min(w, axis=1) * ratio
-    vmax = jnp.max(w, axis=1) * ratio
-    scale = ((vmax - vmin) / QMAX).astype(jnp.float16).astype(jnp.float32)
-    zero = (-vmin).astype(jnp.float16).astype(jnp.float32)
-    return scale, zero
+    scale, zero = channel_grid(jnp.asarray(w, jnp.float32).T, jnp.asarray(ratio, jnp.float32))
+    return scale.astype(jnp.float32), zero.astype(jnp.float32)
 
 
 def strided_token_sample(x, blocks: int = 8, block_len: int = 64) -> jax.Array:

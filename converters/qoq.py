@@ -353,7 +353,6 @@ def _quantize_kernels(kernels_kn: tuple, hessian, sample, recipe: Recipe, group_
     if recipe.weights == Int4ChannelWeight.format_name:
         ratios = gptq.search_clip_ratios(w, sample.reshape(-1, w.shape[1])) if recipe.clip_search else 1.0
         scale, zero = gptq.channel_scale_zero(w, ratios)
-        scale = jnp.where(scale > 0, scale, 1.0)
         codes = _codes(w, hessian, scale[:, None], zero[:, None], w.shape[1], None, recipe)
         return tuple(
             Int4ChannelWeight.from_codes(*parts)
@@ -362,7 +361,7 @@ def _quantize_kernels(kernels_kn: tuple, hessian, sample, recipe: Recipe, group_
     # Weight-only g128 baseline: asymmetric uint4 per group with fp16 scale and zero.
     grouped = w.reshape(w.shape[0] * (w.shape[1] // group_size), group_size)
     scale, zero = gptq.channel_scale_zero(grouped, 1.0)
-    scale = jnp.where(scale > 0, scale, 1.0).reshape(w.shape[0], -1)
+    scale = scale.reshape(w.shape[0], -1)
     zero = zero.reshape(w.shape[0], -1)
     codes = _codes(w, hessian, scale, zero, group_size, None, recipe)
     return tuple(split(gptq.dequantize(codes, scale, zero, group_size).T))

@@ -343,6 +343,14 @@ def _check_blocks(blocks: W4A8BlockSizes, num_in: int, num_out: int) -> None:
         raise ValueError(f"block_n / block_k must divide N = {num_out} / K = {num_in}; got {blocks}")
 
 
+def g128_int8_weights(packed: jax.Array, s2: jax.Array, zero: jax.Array, *, group_size: int) -> jax.Array:
+    """W8 = q·s2 − z [K, N] int8, the matrix the progressive GEMM multiplies (computed in int32, then narrowed)."""
+    codes = unpack_uint4(packed).astype(jnp.int32)
+    s2_rows = jnp.repeat(s2.astype(jnp.int32), group_size, axis=0)
+    zero_rows = jnp.repeat(zero.astype(jnp.int32), group_size, axis=0)
+    return (codes * s2_rows - zero_rows).astype(jnp.int8)
+
+
 def w4a8_gemm_g128_reference(
     x_i8: jax.Array,
     x_scale: jax.Array,
@@ -359,11 +367,7 @@ def w4a8_gemm_g128_reference(
     x_i8 [M, K] int8, x_scale [M] float32, packed [K, N/2] uint8, s1 [N] float16,
     s2 / zero [K/group_size, N] int8 → [M, N] out_dtype.
     """
-    codes = unpack_uint4(packed).astype(jnp.int32)
-    s2_rows = jnp.repeat(s2.astype(jnp.int32), group_size, axis=0)
-    zero_rows = jnp.repeat(zero.astype(jnp.int32), group_size, axis=0)
-    w_i8 = (codes * s2_rows - zero_rows).astype(jnp.int8)
-    acc = _int8_dot(x_i8, w_i8)
+    acc = _int8_dot(x_i8, g128_int8_weights(packed, s2, zero, group_size=group_size))
     y = acc.astype(jnp.float32) * x_scale.astype(jnp.float32)[:, None] * s1.astype(jnp.float32)[None, :]
     return y.astype(out_dtype)
 
@@ -384,9 +388,10 @@ def w4a8_gemm_chn_reference(
     scale / zero [N] float16 (zero is the scaled zero: ŵ = q·scale − zero) → [M, N] out_dtype.
     """
     acc = _int8_dot(x_i8, unpack_uint4(packed).astype(jnp.int8))
-    corrected = scale.astype(jnp.float32)[None, :] * acc.astype(jnp.float32) - zero.astype(jnp.float32)[
-        None, :
-    ] * x_sum.astype(jnp.float32)[:, None]
+    corrected = (
+        scale.astype(jnp.float32)[None, :] * acc.astype(jnp.float32)
+        - zero.astype(jnp.float32)[None, :] * x_sum.astype(jnp.float32)[:, None]
+    )
     return (x_scale.astype(jnp.float32)[:, None] * corrected).astype(out_dtype)
 
 

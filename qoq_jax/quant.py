@@ -182,10 +182,7 @@ class Int4GroupWeight:
 
     def int8_weight(self) -> jax.Array:
         """W8 = q·s2 − z [K, N] int8, what the GEMM multiplies."""
-        codes = w4a8_gemm.unpack_uint4(self.packed).astype(jnp.int32)
-        s2 = jnp.repeat(self.s2.astype(jnp.int32), self.group_size, axis=0)
-        zero = jnp.repeat(self.zero.astype(jnp.int32), self.group_size, axis=0)
-        return (codes * s2 - zero).astype(jnp.int8)
+        return w4a8_gemm.g128_int8_weights(self.packed, self.s2, self.zero, group_size=self.group_size)
 
     def dequantize(self) -> jax.Array:
         return self.int8_weight().astype(jnp.float32) * self.s1.astype(jnp.float32)[None, :]

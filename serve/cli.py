@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 import qoq_jax
+from qoq_jax.params import DTYPES
 from qoq_jax.errors import QoQError
 
 
@@ -56,7 +57,7 @@ def _add_quantize(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--group-size", type=int, choices=[64, 128], default=None, help="g128 group (default: auto)")
     parser.add_argument("--kv-bits", type=int, choices=[4, 8, 16], default=None, help="KV cache bits (default: recipe)")
     parser.add_argument("--batch-size", type=int, default=4, help="calibration samples per jitted pass")
-    parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None)
+    parser.add_argument("--dtype", choices=list(DTYPES), default=None)
     parser.add_argument("--overwrite", action="store_true", help="replace an existing checkpoint (atomically)")
     parser.set_defaults(run=_quantize)
 
@@ -92,7 +93,7 @@ def _add_eval(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--text", required=True, help="UTF-8 text file")
     parser.add_argument("--seq-len", type=int, default=512)
     parser.add_argument("--batch-size", type=int, default=4)
-    parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None)
+    parser.add_argument("--dtype", choices=list(DTYPES), default=None)
     parser.set_defaults(run=_eval)
 
 
@@ -112,7 +113,7 @@ def _eval(args: argparse.Namespace) -> int:
 def _add_generate(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("prompts", nargs="+", help="one or more prompts, generated as one batch")
     parser.add_argument("--model", default="smollm2", help='"smollm2", an HF model directory or a .gguf file')
-    parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None)
+    parser.add_argument("--dtype", choices=list(DTYPES), default=None)
     parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("--temperature", type=float, default=0.0, help="0 is greedy")
     parser.add_argument("--top-k", type=int, default=0)
