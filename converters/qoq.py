@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 
 from converters import equivalence, gptq
 from qoq_jax.config import ModelConfig
-from qoq_jax.kv_cache import DenseKVCache
+from qoq_jax.kv_cache import NoKVCache
 from qoq_jax.model import CausalLM
 from qoq_jax.params import Params, assemble_params
 from qoq_jax.quant import (
@@ -233,12 +233,8 @@ def _observe_batch(layer_graph, layer_state, x_btd, stats, sample_rows, sample_s
     layer = nnx.merge(layer_graph, layer_state)
     batch, length, _ = x_btd.shape
     seen = {}
-    cache = DenseKVCache(
-        keys=(jnp.zeros((batch, *_kv_shape(layer, length)), x_btd.dtype),),
-        values=(jnp.zeros((batch, *_kv_shape(layer, length)), x_btd.dtype),),
-    )
     positions = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), (batch, length))
-    output, _ = layer(x_btd, positions, jnp.ones((batch, length), bool), cache, 0, seen.__setitem__)
+    output, _ = layer(x_btd, positions, jnp.ones((batch, length), bool), NoKVCache(), 0, seen.__setitem__)
     inputs = {name: seen[name] for name in set(_LINEARS.values())}
     if stats is None:
         stats = LayerStatistics(
@@ -265,11 +261,6 @@ def _observe_batch(layer_graph, layer_state, x_btd, stats, sample_rows, sample_s
             for name, acc in stats.samples.items()
         },
     )
-
-
-def _kv_shape(layer, length):
-    attention = layer.self_attn
-    return attention.num_kv_heads, length, attention.head_dim
 
 
 def _flat_channels(x: jax.Array) -> int:

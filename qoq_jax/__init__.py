@@ -17,7 +17,7 @@ from qoq_jax.errors import (
     UnsupportedModelError,
 )
 from qoq_jax.generate import Completion, complete, generate
-from qoq_jax.kv_cache import DenseKVCache, KVCache
+from qoq_jax.kv_cache import KVCache, KVPool, NoKVCache, PagedKVCache, kv_bytes_per_page, pages_that_fit
 from qoq_jax.loading import load
 from qoq_jax.params import Params, assemble_params, expected_shapes, init_params
 from qoq_jax.perplexity import Perplexity, perplexity
@@ -29,10 +29,12 @@ __all__ = [
     "CheckpointError",
     "Completion",
     "DecodeState",
-    "DenseKVCache",
     "InvalidRequestError",
     "InvalidSamplingError",
     "KVCache",
+    "KVPool",
+    "NoKVCache",
+    "PagedKVCache",
     "ModelConfig",
     "Params",
     "Perplexity",
@@ -49,8 +51,10 @@ __all__ = [
     "forward",
     "generate",
     "init_params",
+    "kv_bytes_per_page",
     "load",
     "load_checkpoint",
+    "pages_that_fit",
     "perplexity",
     "prefill",
     "save_checkpoint",

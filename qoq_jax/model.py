@@ -98,8 +98,8 @@ class Attention(nnx.Module):
         k = apply_rope(k, positions_bt, inv_freq)
         _observe(observe, "query", q)
         _observe(observe, "key", k)
-        cache = cache.write(layer, k, v, positions_bt, valid_bt)
-        out = cache.attend(layer, q, positions_bt).reshape(batch, length, self.num_heads * self.head_dim)
+        out, cache = cache.attend(layer, q, k, v, positions_bt, valid_bt)
+        out = out.reshape(batch, length, self.num_heads * self.head_dim)
         _observe(observe, "o_input", out)
         return self.o_proj(out), cache
 

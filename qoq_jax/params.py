@@ -61,6 +61,11 @@ class Params:
     def kv_bits(self) -> int:
         return 16 if self.quant is None else self.quant.kv_bits
 
+    @property
+    def kernel(self) -> str:
+        """Pallas kernels or their jnp references ("auto": Pallas on GPU), for matmuls and decode attention."""
+        return "auto" if self.quant is None else self.quant.kernel
+
 
 def init_params(
     config: ModelConfig, *, dtype=None, seed: int = 0, tokenizer=None, quant: QuantFormat | None = None

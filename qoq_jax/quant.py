@@ -134,7 +134,8 @@ def _group_rows(x_kn: jax.Array, group_size: int) -> jax.Array:
 # --------------------------------------------------------------------------------------------------
 
 
-def _use_pallas(kernel: str) -> bool:
+def use_pallas(kernel: str) -> bool:
+    """Whether a kernel choice runs the Pallas kernel here: "auto" means on GPU only."""
     if kernel not in KERNEL_CHOICES:
         raise ValueError(f"kernel must be one of {KERNEL_CHOICES}; got {kernel!r}")
     return kernel == "pallas" or (kernel == "auto" and jax.default_backend() == "gpu")
@@ -190,7 +191,7 @@ class Int4GroupWeight:
     def matmul(self, x: jax.Array) -> jax.Array:
         x2, lead = _flatten_tokens(x)
         x_i8, x_scale = quantize_activations(x2)
-        gemm = w4a8_gemm.w4a8_gemm_g128 if _use_pallas(self.kernel) else w4a8_gemm.w4a8_gemm_g128_reference
+        gemm = w4a8_gemm.w4a8_gemm_g128 if use_pallas(self.kernel) else w4a8_gemm.w4a8_gemm_g128_reference
         y = gemm(x_i8, x_scale, self.packed, self.s1, self.s2, self.zero, group_size=self.group_size, out_dtype=x.dtype)
         return y.reshape(*lead, -1)
 
@@ -234,7 +235,7 @@ class Int4ChannelWeight:
         x2, lead = _flatten_tokens(x)
         x_i8, x_scale = quantize_activations(x2)
         x_sum = jnp.sum(x_i8.astype(jnp.int32), axis=-1)
-        gemm = w4a8_gemm.w4a8_gemm_chn if _use_pallas(self.kernel) else w4a8_gemm.w4a8_gemm_chn_reference
+        gemm = w4a8_gemm.w4a8_gemm_chn if use_pallas(self.kernel) else w4a8_gemm.w4a8_gemm_chn_reference
         y = gemm(x_i8, x_scale, x_sum, self.packed, self.scale, self.zero, out_dtype=x.dtype)
         return y.reshape(*lead, -1)
 

@@ -13,45 +13,68 @@ import jax
 import jax.numpy as jnp
 
 from qoq_jax.errors import PromptTooLongError
-from qoq_jax.kv_cache import DenseKVCache, KVCache
+from qoq_jax.kv_cache import DEFAULT_PAGE_SIZE, NoKVCache, PagedKVCache
 from qoq_jax.params import Params
 
 
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass
 class DecodeState:
-    """The KV cache and how many tokens of each sequence it holds (the next token's position)."""
+    """The paged KV cache and how many tokens of each row it holds (the next token's position)."""
 
-    cache: KVCache
+    cache: PagedKVCache
     lengths: jax.Array  # [B] int32
 
 
 @jax.jit
 def forward(params: Params, token_ids: jax.Array) -> jax.Array:
-    """Logits [B, S, vocab] float32 of unpadded token ids [B, S], attending through a fresh KV cache."""
+    """Logits [B, S, vocab] float32 of unpadded token ids [B, S]. Nothing is cached; at KV4/KV8 attention sees
+    the keys and values after their quantization round trip (see `NoKVCache`)."""
     batch, length = token_ids.shape
     _check_fits(params, length)
     model = params.model()
-    cache = DenseKVCache.init(params.config, batch, length, params.dtype, kv_bits=params.kv_bits)
     positions = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), (batch, length))
-    hidden, _ = model(token_ids, positions, jnp.ones((batch, length), bool), cache)
+    hidden, _ = model(token_ids, positions, jnp.ones((batch, length), bool), NoKVCache(kv_bits=params.kv_bits))
     return model.logits(hidden)
 
 
-@functools.partial(jax.jit, static_argnames=("max_length",))
+@functools.partial(jax.jit, static_argnames=("max_length", "page_size"), donate_argnames=("cache",))
 def prefill(
-    params: Params, token_ids: jax.Array, lengths: jax.Array | None = None, *, max_length: int | None = None
+    params: Params,
+    token_ids: jax.Array,
+    lengths: jax.Array | None = None,
+    *,
+    max_length: int | None = None,
+    page_size: int = DEFAULT_PAGE_SIZE,
+    cache: PagedKVCache | None = None,
 ) -> tuple[DecodeState, jax.Array]:
-    """Runs right-padded prompts token_ids [B, T] with true `lengths` [B] (default T) into a cache of
-    `max_length` slots (default T); returns the state and the logits [B, vocab] after each last prompt token."""
+    """Runs right-padded prompts token_ids [B, T] with true `lengths` [B] (default T) and returns the decode
+    state and the logits [B, vocab] after each last prompt token.
+
+    The prompts' keys and values go into `cache` when given (a pool and these rows' block tables, as a serving
+    engine keeps them; donated), else into a fresh pool of `page_size`-token pages holding `max_length`
+    (default T) tokens per row."""
     batch, length = token_ids.shape
-    max_length = length if max_length is None else max_length
-    if max_length < length:
-        raise ValueError(f"max_length={max_length} is shorter than the prompt block of {length} tokens")
-    _check_fits(params, max_length)
+    if cache is None:
+        max_length = length if max_length is None else max_length
+        _check_fits(params, max_length)
+        cache = PagedKVCache.for_batch(
+            params.config,
+            batch,
+            max_length,
+            page_size=page_size,
+            dtype=params.dtype,
+            kv_bits=params.kv_bits,
+            kernel=params.kernel,
+        )
+    elif max_length is not None:
+        raise ValueError("pass either max_length (for a fresh cache) or cache, not both")
+    elif cache.block_tables.shape[0] != batch:
+        raise ValueError(f"the cache has block tables for {cache.block_tables.shape[0]} rows; got {batch} prompts")
+    if cache.max_length < length:
+        raise ValueError(f"the cache holds {cache.max_length} tokens per row, shorter than the {length}-token prompts")
     lengths = jnp.full((batch,), length, jnp.int32) if lengths is None else lengths.astype(jnp.int32)
     model = params.model()
-    cache = DenseKVCache.init(params.config, batch, max_length, params.dtype, kv_bits=params.kv_bits)
     positions = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), (batch, length))
     hidden, cache = model(token_ids, positions, positions < lengths[:, None], cache)
     last = jnp.take_along_axis(hidden, jnp.maximum(lengths - 1, 0)[:, None, None], axis=1)[:, 0]
@@ -60,7 +83,8 @@ def prefill(
 
 @functools.partial(jax.jit, donate_argnames=("state",))
 def decode_step(params: Params, state: DecodeState, tokens: jax.Array) -> tuple[DecodeState, jax.Array]:
-    """Appends one token per sequence (tokens [B]) and returns the next-token logits [B, vocab]."""
+    """Appends one token per row (tokens [B]) and returns the next-token logits [B, vocab]. Rows whose cache is
+    full (lengths == cache.max_length) write nothing."""
     model = params.model()
     positions = state.lengths[:, None]
     hidden, cache = model(tokens[:, None], positions, jnp.ones_like(positions, bool), state.cache)

@@ -1,0 +1,337 @@
+"""Paged decode attention over KV4 / KV8 / KV16 page pools: one query token per sequence, GQA, split over pages.
+
+Page pool layout (one layer's keys or values; defined here, written by `qoq_jax.kv_cache`)
+------------------------------------------------------------------------------------------
+* KV4: codes uint8 [Hkv, num_pages, page_size, D/2]. Byte j of a token-head holds channel j in the low nibble
+  and channel D/2 + j in the high nibble, so a loaded slab splits into two [tokens, D/2] code tiles with one mask
+  and one shift, each dotted with its own half of q (no interleave, which the Triton lowering lacks).
+* KV8: codes uint8 [Hkv, num_pages, page_size, D].
+* KV4 and KV8 carry fp16 `scale` and `zero` [Hkv, num_pages, page_size], one per token per KV head:
+  x̂ = code·scale − zero (`qoq_jax.quant.quantize_kv`).
+* KV16: values [Hkv, num_pages, page_size, D] in the model dtype, no scale or zero.
+
+Arithmetic
+----------
+Scale and zero are per token, so they are applied around the dots instead of to every code:
+
+    logits[h, t] = scale_k[t]·(q_h · c_t) − zero_k[t]·Σ_d q_h,d
+    out[h]       = Σ_t (p[h, t]·scale_v[t])·c_t − Σ_t p[h, t]·zero_v[t]
+
+The first dot sees the weights p·scale_v rounded to the query dtype, so its rounding error scales with the
+varying part c·scale of each value; the zero term, which carries any common offset, is exact float32.
+Codes enter the dots in the query dtype, which holds 0..255 exactly; dots accumulate in float32 and the
+softmax statistics are float32.
+
+Kernel (Pallas, Triton lowering; `interpret=True` runs it on CPU)
+----------------------------------------------------------------
+Grid (batch, KV heads, splits). Program (b, h, s) serves every query head of KV head h (G = Hq/Hkv rows,
+padded to 16 for the tensor-core dot) over split s of sequence b's block table, which is an ordinary input:
+the Triton lowering has no scalar prefetch. It walks `pages_per_block` pages per step, gathering them through
+the table, with an online softmax; pages past the sequence's length are never visited and the partial last
+page is masked. Each split writes its normalized partial output with its (max, sum), and `_combine_splits`
+merges the splits in float32. `paged_decode_attention_reference` is the same attention in plain jnp.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
+
+KV_BITS = (4, 8, 16)
+_MIN_QUERY_ROWS = 16  # the smallest M of a Triton tensor-core dot
+_MASK_VALUE = -0.7 * float(np.finfo(np.float32).max)  # finite, so exp(mask − mask) never makes a NaN
+
+
+def code_width(head_dim: int, bits: int) -> int:
+    """Last-axis size of a page pool's codes (or values) for one token-head."""
+    return head_dim // 2 if bits == 4 else head_dim
+
+
+def pack_kv_codes(codes: jax.Array) -> jax.Array:
+    """KV4 codes [..., D] (0..15) → packed uint8 [..., D/2] in the layout above."""
+    half = codes.shape[-1] // 2
+    codes = codes.astype(jnp.uint8)
+    return codes[..., :half] | (codes[..., half:] << 4)
+
+
+def unpack_kv_codes(packed: jax.Array) -> jax.Array:
+    """Packed uint8 [..., D/2] → codes uint8 [..., D], the inverse of `pack_kv_codes`."""
+    return jnp.concatenate([packed & 15, packed >> 4], axis=-1)
+
+
+@dataclasses.dataclass(frozen=True)
+class DecodeAttentionBlockSizes:
+    """`pages_per_block` pages per online-softmax step; the block table is cut into `num_splits` splits."""
+
+    pages_per_block: int
+    num_splits: int
+    num_warps: int = 4
+    num_stages: int = 2
+
+    @classmethod
+    def for_shape(cls, batch: int, num_kv_heads: int, pages_per_sequence: int, page_size: int):
+        """About 128 tokens per step; enough splits to give the GPU ~512 programs, at least 4 steps each."""
+        pages_per_block = max(1, 128 // page_size)
+        steps = -(-pages_per_sequence // pages_per_block)
+        splits = 1
+        while batch * num_kv_heads * splits < 512 and steps // (2 * splits) >= 4:
+            splits *= 2
+        return cls(pages_per_block=pages_per_block, num_splits=splits)
+
+
+def _check_pools(q, k_codes, v_codes, block_tables, lengths, scales, bits):
+    if bits not in KV_BITS:
+        raise ValueError(f"bits must be one of {KV_BITS}; got {bits}")
+    if q.ndim != 3:
+        raise ValueError(f"q must be [batch, query heads, head_dim]; got shape {q.shape}")
+    batch, num_heads, head_dim = q.shape
+    if k_codes.ndim != 4 or k_codes.shape != v_codes.shape:
+        raise ValueError(
+            f"k and v pools must both be [kv_heads, pages, page_size, width]; got {k_codes.shape}, {v_codes.shape}"
+        )
+    num_kv_heads, num_pages, page_size, width = k_codes.shape
+    if num_heads % num_kv_heads:
+        raise ValueError(f"{num_heads} query heads do not divide into {num_kv_heads} KV heads")
+    if width != code_width(head_dim, bits):
+        raise ValueError(f"KV{bits} pools for head_dim {head_dim} need width {code_width(head_dim, bits)}; got {width}")
+    if bits < 16 and k_codes.dtype != jnp.uint8:
+        raise ValueError(f"KV{bits} codes must be uint8; got {k_codes.dtype}")
+    expected_scale = (num_kv_heads, num_pages, page_size)
+    for name, scale in scales.items():
+        if (scale is None) != (bits == 16) or (scale is not None and scale.shape != expected_scale):
+            need = "none at 16 bits" if bits == 16 else f"shape {expected_scale}"
+            raise ValueError(f"{name} must be {need}; got {None if scale is None else scale.shape}")
+    if block_tables.ndim != 2 or block_tables.shape[0] != batch:
+        raise ValueError(f"block_tables must be [batch={batch}, pages per sequence]; got {block_tables.shape}")
+    if lengths.shape != (batch,):
+        raise ValueError(f"lengths must be [batch={batch}]; got {lengths.shape}")
+    return batch, num_heads, head_dim, num_kv_heads, num_pages, page_size
+
+
+def _load_channel_groups(pool_ref, pages, bits, dtype):
+    """The gathered pages as [tokens, width] tiles in `dtype`: two (low, high channel halves) for KV4."""
+    raw = pool_ref[pages]
+    raw = raw.reshape(raw.shape[0] * raw.shape[1], raw.shape[2])
+    if bits == 16:
+        return [raw.astype(dtype)]
+    codes = raw.astype(jnp.int32)  # Triton has no arithmetic on 8-bit types
+    if bits == 8:
+        return [codes.astype(dtype)]
+    return [(codes & 15).astype(dtype), (codes >> 4).astype(dtype)]
+
+
+def _per_token(ref, pages):
+    values = ref[pages]
+    return values.reshape(values.shape[0] * values.shape[1]).astype(jnp.float32)
+
+
+def _decode_kernel(tables_ref, lengths_ref, q_ref, k_ref, v_ref, *refs, bits, page_size, pages_per_block, sm_scale):
+    if bits == 16:
+        o_ref, max_ref, sum_ref = refs
+    else:
+        k_scale_ref, k_zero_ref, v_scale_ref, v_zero_ref, o_ref, max_ref, sum_ref = refs
+    rows, head_dim = q_ref.shape
+    pages_per_split = tables_ref.shape[0]
+    block_tokens = pages_per_block * page_size
+    length = lengths_ref[0]
+    first_page = pl.program_id(2) * pages_per_split
+    end_page = jnp.minimum(pl.cdiv(length, page_size), first_page + pages_per_split)
+    num_steps = pl.cdiv(end_page - first_page, pages_per_block)
+
+    half = head_dim // 2
+    q_groups = [q_ref[:, pl.ds(0, half)], q_ref[:, pl.ds(half, half)]] if bits == 4 else [q_ref[...]]
+    dtype = q_groups[0].dtype
+    q_sum = sum(jnp.sum(g.astype(jnp.float32), axis=1) for g in q_groups)
+
+    def step(i, carry):
+        m_prev, l_prev, *acc = carry
+        pages = tables_ref[pl.ds(i * pages_per_block, pages_per_block)]
+        k_groups = _load_channel_groups(k_ref, pages, bits, dtype)
+        logits = sum(jnp.dot(qg, kg.T, preferred_element_type=jnp.float32) for qg, kg in zip(q_groups, k_groups))
+        if bits < 16:
+            logits = _per_token(k_scale_ref, pages)[None, :] * logits
+            logits -= q_sum[:, None] * _per_token(k_zero_ref, pages)[None, :]
+        tokens = (first_page + i * pages_per_block) * page_size + jnp.arange(block_tokens)
+        valid = jnp.broadcast_to((tokens < length)[None, :], (rows, block_tokens))
+        logits = jnp.where(valid, logits * sm_scale, _MASK_VALUE)
+        m_next = jnp.maximum(m_prev, jnp.max(logits, axis=1))
+        correction = jnp.exp(m_prev - m_next)
+        probs = jnp.where(valid, jnp.exp(logits - m_next[:, None]), 0.0)
+        l_next = correction * l_prev + jnp.sum(probs, axis=1)
+        v_groups = _load_channel_groups(v_ref, pages, bits, dtype)
+        if bits < 16:
+            weights = (probs * _per_token(v_scale_ref, pages)[None, :]).astype(dtype)
+            zero_term = jnp.sum(probs * _per_token(v_zero_ref, pages)[None, :], axis=1)[:, None]
+        else:
+            weights, zero_term = probs.astype(dtype), 0.0
+        acc = [
+            correction[:, None] * a + jnp.dot(weights, vg, preferred_element_type=jnp.float32) - zero_term
+            for a, vg in zip(acc, v_groups)
+        ]
+        return (m_next, l_next, *acc)
+
+    init = (
+        jnp.full((rows,), _MASK_VALUE, jnp.float32),
+        jnp.zeros((rows,), jnp.float32),
+        *[jnp.zeros((rows, g.shape[1]), jnp.float32) for g in q_groups],
+    )
+    row_max, row_sum, *acc = jax.lax.fori_loop(0, num_steps, step, init)
+    inverse = jnp.where(row_sum > 0, 1.0 / jnp.where(row_sum > 0, row_sum, 1.0), 0.0)[:, None]
+    if bits == 4:
+        o_ref[:, pl.ds(0, half)] = acc[0] * inverse
+        o_ref[:, pl.ds(half, half)] = acc[1] * inverse
+    else:
+        o_ref[...] = acc[0] * inverse
+    max_ref[...] = row_max
+    sum_ref[...] = row_sum
+
+
+@functools.partial(jax.jit, static_argnames=("bits", "sm_scale", "block_sizes", "interpret"))
+def paged_decode_attention(
+    q: jax.Array,
+    k_codes: jax.Array,
+    v_codes: jax.Array,
+    block_tables: jax.Array,
+    lengths: jax.Array,
+    k_scale: jax.Array | None = None,
+    k_zero: jax.Array | None = None,
+    v_scale: jax.Array | None = None,
+    v_zero: jax.Array | None = None,
+    *,
+    bits: int,
+    sm_scale: float | None = None,
+    block_sizes: DecodeAttentionBlockSizes | None = None,
+    interpret: bool = False,
+) -> jax.Array:
+    """Attention of one query per sequence, q [B, Hq, D], over the first `lengths[b]` tokens of its pages.
+
+    k_codes / v_codes and their fp16 scale / zero are page pools in the layout above; block_tables [B, pages]
+    int32 maps each sequence's page slots to pool pages (entries past its length are never read; out-of-range
+    entries are clamped). A sequence of length 0 gets zeros. Returns [B, Hq, D] in q's dtype. page_size and D
+    must be powers of two (Triton loads), page_size ≥ 8 and D ≥ 32.
+    """
+    scales = dict(k_scale=k_scale, k_zero=k_zero, v_scale=v_scale, v_zero=v_zero)
+    batch, num_heads, head_dim, num_kv_heads, num_pages, page_size = _check_pools(
+        q, k_codes, v_codes, block_tables, lengths, scales, bits
+    )
+    if page_size < 8 or page_size & (page_size - 1) or head_dim < 32 or head_dim & (head_dim - 1):
+        raise ValueError(
+            f"the decode kernel needs power-of-two page_size ≥ 8 and head_dim ≥ 32; got "
+            f"page_size {page_size}, head_dim {head_dim}"
+        )
+    blocks = block_sizes or DecodeAttentionBlockSizes.for_shape(batch, num_kv_heads, block_tables.shape[1], page_size)
+    group = num_heads // num_kv_heads
+    rows = max(_MIN_QUERY_ROWS, 1 << (group - 1).bit_length())
+    q_grouped = q.reshape(batch, num_kv_heads, group, head_dim)
+    q_grouped = jnp.pad(q_grouped, ((0, 0), (0, 0), (0, rows - group), (0, 0)))
+
+    splits, per_block = blocks.num_splits, blocks.pages_per_block
+    pages_per_split = -(-block_tables.shape[1] // (splits * per_block)) * per_block
+    tables = jnp.clip(block_tables.astype(jnp.int32), 0, num_pages - 1)
+    tables = jnp.pad(tables, ((0, 0), (0, splits * pages_per_split - tables.shape[1])))
+    tables = tables.reshape(batch, splits, pages_per_split)
+
+    pool_spec = pl.BlockSpec((None, num_pages, page_size, k_codes.shape[-1]), lambda b, h, s: (h, 0, 0, 0))
+    scale_spec = pl.BlockSpec((None, num_pages, page_size), lambda b, h, s: (h, 0, 0))
+    in_specs = [
+        pl.BlockSpec((None, None, pages_per_split), lambda b, h, s: (b, s, 0)),
+        pl.BlockSpec((1,), lambda b, h, s: (b,)),
+        pl.BlockSpec((None, None, rows, head_dim), lambda b, h, s: (b, h, 0, 0)),
+        pool_spec,
+        pool_spec,
+    ]
+    operands = [tables, lengths.astype(jnp.int32), q_grouped, k_codes, v_codes]
+    if bits < 16:
+        in_specs += [scale_spec] * 4
+        operands += [k_scale, k_zero, v_scale, v_zero]
+    partial_shape = (batch, splits, num_kv_heads, rows)
+    kernel = functools.partial(
+        _decode_kernel,
+        bits=bits,
+        page_size=page_size,
+        pages_per_block=per_block,
+        sm_scale=float(head_dim**-0.5 if sm_scale is None else sm_scale),
+    )
+    out, row_max, row_sum = pl.pallas_call(
+        kernel,
+        grid=(batch, num_kv_heads, splits),
+        in_specs=in_specs,
+        out_specs=[
+            pl.BlockSpec((None, None, None, rows, head_dim), lambda b, h, s: (b, s, h, 0, 0)),
+            pl.BlockSpec((None, None, None, rows), lambda b, h, s: (b, s, h, 0)),
+            pl.BlockSpec((None, None, None, rows), lambda b, h, s: (b, s, h, 0)),
+        ],
+        out_shape=[
+            jax.ShapeDtypeStruct((*partial_shape, head_dim), jnp.float32),
+            jax.ShapeDtypeStruct(partial_shape, jnp.float32),
+            jax.ShapeDtypeStruct(partial_shape, jnp.float32),
+        ],
+        compiler_params=plgpu.CompilerParams(num_warps=blocks.num_warps, num_stages=blocks.num_stages),
+        interpret=interpret,
+        name=f"paged_decode_attention_kv{bits}_p{page_size}_b{per_block}_s{splits}",
+    )(*operands)
+    out = _combine_splits(out, row_max, row_sum)[:, :, :group]
+    return out.reshape(batch, num_heads, head_dim).astype(q.dtype)
+
+
+def _combine_splits(out, row_max, row_sum):
+    """Merges per-split normalized outputs [B, splits, ..., D] by their softmax (max, sum), in float32."""
+    weights = row_sum * jnp.exp(row_max - jnp.max(row_max, axis=1, keepdims=True))
+    total = jnp.sum(weights, axis=1)
+    merged = jnp.sum(out * weights[..., None], axis=1)
+    return merged / jnp.where(total > 0, total, 1.0)[..., None]
+
+
+def gather_kv(codes, scale, zero, block_tables, *, bits: int, head_dim: int) -> jax.Array:
+    """Each sequence's pages read back as float32 [B, Hkv, pages·page_size, D], dequantized."""
+    pages = codes[:, block_tables]  # [Hkv, B, pages, page_size, width]
+    pages = jnp.moveaxis(pages, 0, 1)
+    batch, num_kv_heads, num_slots, page_size, _ = pages.shape
+    pages = pages.reshape(batch, num_kv_heads, num_slots * page_size, -1)
+    if bits == 16:
+        return pages.astype(jnp.float32)
+    if bits == 4:
+        pages = unpack_kv_codes(pages)
+
+    def per_token(x):
+        return jnp.moveaxis(x[:, block_tables], 0, 1).reshape(batch, num_kv_heads, -1, 1).astype(jnp.float32)
+
+    return pages.astype(jnp.float32) * per_token(scale) - per_token(zero)
+
+
+@functools.partial(jax.jit, static_argnames=("bits", "sm_scale"))
+def paged_decode_attention_reference(
+    q: jax.Array,
+    k_codes: jax.Array,
+    v_codes: jax.Array,
+    block_tables: jax.Array,
+    lengths: jax.Array,
+    k_scale: jax.Array | None = None,
+    k_zero: jax.Array | None = None,
+    v_scale: jax.Array | None = None,
+    v_zero: jax.Array | None = None,
+    *,
+    bits: int,
+    sm_scale: float | None = None,
+) -> jax.Array:
+    """`paged_decode_attention` in plain jnp: gather and dequantize every page, then masked float32 softmax."""
+    scales = dict(k_scale=k_scale, k_zero=k_zero, v_scale=v_scale, v_zero=v_zero)
+    batch, num_heads, head_dim, num_kv_heads, num_pages, _ = _check_pools(
+        q, k_codes, v_codes, block_tables, lengths, scales, bits
+    )
+    tables = jnp.clip(block_tables.astype(jnp.int32), 0, num_pages - 1)
+    keys = gather_kv(k_codes, k_scale, k_zero, tables, bits=bits, head_dim=head_dim)
+    values = gather_kv(v_codes, v_scale, v_zero, tables, bits=bits, head_dim=head_dim)
+    q_grouped = q.astype(jnp.float32).reshape(batch, num_kv_heads, num_heads // num_kv_heads, head_dim)
+    logits = jnp.einsum("bkgd,bksd->bkgs", q_grouped, keys) * (head_dim**-0.5 if sm_scale is None else sm_scale)
+    valid = jnp.arange(keys.shape[2])[None, :] < lengths[:, None]
+    logits = jnp.where(valid[:, None, None, :], logits, _MASK_VALUE)
+    probs = jnp.where(valid[:, None, None, :], jax.nn.softmax(logits, axis=-1), 0.0)
+    out = jnp.einsum("bkgs,bksd->bkgd", probs, values)
+    return out.reshape(batch, num_heads, head_dim).astype(q.dtype)
