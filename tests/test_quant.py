@@ -6,11 +6,11 @@ import dataclasses
 
 import jax
 import jax.numpy as jnp
-import jaxlib
 import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from cuda_lowering import lowering_test
 from tiny_models import TINY_CONFIGS
 
 from qoq_jax.config import ModelConfig
@@ -176,10 +176,7 @@ def test_formats_refuse_what_they_cannot_store():
     assert Int8ChannelWeight.round_to_nearest(jnp.ones((3, 5))).shape == (3, 5)
 
 
-@pytest.mark.skipif(
-    tuple(int(p) for p in jaxlib.__version__.split(".")[:3]) > (0, 10, 2),
-    reason="later jaxlibs compile the Triton kernel while lowering, which needs a GPU",
-)
+@lowering_test
 @pytest.mark.parametrize("fmt", [QuantFormat("w4a8-g128", group_size=64), QuantFormat("w4a8-chn")], ids=str)
 def test_quantized_model_lowers_for_cuda_through_the_pallas_kernels(fmt):
     """The whole quantized forward, with kernel="pallas", passes the Pallas Triton lowering for CUDA on CPU:

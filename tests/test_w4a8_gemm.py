@@ -11,13 +11,13 @@ import re
 
 import jax
 import jax.numpy as jnp
-import jaxlib
 import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
+from cuda_lowering import lower_for_cuda, lowering_test, triton_module_text
 from pallas_kernels.w4a8_gemm import (
     W4A8BlockSizes,
     pack_uint4,
@@ -319,47 +319,14 @@ def test_default_tiles_divide_the_shape():
 
 # --- the CUDA lowering, checked on CPU ----------------------------------------------------------------------
 
-# jaxlib 0.10.2 embeds the Triton IR in a `__gpu$xla.gpu.triton` custom call; later versions compile it while
-# lowering (a `triton_kernel_call_ffi` call), which the GPU tests above exercise instead.
-JAXLIB_EMBEDS_TRITON_IR = tuple(int(part) for part in jaxlib.__version__.split(".")[:3]) <= (0, 10, 2)
-lowering_test = pytest.mark.skipif(not JAXLIB_EMBEDS_TRITON_IR, reason=f"jaxlib {jaxlib.__version__} > 0.10.2")
 LOWERING_MS = [1, 16, 64, 256, 1024, 4096]
 # (N, K, group_size): a Llama-3-8B projection and SmolLM2-135M's MLP (K = 576 takes groups of 64).
 LOWERING_SHAPES = [(4096, 4096, 128), (1536, 576, 64), (576, 1536, 128)]
 
 
-def _triton_module_text(lowered) -> str:
-    """The Triton IR inside the `__gpu$xla.gpu.triton` custom call (jaxlib 0.10.2 keeps it as MLIR bytecode)."""
-    from jax._src.interpreters import mlir
-    from jax._src.lib.mlir import ir
-    from jax._src.lib.triton import dialect as tt_dialect
-
-    def custom_calls(op):
-        if op.name == "stablehlo.custom_call":
-            yield op
-        for region in op.regions:
-            for block in region.blocks:
-                for inner in block.operations:
-                    yield from custom_calls(inner.operation)
-
-    [call] = custom_calls(lowered.compiler_ir("stablehlo").operation)
-    bytecode = ir.StringAttr(call.attributes["mhlo.backend_config"]["ir"]).value_bytes
-    context = mlir.JaxIrContext()
-    context.append_dialect_registry(mlir.upstream_dialects)
-    tt_dialect.register_dialect(context)
-    context.load_all_available_dialects()
-    with context:
-        return str(ir.Module.parse(bytecode))
-
-
-def _lower_for_cuda(fn, *shapes_and_dtypes):
-    args = [jax.ShapeDtypeStruct(shape, dtype) for shape, dtype in shapes_and_dtypes]
-    return jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",))
-
-
 def _check_triton_lowering(lowered, blocks: W4A8BlockSizes, name: str):
     assert "__gpu$xla.gpu.triton" in lowered.as_text()
-    module = _triton_module_text(lowered)
+    module = triton_module_text(lowered)
     assert f"@{name}_bm{blocks.block_m}_bn{blocks.block_n}_bk{blocks.block_k}" in module
     dots = re.findall(r"tt\.dot .*: tensor<(\d+)x(\d+)xi8> \* tensor<(\d+)x32xi8> -> tensor<\d+x32xi32>", module)
     # Two int8 dots (low and high nibbles) per 64-channel tile of the N block, none in float.
@@ -371,7 +338,7 @@ def _check_triton_lowering(lowered, blocks: W4A8BlockSizes, name: str):
 @pytest.mark.parametrize("n, k, group_size", LOWERING_SHAPES)
 @pytest.mark.parametrize("m", LOWERING_MS)
 def test_g128_lowers_for_cuda(m, n, k, group_size):
-    lowered = _lower_for_cuda(
+    lowered = lower_for_cuda(
         lambda *args: w4a8_gemm_g128(*args, group_size=group_size),
         ((m, k), jnp.int8),
         ((m,), jnp.float32),
@@ -388,7 +355,7 @@ def test_g128_lowers_for_cuda(m, n, k, group_size):
 @pytest.mark.parametrize("n, k, group_size", LOWERING_SHAPES)
 @pytest.mark.parametrize("m", LOWERING_MS)
 def test_chn_lowers_for_cuda(m, n, k, group_size):
-    lowered = _lower_for_cuda(
+    lowered = lower_for_cuda(
         lambda *args: w4a8_gemm_chn(*args, out_dtype=jnp.bfloat16),
         ((m, k), jnp.int8),
         ((m,), jnp.float32),

@@ -1,0 +1,211 @@
+"""The paged KV cache: quantized writes read back, generation through the pages against a cache-free model, the
+engine's shared-pool prefill, the exact memory budget, and the decode step's CUDA lowering through the kernels."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from cuda_lowering import lowering_test
+from tiny_models import TINY_CONFIGS
+
+import qoq_jax
+from qoq_jax.kv_cache import PagedKVCache, kv_bytes_per_page, kv_bytes_per_token, pages_that_fit
+from qoq_jax.page_allocator import PageAllocator
+from qoq_jax.quant import dequantize_kv, quantize_kv
+from qoq_jax.steps import DecodeState
+
+
+def _fresh_rng() -> tuple[np.random.Generator, int]:
+    seed = int(np.random.SeedSequence().entropy % 2**63)
+    return np.random.default_rng(seed), seed
+
+
+def _config(name="llama"):
+    return qoq_jax.ModelConfig.from_hf(TINY_CONFIGS[name]().to_dict())
+
+
+@pytest.mark.parametrize("bits", [4, 8, 16])
+def test_writes_then_reads_reproduce_the_quantized_values(bits):
+    """Prompt tokens land in their rows' pages as quantize→dequantize of their keys and values; padding tokens
+    and tokens past a row's table are dropped, and no other page changes."""
+    rng, seed = _fresh_rng()
+    config = _config()
+    page_size, batch, length = 4, 3, 10
+    tables = jnp.asarray(rng.permutation(12)[:9].reshape(batch, 3), jnp.int32)  # 12 pages: 3 never used
+    cache = PagedKVCache.init(
+        config, num_pages=12, page_size=page_size, block_tables=tables, dtype=jnp.float32, kv_bits=bits
+    )
+    positions = jnp.broadcast_to(jnp.arange(length), (batch, length))
+    lengths = np.array([10, 1, 7])
+    valid = positions < lengths[:, None]
+    shape = (batch, length, config.num_kv_heads, config.head_dim)
+    k, v = (jnp.asarray(rng.normal(size=shape) * 3 + 1, jnp.float32) for _ in range(2))
+    q = jnp.asarray(rng.normal(size=(batch, length, config.num_heads, config.head_dim)), jnp.float32)
+    _, cache = cache.attend(1, q, k, v, positions, valid)
+
+    for pool, x in ((cache.keys[1], k), (cache.values[1], v)):
+        stored = np.asarray(pool.read(tables))  # [B, Hkv, 12 slots, D]
+        expected = x if bits == 16 else dequantize_kv(*quantize_kv(x, bits), jnp.float32)
+        expected = np.moveaxis(np.asarray(expected), 2, 1)  # [B, Hkv, T, D]
+        for b, n in enumerate(lengths):
+            np.testing.assert_array_equal(stored[b, :, :n], expected[b, :, :n], err_msg=f"seed {seed}")
+            assert not np.any(stored[b, :, n:]), f"padding was written (seed {seed})"
+        unused = np.setdiff1d(np.arange(12), np.asarray(tables))
+        assert not np.any(np.asarray(pool.codes)[:, unused])
+    assert not np.any(np.asarray(cache.keys[0].codes)), "another layer's pool changed"
+
+
+@pytest.fixture(scope="module")
+def sharp_params():
+    """The tiny Llama with logits sharp enough that greedy choices are far from ties."""
+    params = qoq_jax.init_params(_config(), seed=5)
+    return dataclasses.replace(params, state=jax.tree_util.tree_map(lambda x: x * 6, params.state))
+
+
+def test_generation_through_the_pages_equals_the_cache_free_model(sharp_params):
+    """Greedy decoding through an fp32 KV16 pool of 8-token pages (several pages, a partial last one) gives, at
+    every step, the logits the cache-free `forward` gives on the whole generated sequence."""
+    rng, seed = _fresh_rng()
+    prompts = [list(rng.integers(3, 300, n)) for n in (5, 13)]
+    tokens = np.zeros((2, 16), np.int32)
+    for i, p in enumerate(prompts):
+        tokens[i, : len(p)] = p
+    lengths = jnp.asarray([len(p) for p in prompts], jnp.int32)
+    state, logits = qoq_jax.prefill(sharp_params, jnp.asarray(tokens), lengths, max_length=40, page_size=8)
+    steps = [logits]
+    for _ in range(20):
+        state, logits = qoq_jax.decode_step(sharp_params, state, jnp.argmax(logits, axis=-1))
+        steps.append(logits)
+    steps = np.stack(steps, axis=1)  # [B, 21, vocab]
+    generated = np.argmax(steps, axis=-1)
+    for i, prompt in enumerate(prompts):
+        sequence = jnp.asarray([prompt + list(generated[i, :-1])])
+        reference = qoq_jax.forward(sharp_params, sequence)[0, len(prompt) - 1 :]
+        np.testing.assert_allclose(steps[i], reference, rtol=1e-4, atol=1e-4, err_msg=f"seed {seed}")
+    assert np.asarray(state.lengths).tolist() == [25, 33]
+
+
+def test_prefill_into_a_shared_pool_matches_a_private_cache():
+    """The serving path: rows on scattered pages of one pool (the allocator's tables) decode exactly as rows on
+    their own fresh pages, at KV4, and the pages of rows not in the batch stay untouched."""
+    rng, seed = _fresh_rng()
+    config = _config()
+    params = qoq_jax.init_params(config, seed=3, quant=qoq_jax.QuantFormat("w8a8", kv_bits=4))
+    tokens = jnp.asarray(rng.integers(3, 300, (2, 16)), jnp.int32)
+    lengths = jnp.asarray([16, 9], jnp.int32)
+
+    def run(state, logits):
+        outputs = [logits]
+        for _ in range(6):
+            state, logits = qoq_jax.decode_step(params, state, jnp.argmax(logits, axis=-1))
+            outputs.append(logits)
+        return state, np.stack(outputs)
+
+    _, private = run(*qoq_jax.prefill(params, tokens, lengths, max_length=32, page_size=8))
+
+    allocator = PageAllocator(num_pages=20, page_size=8)
+    allocator.allocate("other", 24)  # someone else's pages first, so ours are not 0..7
+    for row in ("b", "a"):
+        allocator.allocate(row, 32)
+    allocator.release("other")
+    allocator.allocate("c", 8)
+    pool = PagedKVCache.init(
+        config,
+        num_pages=20,
+        page_size=8,
+        block_tables=allocator.block_tables(["a", "b"], 4),
+        dtype=params.dtype,
+        kv_bits=4,
+    )
+    state, shared = run(*qoq_jax.prefill(params, tokens, lengths, cache=pool))
+    np.testing.assert_allclose(shared, private, rtol=1e-5, atol=1e-5, err_msg=f"seed {seed}")
+    untouched = np.asarray(
+        allocator.block_table("c")
+        + [p for p in range(20) if p not in allocator.block_table("a") and p not in allocator.block_table("b")]
+    )
+    for pool in state.cache.keys + state.cache.values:
+        assert not np.any(np.asarray(pool.codes)[:, untouched]) and not np.any(np.asarray(pool.scale)[:, untouched])
+
+
+def test_decoding_past_the_table_writes_nothing():
+    """A row whose table is full drops its new token instead of overwriting a page (its own or another row's)."""
+    rng, _ = _fresh_rng()
+    params = qoq_jax.init_params(_config(), seed=2)
+    tokens = jnp.asarray(rng.integers(3, 300, (2, 8)), jnp.int32)
+    state, logits = qoq_jax.prefill(params, tokens, max_length=8, page_size=8)
+    before = jax.tree_util.tree_map(np.asarray, state.cache)
+    state, _ = qoq_jax.decode_step(params, state, jnp.argmax(logits, axis=-1))
+    after = jax.tree_util.tree_map(np.asarray, state.cache)
+    jax.tree_util.tree_map(np.testing.assert_array_equal, after, before)
+
+
+def test_prefill_refuses_inconsistent_caches():
+    params = qoq_jax.init_params(_config(), seed=2)
+    tokens = jnp.ones((2, 16), jnp.int32)
+    cache = PagedKVCache.for_batch(params.config, 3, 16, page_size=8, dtype=params.dtype, kv_bits=16)
+    with pytest.raises(ValueError, match="block tables for 3 rows"):
+        qoq_jax.prefill(params, tokens, cache=cache)
+    with pytest.raises(ValueError, match="either max_length"):
+        qoq_jax.prefill(params, tokens[:1], max_length=16, cache=cache)
+    short = PagedKVCache.for_batch(params.config, 2, 8, page_size=8, dtype=params.dtype, kv_bits=16)
+    with pytest.raises(ValueError, match="shorter than the 16-token prompts"):
+        qoq_jax.prefill(params, tokens, cache=short)
+
+
+@pytest.mark.parametrize("bits, dtype", [(4, jnp.bfloat16), (8, jnp.bfloat16), (16, jnp.bfloat16), (16, jnp.float32)])
+def test_page_bytes_are_exactly_what_the_pool_allocates(bits, dtype):
+    config = _config("llama_quantizable")
+    cache = PagedKVCache.for_batch(config, 2, 48, page_size=16, dtype=dtype, kv_bits=bits)
+    pools = cache.keys + cache.values
+    allocated = sum(leaf.nbytes for leaf in jax.tree_util.tree_leaves(pools))
+    assert allocated == 6 * kv_bytes_per_page(config, 16, bits, dtype)  # 2 rows × 3 pages
+    assert kv_bytes_per_page(config, 16, bits, dtype) == 16 * kv_bytes_per_token(config, bits, dtype)
+
+
+def test_llama3_8b_budget_counts_bytes_not_bits():
+    """QServe's per-layer K page is H_kv·64·D/2 + 64·H_kv·4 = 34816 bytes for Llama-3-8B; its budget formula
+    (cache_bits·L·2·64·H_kv·D with cache_bits = 4 read as bytes) is 8× the codes and misses the scales."""
+    config = qoq_jax.ModelConfig(
+        vocab_size=128256,
+        hidden_size=4096,
+        intermediate_size=14336,
+        num_layers=32,
+        num_heads=32,
+        num_kv_heads=8,
+        head_dim=128,
+        max_context=8192,
+    )
+    page = kv_bytes_per_page(config, 64, 4, jnp.float16)
+    assert page == 32 * 2 * 34816
+    qserve_budget = 4 * 32 * 2 * 64 * 8 * 128
+    assert qserve_budget / (32 * 2 * 8 * 64 * 128 // 2) == 8
+    # 80 GB with 16 GB of weights and 4 GB reserved: every remaining byte goes to whole pages.
+    fitting = pages_that_fit(
+        config, 80 * 2**30, 16 * 2**30, page_size=64, kv_bits=4, dtype=jnp.float16, reserve_bytes=4 * 2**30
+    )
+    assert fitting == (60 * 2**30) // page and fitting * page <= 60 * 2**30 < (fitting + 1) * page
+    assert pages_that_fit(config, 2**30, 2**31, page_size=64, kv_bits=4, dtype=jnp.float16) == 0
+    assert kv_bytes_per_page(config, 64, 16, jnp.bfloat16) == 64 * 32 * 2 * 8 * 128 * 2
+
+
+@lowering_test
+def test_quantized_decode_step_lowers_for_cuda_through_the_kernels():
+    """decode_step of a W4A8KV4 model with kernel="pallas" passes the CUDA lowering on CPU: the GEMMs (one per
+    distinct linear shape) and the KV4 paged decode attention are Triton custom calls."""
+    config = _config("llama_quantizable")
+    quant = qoq_jax.QuantFormat("w4a8-g128", group_size=64, kernel="pallas")
+    params = qoq_jax.init_params(config, dtype="bfloat16", quant=quant)
+    state = jax.eval_shape(
+        lambda: DecodeState(
+            PagedKVCache.for_batch(config, 4, 256, page_size=64, dtype=jnp.bfloat16, kv_bits=4, kernel="pallas"),
+            jnp.zeros((4,), jnp.int32),
+        )
+    )
+    text = qoq_jax.decode_step.trace(params, state, jax.ShapeDtypeStruct((4,), jnp.int32))
+    text = text.lower(lowering_platforms=("cuda",)).as_text()
+    assert text.count("__gpu$xla.gpu.triton") == 5
+    assert 'name = "paged_decode_attention_kv4_p64' in text

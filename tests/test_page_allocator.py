@@ -1,0 +1,165 @@
+"""Page allocator: random op sequences never leak or share a page, and failed requests change nothing."""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import numpy as np
+import pytest
+from hypothesis import settings
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
+
+from qoq_jax.errors import QoQError
+from qoq_jax.page_allocator import OutOfPagesError, PageAllocator
+
+# Mixed kinds of hashable ids, since a serving engine may key sequences by request objects or strings.
+SEQ_IDS = st.sampled_from([0, 1, 2, 3, "a", ("req", 7)])
+PROBE_ID = "probe"  # never in SEQ_IDS: used on a copy to drain the free list
+
+
+class AllocatorMachine(RuleBasedStateMachine):
+    """Drives a small pool through allocate/grow/release against a model of how many tokens each sequence asked for."""
+
+    @initialize(num_pages=st.integers(1, 10), page_size=st.integers(1, 4))
+    def create(self, num_pages, page_size):
+        self.allocator = PageAllocator(num_pages, page_size)
+        self.max_tokens: dict = {}
+
+    def snapshot(self) -> tuple:
+        tables = {seq_id: self.allocator.block_table(seq_id) for seq_id in self.max_tokens}
+        return self.allocator.num_free_pages, tables
+
+    @rule(seq_id=SEQ_IDS, num_tokens=st.integers(0, 24))
+    def allocate(self, seq_id, num_tokens):
+        allocator = self.allocator
+        old_table = allocator.block_table(seq_id) if seq_id in allocator else []
+        missing = max(0, allocator.pages_needed(num_tokens) - len(old_table))
+        fits = missing <= allocator.num_free_pages
+        assert allocator.can_allocate(seq_id, num_tokens) == fits
+
+        if not fits:
+            before = self.snapshot()
+            with pytest.raises(OutOfPagesError, match=f"needs {missing} more .* only {before[0]} are free"):
+                allocator.allocate(seq_id, num_tokens)
+            assert self.snapshot() == before and (seq_id in allocator) == (seq_id in self.max_tokens)
+            return
+
+        new_pages = allocator.allocate(seq_id, num_tokens)
+        assert len(new_pages) == missing
+        assert allocator.block_table(seq_id) == old_table + new_pages
+        self.max_tokens[seq_id] = max(num_tokens, self.max_tokens.get(seq_id, 0))
+
+    @precondition(lambda self: self.max_tokens)
+    @rule(data=st.data())
+    def release(self, data):
+        seq_id = data.draw(st.sampled_from(sorted(self.max_tokens, key=repr)))
+        freed = self.allocator.block_table(seq_id)
+        free_before = self.allocator.num_free_pages
+        self.allocator.release(seq_id)
+        del self.max_tokens[seq_id]
+        assert seq_id not in self.allocator
+        assert self.allocator.num_free_pages == free_before + len(freed)
+        # Released pages come back out first, in their old order.
+        if freed:
+            assert self.allocator.allocate(PROBE_ID, len(freed) * self.allocator.page_size) == freed
+            self.allocator.release(PROBE_ID)
+
+    @rule(seq_id=SEQ_IDS)
+    def release_unknown(self, seq_id):
+        if seq_id not in self.max_tokens:
+            with pytest.raises(KeyError, match="unknown sequence"):
+                self.allocator.release(seq_id)
+
+    @invariant()
+    def pages_are_exactly_partitioned(self):
+        allocator = self.allocator
+        owned = [page for seq_id in self.max_tokens for page in allocator.block_table(seq_id)]
+        assert len(owned) == len(set(owned)), "a page is owned by two sequences"
+        assert allocator.num_used_pages == len(owned)
+        assert allocator.num_free_pages + len(owned) == allocator.num_pages
+        for seq_id, num_tokens in self.max_tokens.items():
+            assert len(allocator.block_table(seq_id)) == math.ceil(num_tokens / allocator.page_size)
+
+        # Drain the free list on a copy: it must hold exactly the unowned pages, each once.
+        drained = copy.deepcopy(allocator)
+        free = drained.allocate(PROBE_ID, drained.num_free_pages * drained.page_size)
+        assert len(free) == len(set(free)) and set(free) | set(owned) == set(range(allocator.num_pages))
+        assert drained.num_free_pages == 0
+
+    def teardown(self):
+        for seq_id in self.max_tokens:
+            self.allocator.release(seq_id)
+        assert self.allocator.num_free_pages == self.allocator.num_pages and self.allocator.num_used_pages == 0
+
+
+TestAllocatorMachine = AllocatorMachine.TestCase
+TestAllocatorMachine.settings = settings(max_examples=100, stateful_step_count=30, deadline=None)
+
+
+def test_fresh_pool_gives_batch_contiguous_tables():
+    allocator = PageAllocator(num_pages=16, page_size=4)
+    for seq_id in range(3):
+        allocator.allocate(seq_id, 10)
+    assert [allocator.block_table(seq_id) for seq_id in range(3)] == [[0, 1, 2], [3, 4, 5], [6, 7, 8]]
+    assert allocator.allocate(0, 13) == [9]  # growing takes the next free page
+    assert allocator.allocate(0, 5) == [] and allocator.block_table(0) == [0, 1, 2, 9]  # never shrinks
+
+
+def test_block_table_is_a_copy():
+    allocator = PageAllocator(num_pages=4, page_size=2)
+    allocator.allocate("s", 3)
+    allocator.block_table("s").append(3)
+    assert allocator.block_table("s") == [0, 1]
+
+
+def test_block_tables_pads_with_page_zero():
+    allocator = PageAllocator(num_pages=8, page_size=2)
+    allocator.allocate("a", 5)
+    allocator.allocate("b", 1)
+    allocator.allocate("c", 0)
+    tables = allocator.block_tables(iter(["b", "a", "c"]), width=4)
+    assert tables.dtype == np.int32 and tables.shape == (3, 4)
+    np.testing.assert_array_equal(tables, [[3, 0, 0, 0], [0, 1, 2, 0], [0, 0, 0, 0]])
+    assert allocator.block_tables([], width=4).shape == (0, 4)
+    with pytest.raises(ValueError, match="'a' holds 3 pages, more than the table width 2"):
+        allocator.block_tables(["b", "a"], width=2)
+    with pytest.raises(KeyError, match="unknown sequence 'z'"):
+        allocator.block_tables(["a", "z"], width=4)
+
+
+def test_out_of_pages_is_all_or_nothing():
+    allocator = PageAllocator(num_pages=3, page_size=4)
+    allocator.allocate(0, 4)
+    with pytest.raises(OutOfPagesError, match="sequence 1 needs 3 more KV-cache pages but only 2 are free") as caught:
+        allocator.allocate(1, 12)
+    assert isinstance(caught.value, QoQError) and (caught.value.pages_needed, caught.value.pages_free) == (3, 2)
+    assert 1 not in allocator and allocator.num_free_pages == 2
+    assert not allocator.can_allocate(1, 12) and allocator.can_allocate(1, 8)
+    assert allocator.can_allocate(0, 4)  # already covered: needs no pages
+
+
+@pytest.mark.parametrize(
+    "num_pages, page_size, message",
+    [(0, 4, "num_pages must be >= 1, got 0"), (4, 0, "page_size must be >= 1, got 0"), (2.5, 4, "must be an integer")],
+)
+def test_bad_pool_shape_is_refused(num_pages, page_size, message):
+    with pytest.raises(ValueError, match=message):
+        PageAllocator(num_pages, page_size)
+
+
+def test_bad_requests_are_refused():
+    allocator = PageAllocator(num_pages=4, page_size=4)
+    assert allocator.pages_needed(np.int64(9)) == 3 and allocator.pages_needed(0) == 0
+    with pytest.raises(ValueError, match="num_tokens must be >= 0, got -1"):
+        allocator.allocate("s", -1)
+    with pytest.raises(ValueError, match="num_tokens must be an integer, got True"):
+        allocator.allocate("s", True)
+    assert "s" not in allocator and allocator.num_free_pages == 4
+    with pytest.raises(KeyError, match="unknown sequence 's'"):
+        allocator.release("s")
+    with pytest.raises(KeyError, match="unknown sequence 's'"):
+        allocator.block_table("s")
+    with pytest.raises(ValueError, match="width must be >= 0"):
+        allocator.block_tables([], width=-1)
