@@ -65,6 +65,11 @@ def unpack_kv_codes(packed: jax.Array) -> jax.Array:
     return jnp.concatenate([packed & 15, packed >> 4], axis=-1)
 
 
+def kernel_supports(page_size: int, head_dim: int) -> bool:
+    """Shapes the Triton kernel can load: power-of-two pages of ≥ 8 tokens, power-of-two head_dim ≥ 32."""
+    return page_size >= 8 and head_dim >= 32 and not page_size & (page_size - 1) and not head_dim & (head_dim - 1)
+
+
 @dataclasses.dataclass(frozen=True)
 class DecodeAttentionBlockSizes:
     """`pages_per_block` pages per online-softmax step; the block table is cut into `num_splits` splits."""
@@ -213,14 +218,15 @@ def paged_decode_attention(
 
     k_codes / v_codes and their fp16 scale / zero are page pools in the layout above; block_tables [B, pages]
     int32 maps each sequence's page slots to pool pages (entries past its length are never read; out-of-range
-    entries are clamped). A sequence of length 0 gets zeros. Returns [B, Hq, D] in q's dtype. page_size and D
-    must be powers of two (Triton loads), page_size ≥ 8 and D ≥ 32.
+    entries are clamped; lengths past the table are cut to it). A sequence of length 0 gets zeros. Returns
+    [B, Hq, D] in q's dtype. page_size and D must be powers of two (Triton loads), page_size ≥ 8 and D ≥ 32
+    (`kernel_supports`).
     """
     scales = dict(k_scale=k_scale, k_zero=k_zero, v_scale=v_scale, v_zero=v_zero)
     batch, num_heads, head_dim, num_kv_heads, num_pages, page_size = _check_pools(
         q, k_codes, v_codes, block_tables, lengths, scales, bits
     )
-    if page_size < 8 or page_size & (page_size - 1) or head_dim < 32 or head_dim & (head_dim - 1):
+    if not kernel_supports(page_size, head_dim):
         raise ValueError(
             f"the decode kernel needs power-of-two page_size ≥ 8 and head_dim ≥ 32; got "
             f"page_size {page_size}, head_dim {head_dim}"
@@ -234,6 +240,7 @@ def paged_decode_attention(
     splits, per_block = blocks.num_splits, blocks.pages_per_block
     pages_per_split = -(-block_tables.shape[1] // (splits * per_block)) * per_block
     tables = jnp.clip(block_tables.astype(jnp.int32), 0, num_pages - 1)
+    lengths = jnp.minimum(lengths.astype(jnp.int32), tables.shape[1] * page_size)  # never into the padding below
     tables = jnp.pad(tables, ((0, 0), (0, splits * pages_per_split - tables.shape[1])))
     tables = tables.reshape(batch, splits, pages_per_split)
 
@@ -246,7 +253,7 @@ def paged_decode_attention(
         pool_spec,
         pool_spec,
     ]
-    operands = [tables, lengths.astype(jnp.int32), q_grouped, k_codes, v_codes]
+    operands = [tables, lengths, q_grouped, k_codes, v_codes]
     if bits < 16:
         in_specs += [scale_spec] * 4
         operands += [k_scale, k_zero, v_scale, v_zero]
@@ -288,7 +295,7 @@ def _combine_splits(out, row_max, row_sum):
     return merged / jnp.where(total > 0, total, 1.0)[..., None]
 
 
-def gather_kv(codes, scale, zero, block_tables, *, bits: int, head_dim: int) -> jax.Array:
+def gather_kv(codes, scale, zero, block_tables, *, bits: int) -> jax.Array:
     """Each sequence's pages read back as float32 [B, Hkv, pages·page_size, D], dequantized."""
     pages = codes[:, block_tables]  # [Hkv, B, pages, page_size, width]
     pages = jnp.moveaxis(pages, 0, 1)
@@ -326,8 +333,8 @@ def paged_decode_attention_reference(
         q, k_codes, v_codes, block_tables, lengths, scales, bits
     )
     tables = jnp.clip(block_tables.astype(jnp.int32), 0, num_pages - 1)
-    keys = gather_kv(k_codes, k_scale, k_zero, tables, bits=bits, head_dim=head_dim)
-    values = gather_kv(v_codes, v_scale, v_zero, tables, bits=bits, head_dim=head_dim)
+    keys = gather_kv(k_codes, k_scale, k_zero, tables, bits=bits)
+    values = gather_kv(v_codes, v_scale, v_zero, tables, bits=bits)
     q_grouped = q.astype(jnp.float32).reshape(batch, num_kv_heads, num_heads // num_kv_heads, head_dim)
     logits = jnp.einsum("bkgd,bksd->bkgs", q_grouped, keys) * (head_dim**-0.5 if sm_scale is None else sm_scale)
     valid = jnp.arange(keys.shape[2])[None, :] < lengths[:, None]

@@ -112,10 +112,6 @@ class KVPool:
     def num_pages(self) -> int:
         return self.codes.shape[1]
 
-    @property
-    def head_dim(self) -> int:
-        return self.codes.shape[-1] * (2 if self.bits == 4 else 1)
-
     def write(self, pages_bt, slots_bt, x_bthd) -> "KVPool":
         """Quantizes x [B, T, Hkv, D] per token-head into (page, slot) [B, T]; out-of-range pages are dropped."""
         x_hbtd = jnp.moveaxis(x_bthd, 2, 0)
@@ -134,9 +130,7 @@ class KVPool:
 
     def read(self, block_tables) -> jax.Array:
         """The values the pages of each row hold, dequantized: float32 [B, Hkv, pages·page_size, D]."""
-        return paged_attention.gather_kv(
-            self.codes, self.scale, self.zero, block_tables, bits=self.bits, head_dim=self.head_dim
-        )
+        return paged_attention.gather_kv(self.codes, self.scale, self.zero, block_tables, bits=self.bits)
 
 
 @jax.tree_util.register_dataclass
@@ -211,9 +205,11 @@ class PagedKVCache(KVCache):
         return cache.decode_attention(layer, q_bthd[:, 0], lengths)[:, None], cache
 
     def decode_attention(self, layer: int, q_bhd, lengths_b) -> jax.Array:
-        """One query per row [B, Hq, D] over the first lengths[b] tokens of its pages."""
+        """One query per row [B, Hq, D] over the first lengths[b] tokens of its pages. "auto" takes the jnp
+        reference for shapes the kernel cannot load (e.g. head_dim 24); "pallas" insists (and raises)."""
         k, v = self.keys[layer], self.values[layer]
-        if use_pallas(self.kernel):
+        supported = paged_attention.kernel_supports(self.page_size, q_bhd.shape[-1])
+        if use_pallas(self.kernel) and (supported or self.kernel == "pallas"):
             attention = paged_attention.paged_decode_attention
         else:
             attention = paged_attention.paged_decode_attention_reference
