@@ -152,7 +152,8 @@ def _decode_kernel(tables_ref, lengths_ref, q_ref, k_ref, v_ref, *refs, bits, pa
     half = head_dim // 2
     q_groups = [q_ref[:, pl.ds(0, half)], q_ref[:, pl.ds(half, half)]] if bits == 4 else [q_ref[...]]
     dtype = q_groups[0].dtype
-    q_sum = sum(jnp.sum(g.astype(jnp.float32), axis=1) for g in q_groups)
+    if bits < 16:
+        q_sum = sum(jnp.sum(g.astype(jnp.float32), axis=1) for g in q_groups)
 
     def step(i, carry):
         m_prev, l_prev, *acc = carry
