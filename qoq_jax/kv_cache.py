@@ -139,13 +139,16 @@ class PagedKVCache(KVCache):
     """Per layer a key and a value pool, and the block tables [B, pages per row] of the batch's rows.
 
     Row b's token at position p lives in page block_tables[b, p // page_size], slot p % page_size. A call with
-    one token per row is a decode step; a longer call is a batch of prompts starting at position 0. A serving
+    one token per row is a decode step. A longer call is a batch of prompts starting at position 0, or, with
+    `continues_prefix`, chunks of prompts whose earlier tokens are already in the pages (chunked prefill, prefix
+    caching): each chunk then also attends over its row's cached tokens before its first position. A serving
     engine keeps the pools and swaps in the block tables of each step's rows."""
 
     keys: tuple[KVPool, ...]
     values: tuple[KVPool, ...]
     block_tables: jax.Array  # [B, pages per row] int32
     kernel: str = dataclasses.field(default="auto", metadata=dict(static=True))
+    continues_prefix: bool = dataclasses.field(default=False, metadata=dict(static=True))
 
     @classmethod
     def init(
@@ -199,10 +202,29 @@ class PagedKVCache(KVCache):
         keys[layer] = keys[layer].write(pages, slots, k_bthd)
         values[layer] = values[layer].write(pages, slots, v_bthd)
         cache = dataclasses.replace(self, keys=tuple(keys), values=tuple(values))
+        if q_bthd.shape[1] > 1 and self.continues_prefix:
+            return cache.chunk_attention(layer, q_bthd, k_bthd, v_bthd, positions_bt, valid_bt), cache
         if q_bthd.shape[1] > 1:
             return prompt_attention(q_bthd, k_bthd, v_bthd, jnp.sum(valid_bt, axis=1, dtype=jnp.int32)), cache
         lengths = jnp.where(valid_bt[:, 0], positions_bt[:, 0] + 1, 0)
         return cache.decode_attention(layer, q_bthd[:, 0], lengths)[:, None], cache
+
+    def chunk_attention(self, layer: int, q_bthd, k_bthd, v_bthd, positions_bt, valid_bt) -> jax.Array:
+        """Causal attention of chunks starting at positions[:, 0]: over the row's cached tokens before the chunk
+        (read back from the pages, as decode sees them) and the chunk's own unquantized keys and values."""
+        dtype = k_bthd.dtype
+        cached_k, cached_v = (
+            jnp.swapaxes(pool.read(self.block_tables), 1, 2).astype(dtype)
+            for pool in (self.keys[layer], self.values[layer])
+        )
+        starts = positions_bt[:, :1]
+        cached = jnp.arange(cached_k.shape[1])[None, :] < starts  # [B, S]
+        chunk = jnp.arange(q_bthd.shape[1])
+        causal = (chunk[None, :] <= chunk[:, None])[None] & valid_bt[:, None, :]  # [B, T, T]
+        mask = jnp.concatenate([jnp.broadcast_to(cached[:, None, :], (*valid_bt.shape, cached.shape[1])), causal], 2)
+        keys = jnp.concatenate([cached_k, k_bthd], axis=1)
+        values = jnp.concatenate([cached_v, v_bthd], axis=1)
+        return grouped_attention(q_bthd, keys, values, mask & valid_bt[:, :, None])
 
     def decode_attention(self, layer: int, q_bhd, lengths_b) -> jax.Array:
         """One query per row [B, Hq, D] over the first lengths[b] tokens of its pages. "auto" takes the jnp

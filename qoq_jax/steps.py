@@ -47,15 +47,20 @@ def prefill(
     max_length: int | None = None,
     page_size: int = DEFAULT_PAGE_SIZE,
     cache: PagedKVCache | None = None,
+    start_positions: jax.Array | None = None,
 ) -> tuple[DecodeState, jax.Array]:
     """Runs right-padded prompts token_ids [B, T] with true `lengths` [B] (default T) and returns the decode
     state and the logits [B, vocab] after each last prompt token.
 
     The prompts' keys and values go into `cache` when given (a pool and these rows' block tables, as a serving
     engine keeps them; donated), else into a fresh pool of `page_size`-token pages holding `max_length`
-    (default T) tokens per row."""
+    (default T) tokens per row. With `start_positions` [B] (needs `cache`) the rows are chunks continuing
+    sequences whose first start_positions[b] tokens are already in the cache (chunked prefill, a cached prefix):
+    they take positions start..start+length−1 and attend over those cached tokens too."""
     batch, length = token_ids.shape
     if cache is None:
+        if start_positions is not None:
+            raise ValueError("start_positions continue sequences in a cache: pass the cache too")
         max_length = length if max_length is None else max_length
         _check_fits(params, max_length)
         cache = PagedKVCache.for_batch(
@@ -74,11 +79,14 @@ def prefill(
     if cache.max_length < length:
         raise ValueError(f"the cache holds {cache.max_length} tokens per row, shorter than the {length}-token prompts")
     lengths = jnp.full((batch,), length, jnp.int32) if lengths is None else lengths.astype(jnp.int32)
+    starts = jnp.zeros((batch,), jnp.int32) if start_positions is None else start_positions.astype(jnp.int32)
     model = params.model()
-    positions = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), (batch, length))
-    hidden, cache = model(token_ids, positions, positions < lengths[:, None], cache)
+    offsets = jnp.arange(length, dtype=jnp.int32)[None, :]
+    chunked = dataclasses.replace(cache, continues_prefix=start_positions is not None)
+    hidden, chunked = model(token_ids, starts[:, None] + offsets, offsets < lengths[:, None], chunked)
     last = jnp.take_along_axis(hidden, jnp.maximum(lengths - 1, 0)[:, None, None], axis=1)[:, 0]
-    return DecodeState(cache=cache, lengths=lengths), model.logits(last)
+    state = DecodeState(cache=dataclasses.replace(chunked, continues_prefix=False), lengths=starts + lengths)
+    return state, model.logits(last)
 
 
 @functools.partial(jax.jit, donate_argnames=("state",))

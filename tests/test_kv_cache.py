@@ -209,3 +209,25 @@ def test_quantized_decode_step_lowers_for_cuda_through_the_kernels():
     text = text.lower(lowering_platforms=("cuda",)).as_text()
     assert text.count("__gpu$xla.gpu.triton") == 5
     assert 'name = "paged_decode_attention_kv4_p64' in text
+
+
+def test_chunked_prefill_equals_one_prefill(sharp_params):
+    """A prompt prefilled in chunks of 5, 7 and the rest (padded to a 16-token block, as an engine's buckets
+    are) through an fp32 KV16 pool gives the logits of prefilling it at once, then decodes the same."""
+    rng, seed = _fresh_rng()
+    prompt = jnp.asarray(rng.integers(3, 300, (1, 21)), jnp.int32)
+    whole_state, whole = qoq_jax.prefill(sharp_params, prompt, max_length=32, page_size=8)
+    cache = PagedKVCache.for_batch(sharp_params.config, 1, 32, page_size=8, dtype=jnp.float32, kv_bits=16)
+    start = 0
+    for size in (5, 7, 9):
+        block = jnp.zeros((1, 16), jnp.int32).at[0, :size].set(prompt[0, start : start + size])
+        state, logits = qoq_jax.prefill(
+            sharp_params, block, jnp.asarray([size]), cache=cache, start_positions=jnp.asarray([start])
+        )
+        cache, start = state.cache, start + size
+    assert int(state.lengths[0]) == 21 and not state.cache.continues_prefix
+    np.testing.assert_allclose(logits, whole, rtol=1e-4, atol=1e-4, err_msg=f"seed {seed}")
+    token = jnp.argmax(logits, axis=-1)
+    _, chunked_next = qoq_jax.decode_step(sharp_params, state, token)
+    _, whole_next = qoq_jax.decode_step(sharp_params, whole_state, token)
+    np.testing.assert_allclose(chunked_next, whole_next, rtol=1e-4, atol=1e-4, err_msg=f"seed {seed}")
