@@ -1,13 +1,18 @@
-"""Host-side bookkeeping of a paged KV cache's page pool: which sequence owns which pages, in token order.
+"""Host-side bookkeeping of a paged KV cache's page pool: which sequence owns which pages, in token order, and
+which full pages hold a known token prefix (prefix caching).
 
 Kept in plain Python so a scheduler can admit, grow and preempt sequences between steps without touching the device.
+A full page whose tokens (and all tokens before them) are known is registered under a hash chain of its token
+blocks; a later sequence with the same prefix shares it (reference-counted) instead of recomputing it. A released
+cached page stays findable until the free list hands it out again, least recently released last.
 """
 
 from __future__ import annotations
 
+import hashlib
 import operator
-from collections import deque
-from collections.abc import Hashable, Iterable
+from collections import OrderedDict
+from collections.abc import Hashable, Iterable, Sequence
 
 import numpy as np
 
@@ -42,9 +47,13 @@ class PageAllocator:
     def __init__(self, num_pages: int, page_size: int):
         self._num_pages = _count("num_pages", num_pages, 1)
         self._page_size = _count("page_size", page_size, 1)
-        # Low ids first, so sequences allocated in order on a fresh pool get contiguous tables.
-        self._free_pages: deque[int] = deque(range(self._num_pages))
+        # Low ids first, so sequences allocated in order on a fresh pool get contiguous tables. Insertion order is
+        # the order pages are handed out; cached pages go to the back so they survive longest.
+        self._free_pages: OrderedDict[int, None] = OrderedDict.fromkeys(range(self._num_pages))
         self._tables: dict[Hashable, list[int]] = {}
+        self._references: dict[int, int] = {}
+        self._page_of_prefix: dict[bytes, int] = {}
+        self._prefix_of_page: dict[int, bytes] = {}
 
     @property
     def num_pages(self) -> int:
@@ -82,17 +91,72 @@ class PageAllocator:
         missing = self._missing_pages(seq_id, num_tokens)
         if missing > len(self._free_pages):
             raise OutOfPagesError(seq_id, missing, len(self._free_pages))
-        new_pages = [self._free_pages.popleft() for _ in range(missing)]
+        new_pages = [self._take_free_page() for _ in range(missing)]
+        for page in new_pages:
+            self._references[page] = 1
         self._tables.setdefault(seq_id, []).extend(new_pages)
         return new_pages
+
+    def _take_free_page(self) -> int:
+        page, _ = self._free_pages.popitem(last=False)
+        prefix = self._prefix_of_page.pop(page, None)
+        if prefix is not None:  # evicted from the prefix cache
+            del self._page_of_prefix[prefix]
+        return page
+
+    def share_prefix(self, seq_id: Hashable, token_ids: Sequence[int]) -> int:
+        """Starts a new sequence on the cached pages of its longest cached prefix and returns how many tokens
+        they hold (a multiple of page_size). The last token is never covered, so the caller always computes at
+        least one token and gets its logits."""
+        if seq_id in self._tables:
+            raise ValueError(f"sequence {seq_id!r} already has pages; share_prefix starts new sequences")
+        table = self._tables.setdefault(seq_id, [])
+        for prefix in self._prefix_hashes(token_ids, (len(token_ids) - 1) // self._page_size):
+            page = self._page_of_prefix.get(prefix)
+            if page is None:
+                break
+            if self._references.get(page, 0) == 0:
+                del self._free_pages[page]
+            self._references[page] = self._references.get(page, 0) + 1
+            table.append(page)
+        return len(table) * self._page_size
+
+    def cache_prefix(self, seq_id: Hashable, token_ids: Sequence[int]) -> None:
+        """Registers seq_id's full pages holding `token_ids` (the tokens computed so far, from position 0) so
+        later sequences with the same prefix can share them. A prefix already cached elsewhere is left there."""
+        table = self._tables[seq_id]
+        full_pages = min(len(token_ids) // self._page_size, len(table))
+        for page, prefix in zip(table, self._prefix_hashes(token_ids, full_pages)):
+            if prefix not in self._page_of_prefix and page not in self._prefix_of_page:
+                self._page_of_prefix[prefix] = page
+                self._prefix_of_page[page] = prefix
+
+    def _prefix_hashes(self, token_ids: Sequence[int], num_pages: int):
+        """A digest of each page's tokens chained with the digest before it, so equal digests mean equal prefixes
+        (a cryptographic hash: a collision would silently serve another prompt's keys and values)."""
+        prefix = b""
+        for index in range(num_pages):
+            block = np.asarray(token_ids[index * self._page_size : (index + 1) * self._page_size], np.int64)
+            prefix = hashlib.blake2b(prefix + block.tobytes(), digest_size=16).digest()
+            yield prefix
+
+    @property
+    def num_cached_pages(self) -> int:
+        """Pages registered in the prefix cache, in use or free."""
+        return len(self._page_of_prefix)
 
     def release(self, seq_id: Hashable) -> None:
         """Return every page of seq_id to the pool; they are handed out again before never-used ones."""
         pages = self._tables.pop(seq_id, None)
         if pages is None:
             raise KeyError(f"unknown sequence {seq_id!r}: it was never allocated or is already released")
-        # extendleft reverses, so feed it reversed to hand the pages back out in their old order.
-        self._free_pages.extendleft(reversed(pages))
+        for page in reversed(pages):
+            self._references[page] -= 1
+            if self._references[page] == 0:
+                del self._references[page]
+                self._free_pages[page] = None
+                # Uncached pages are handed out again first, in their old order; cached ones last.
+                self._free_pages.move_to_end(page, last=page in self._prefix_of_page)
 
     def block_table(self, seq_id: Hashable) -> list[int]:
         """A copy, so callers cannot corrupt the pool's bookkeeping."""

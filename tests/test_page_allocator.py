@@ -163,3 +163,43 @@ def test_bad_requests_are_refused():
         allocator.block_table("s")
     with pytest.raises(ValueError, match="width must be >= 0"):
         allocator.block_tables([], width=-1)
+
+
+def test_prefix_pages_are_shared_reference_counted_and_evicted_last():
+    allocator = PageAllocator(num_pages=6, page_size=4)
+    prompt = list(range(10, 21))  # 11 tokens: 2 full pages and a partial one
+    allocator.allocate("a", len(prompt))
+    allocator.cache_prefix("a", prompt)
+    assert allocator.num_cached_pages == 2
+
+    # Same 8-token prefix, different tail: shares a's two full pages; the last token is never covered.
+    assert allocator.share_prefix("b", prompt[:8] + [99, 98, 97]) == 8
+    assert allocator.block_table("b") == allocator.block_table("a")[:2]
+    assert allocator.share_prefix("c", prompt[:8]) == 4  # 8 tokens: only the first page, the 8th token is computed
+    assert allocator.share_prefix("d", [1, 2, 3, 4, 5]) == 0
+    allocator.allocate("b", 11)
+    assert allocator.num_free_pages == 6 - 3 - 1
+
+    allocator.release("a")  # only a's own third page comes free: b and c still hold the shared pages
+    assert allocator.num_free_pages == 3
+    owned = {p for s in ("b", "c", "d") for p in allocator.block_table(s)}
+    assert len(owned) == 3
+    for seq in ("b", "c", "d"):
+        allocator.release(seq)
+    assert allocator.num_free_pages == 6 and allocator.num_cached_pages == 2
+
+    # Released cached pages are still found, and handed out last: 4 fresh pages leave them cached.
+    allocator.allocate("e", 16)
+    assert allocator.num_cached_pages == 2 and allocator.share_prefix("f", prompt) == 8
+    assert allocator.num_free_pages == 0
+    allocator.release("f")
+    allocator.release("e")
+    allocator.allocate("g", 24)  # the whole pool: the cached pages are evicted
+    assert allocator.num_cached_pages == 0 and allocator.share_prefix("h", prompt) == 0
+
+
+def test_shared_prefix_must_start_a_sequence():
+    allocator = PageAllocator(num_pages=2, page_size=4)
+    allocator.allocate("a", 4)
+    with pytest.raises(ValueError, match="already has pages"):
+        allocator.share_prefix("a", [1, 2, 3, 4, 5])
