@@ -88,15 +88,18 @@ def complete(
     encoded = [_encode(params, p, chat) for p in prompts]
     for ids, _ in encoded:
         _check_prompt(params, ids, max_new_tokens)
-    stop_ids = set(stop_token_ids) | (set() if ignore_eos else _eos_ids(params))
+    stop_ids = set(stop_token_ids) | (set() if ignore_eos else eos_ids(params))
 
-    rows = [_Row(list(ids), is_text, max_new_tokens) for ids, is_text in encoded]
+    rows = [Continuation(list(ids), is_text, max_new_tokens) for ids, is_text in encoded]
     _run(params, rows, sampling, stop_ids, stop, decode_chunk)
     return [row.completion(tokenizer) for row in rows]
 
 
 @dataclasses.dataclass
-class _Row:
+class Continuation:
+    """One prompt's generated tokens under the stop rules (stop ids, stop strings, max_new_tokens); `generate`
+    and the serving engine feed it tokens as they are sampled."""
+
     prompt: list[int]
     is_text: bool
     max_new_tokens: int
@@ -134,7 +137,7 @@ class _Row:
         return Completion(list(self.prompt), list(self.tokens), text, self.finish_reason or "length")
 
 
-def _run(params: Params, rows: list[_Row], sampling, stop_ids, stop, decode_chunk: int) -> None:
+def _run(params: Params, rows: list[Continuation], sampling, stop_ids, stop, decode_chunk: int) -> None:
     """Prefills the padded batch, then decodes chunk by chunk until every row has finished."""
     config = params.config
     batch = _power_of_two(len(rows))
@@ -257,7 +260,7 @@ def _check_prompt(params: Params, ids: list[int], max_new_tokens: int) -> None:
         )
 
 
-def _eos_ids(params: Params) -> set[int]:
+def eos_ids(params: Params) -> set[int]:
     ids = set(params.config.eos_token_ids)
     tokenizer_eos = getattr(params.tokenizer, "eos_token_id", None)
     if tokenizer_eos is not None:

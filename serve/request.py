@@ -1,0 +1,57 @@
+"""What crosses the boundary between the HTTP layer and the engine: requests in, per-step outputs and stats out."""
+
+from __future__ import annotations
+
+import dataclasses
+
+from qoq_jax.errors import QoQError
+from qoq_jax.sampling import SamplingParams
+
+
+class OverloadedError(QoQError):
+    """The waiting queue is full; the HTTP layer answers 503 and the client may retry."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Request:
+    """One generation request, already tokenized. max_tokens ≥ 1; stop strings are cut from the text."""
+
+    request_id: str
+    prompt_token_ids: tuple[int, ...]
+    max_tokens: int
+    sampling: SamplingParams = SamplingParams()
+    stop: tuple[str, ...] = ()
+    stop_token_ids: tuple[int, ...] = ()
+    ignore_eos: bool = False
+
+
+@dataclasses.dataclass(frozen=True)
+class RequestOutput:
+    """What one engine step produced for one request: the new tokens and the text they add (text that could
+    start a stop string is held back until it cannot), and, on the last output, why the request finished."""
+
+    request_id: str
+    new_token_ids: tuple[int, ...]
+    new_text: str
+    num_prompt_tokens: int
+    num_generated_tokens: int
+    finish_reason: str | None = None  # "stop", "length" or "abort" once finished
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+
+@dataclasses.dataclass(frozen=True)
+class EngineStats:
+    """A snapshot for /metrics: gauges of the moment and counters since start."""
+
+    waiting_requests: int
+    running_requests: int
+    kv_pages_used: int
+    kv_pages_free: int
+    kv_pages_total: int
+    prompt_tokens_total: int  # prompt tokens computed (prefix-cache hits excluded)
+    generation_tokens_total: int
+    prefix_cache_hit_tokens_total: int
+    preemptions_total: int
