@@ -263,6 +263,9 @@ class Engine:
                 seq.num_computed = self.allocator.share_prefix(seq.request_id, seq.tokens)
             size = self._chunk_size(seq, budget)
             if not self.allocator.can_allocate(seq.request_id, seq.num_computed + size):
+                if seq.request_id in self.allocator:  # a waiting sequence holds no pages, shared ones included
+                    self.allocator.release(seq.request_id)
+                seq.num_computed = 0
                 break  # admission never preempts; it waits for pages
             self.allocator.allocate(seq.request_id, seq.num_computed + size)
             self._counters["prefix_cache_hit_tokens"] += seq.num_computed
