@@ -3,6 +3,7 @@
     qoq-jax quantize --model smollm2 --recipe g128 --output smollm2-g128
     qoq-jax generate --model smollm2-g128 "The capital of France is"
     qoq-jax eval --model smollm2-g128 --text ../shared/data/gpl-3.0.txt --seq-len 512
+    qoq-jax serve --model smollm2-g128 --port 8000
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ def main(argv: list[str] | None = None) -> int:
     _add_generate(commands.add_parser("generate", help="generate text from prompts and report tokens/s"))
     _add_quantize(commands.add_parser("quantize", help="calibrate a model with QoQ and save a quantized checkpoint"))
     _add_eval(commands.add_parser("eval", help="perplexity on a text file (non-overlapping chunks)"))
+    _add_serve(commands.add_parser("serve", help="an OpenAI-compatible HTTP server (completions, chat, metrics)"))
     args = parser.parse_args(argv)
     try:
         return args.run(args)
@@ -63,29 +65,58 @@ def _add_quantize(parser: argparse.ArgumentParser) -> None:
 
 
 def _quantize(args: argparse.Namespace) -> int:
-    from converters.calibration_data import calibration_tokens, default_calibration_size
-    from converters.qoq import RECIPES, quantize_model
-
-    recipe = RECIPES[args.recipe]
-    overrides = {"group_size": args.group_size, "kv_bits": args.kv_bits}
-    recipe = dataclasses.replace(recipe, **{k: v for k, v in overrides.items() if v is not None})
     params = qoq_jax.load(args.model, dtype=args.dtype)
-    if params.tokenizer is None:
-        raise qoq_jax.UnsupportedModelError(f"{args.model} has no tokenizer to encode the calibration text with")
-    samples, seq_len = default_calibration_size()
-    tokens = calibration_tokens(
-        params.tokenizer, args.calib, num_samples=args.samples or samples, seq_len=args.seq_len or seq_len
+    quantized, report = _quantized(
+        params,
+        args.recipe,
+        source=args.model,
+        calib=args.calib,
+        samples=args.samples,
+        seq_len=args.seq_len,
+        group_size=args.group_size,
+        kv_bits=args.kv_bits,
+        batch_size=args.batch_size,
     )
-    quantized, report = quantize_model(params, recipe, tokens, batch_size=args.batch_size)
-    report["calibration"]["source"] = list(args.calib)
     report["source_model"] = str(args.model)
     path = qoq_jax.save_checkpoint(quantized, args.output, recipe=report, overwrite=args.overwrite)
+    recipe = report["recipe"]["name"]
     print(
-        f"[{recipe.name}: {report['calibration']['samples']}×{report['calibration']['seq_len']} calibration tokens, "
+        f"[{recipe}: {report['calibration']['samples']}×{report['calibration']['seq_len']} calibration tokens, "
         f"{report['seconds']:.0f} s; checkpoint written to {path}]",
         file=sys.stderr,
     )
     return 0
+
+
+def _quantized(
+    params,
+    recipe_name: str,
+    *,
+    source: str,
+    calib=("pydoc",),
+    samples: int | None = None,
+    seq_len: int | None = None,
+    group_size: int | None = None,
+    kv_bits: int | None = None,
+    batch_size: int = 4,
+):
+    """QoQ-quantizes imported float params with a named recipe, calibrated on `calib` texts; returns the
+    quantized params and the calibration report (what `quantize` saves and `serve --recipe` serves)."""
+    from converters.calibration_data import calibration_tokens, default_calibration_size
+    from converters.qoq import RECIPES, quantize_model
+
+    recipe = RECIPES[recipe_name]
+    overrides = {"group_size": group_size, "kv_bits": kv_bits}
+    recipe = dataclasses.replace(recipe, **{k: v for k, v in overrides.items() if v is not None})
+    if params.tokenizer is None:
+        raise qoq_jax.UnsupportedModelError(f"{source} has no tokenizer to encode the calibration text with")
+    default_samples, default_seq_len = default_calibration_size()
+    tokens = calibration_tokens(
+        params.tokenizer, list(calib), num_samples=samples or default_samples, seq_len=seq_len or default_seq_len
+    )
+    quantized, report = quantize_model(params, recipe, tokens, batch_size=batch_size)
+    report["calibration"]["source"] = list(calib)
+    return quantized, report
 
 
 def _add_eval(parser: argparse.ArgumentParser) -> None:
@@ -155,6 +186,63 @@ def _generate(args: argparse.Namespace) -> int:
         f"{params.dtype.name}, {args.model} loaded in {load_seconds:.1f} s{compiled}]",
         file=sys.stderr,
     )
+    return 0
+
+
+def _add_serve(parser: argparse.ArgumentParser) -> None:
+    from converters.qoq import RECIPES
+
+    parser.add_argument(
+        "--model",
+        default="smollm2",
+        help='a quantized checkpoint directory, "smollm2", an HF model directory or a .gguf',
+    )
+    parser.add_argument("--host", default="127.0.0.1", help="address to bind (default loopback only)")
+    parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument("--api-key", default=None, help="require `Authorization: Bearer KEY` on /v1 requests")
+    parser.add_argument(
+        "--recipe",
+        choices=sorted(RECIPES),
+        default=None,
+        help="quantize an imported float model with this recipe (pydoc calibration) before serving",
+    )
+    parser.add_argument("--served-model-name", default=None, help="the model id clients ask for (default --model)")
+    parser.add_argument("--dtype", choices=list(DTYPES), default=None)
+    parser.add_argument("--max-num-seqs", type=int, default=None, help="sequences decoded together (default 32)")
+    parser.add_argument("--max-model-len", type=int, default=None, help="prompt + generated tokens per request")
+    parser.add_argument("--page-size", type=int, default=None, help="tokens per KV cache page (default 64)")
+    parser.add_argument(
+        "--kv-memory-gb", type=float, default=None, help="KV cache memory in GiB (default: what the device has left)"
+    )
+    parser.set_defaults(run=_serve)
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from serve.engine import AsyncEngine, build_engine
+    from serve.http_server import create_app, run
+
+    params = qoq_jax.load(args.model, dtype=args.dtype)
+    if args.recipe is not None:
+        params, report = _quantized(params, args.recipe, source=args.model)
+        print(
+            f"[{args.recipe}: quantized with {report['calibration']['samples']}×{report['calibration']['seq_len']} "
+            f"calibration tokens in {report['seconds']:.0f} s]",
+            file=sys.stderr,
+        )
+    name = args.served_model_name or str(args.model).rstrip("/")
+    options = {
+        "max_num_seqs": args.max_num_seqs,
+        "max_model_len": args.max_model_len,
+        "page_size": args.page_size,
+        "kv_memory_bytes": None if args.kv_memory_gb is None else int(args.kv_memory_gb * 2**30),
+    }
+    print(f"[{name}: compiling the engine's shapes…]", file=sys.stderr, flush=True)
+    engine = build_engine(params, model_name=name, **{k: v for k, v in options.items() if v is not None})
+    app = create_app(AsyncEngine(engine), model_name=name, api_key=args.api_key)
+    try:
+        run(app, host=args.host, port=args.port)
+    except KeyboardInterrupt:
+        pass
     return 0
 
 

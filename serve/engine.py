@@ -124,7 +124,9 @@ class Engine:
         self._eos_ids = eos_ids(params)
         self.decode_buckets = _powers_of_two(config.max_num_seqs)
         self.prefill_row_buckets = _powers_of_two(config.max_prefill_rows)
-        self.prefill_block_buckets = [b for b in _powers_of_two(config.max_prefill_chunk) if b >= _MIN_PREFILL_BLOCK]
+        capacity = self.pages_per_seq * config.page_size
+        blocks = {min(b, capacity) for b in _powers_of_two(config.max_prefill_chunk) if b >= _MIN_PREFILL_BLOCK}
+        self.prefill_block_buckets = sorted(blocks)  # never longer than a row's block table
         self.waiting: collections.deque[_Sequence] = collections.deque()
         self.running: list[_Sequence] = []
         self._added: collections.deque[Request] = collections.deque()
@@ -278,7 +280,7 @@ class Engine:
         return decode, chunks
 
     def _chunk_size(self, seq: _Sequence, budget: int) -> int:
-        return min(len(seq.tokens) - seq.num_computed, budget, self.config.max_prefill_chunk)
+        return min(len(seq.tokens) - seq.num_computed, budget, self.prefill_block_buckets[-1])
 
     def _reserve(self, seq: _Sequence, num_tokens: int) -> bool:
         """Pages for seq's next `num_tokens` tokens, preempting the youngest running sequences (possibly seq
