@@ -85,7 +85,7 @@ def complete(
         raise InvalidRequestError(f"got {len(seeds)} seeds for {len(prompts)} prompts")
     sampling = [SamplingParams(temperature, top_k, top_p, s) for s in seeds]
 
-    encoded = [_encode(params, p, chat) for p in prompts]
+    encoded = [encode_prompt(params, p, chat) for p in prompts]
     for ids, _ in encoded:
         _check_prompt(params, ids, max_new_tokens)
     stop_ids = set(stop_token_ids) | (set() if ignore_eos else eos_ids(params))
@@ -229,7 +229,7 @@ def _padded(ids: list[int], multiple: int = 8) -> list[int]:
     return ids + [-1] * (size - len(ids))
 
 
-def _encode(params: Params, prompt: Prompt, chat: bool) -> tuple[list[int], bool]:
+def encode_prompt(params: Params, prompt: Prompt, chat: bool) -> tuple[list[int], bool]:
     """Token ids of a prompt and whether its result is text."""
     tokenizer = params.tokenizer
     is_messages = not isinstance(prompt, str) and len(prompt) and isinstance(prompt[0], dict)

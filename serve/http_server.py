@@ -35,7 +35,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from qoq_jax.errors import InvalidRequestError, InvalidSamplingError, PromptTooLongError
-from qoq_jax.generate import _encode
+from qoq_jax.generate import encode_prompt
 from qoq_jax.sampling import SamplingParams
 from serve.request import OverloadedError, Request, RequestOutput
 
@@ -410,7 +410,7 @@ class _Server:
         params = getattr(self.engine.engine, "params", None)
         if params is None:
             raise InvalidRequestError("this engine exposes no tokenizer")
-        ids, _ = _encode(params, prompt, chat)
+        ids, _ = encode_prompt(params, prompt, chat)
         if not ids:
             raise InvalidRequestError("the prompt is empty")
         return ids

@@ -4,10 +4,8 @@ official `openai` client, raw requests for what the client hides (the SSE wire f
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import dataclasses
 import json
-import threading
 import time
 import urllib.error
 import urllib.request
@@ -16,7 +14,6 @@ import jax
 import numpy as np
 import openai
 import pytest
-import uvicorn
 from prometheus_client.parser import text_string_to_metric_families
 
 import qoq_jax
@@ -24,6 +21,7 @@ from serve import cli
 from serve.engine import AsyncEngine, build_engine
 from serve.http_server import create_app
 from serve.request import EngineStats
+from loopback import serving
 from tiny_models import TINY_CONFIGS, tiny_tokenizer
 
 MODEL = "tiny-llama"
@@ -52,25 +50,6 @@ def params(gpl_text):
     return dataclasses.replace(random_params, state=state, tokenizer=tiny_tokenizer(gpl_text))
 
 
-@contextlib.contextmanager
-def _serving(app, *, lifespan: str = "on"):
-    """Runs `app` under uvicorn on a free loopback port in a background thread; yields its base URL."""
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning", lifespan=lifespan))
-    thread = threading.Thread(target=server.run, name="uvicorn-test", daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 120
-    while not server.started:
-        if not thread.is_alive() or time.monotonic() > deadline:
-            raise RuntimeError("the test server did not start")
-        time.sleep(0.02)
-    port = server.servers[0].sockets[0].getsockname()[1]
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        thread.join(timeout=30)
-
-
 @dataclasses.dataclass
 class Served:
     url: str
@@ -81,7 +60,7 @@ class Served:
 @pytest.fixture(scope="module")
 def served(params):
     engine = AsyncEngine(build_engine(params, model_name=MODEL, **ENGINE_OPTIONS))
-    with _serving(create_app(engine, model_name=MODEL)) as url:
+    with serving(create_app(engine, model_name=MODEL)) as url:
         client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=60)
         yield Served(url, engine, client)
         client.close()
@@ -307,7 +286,7 @@ def test_malformed_bodies_are_400_not_422(served):
 
 def test_api_key_is_required_when_configured(served):
     app = create_app(served.engine, model_name=MODEL, api_key="s3cret")
-    with _serving(app, lifespan="off") as url:  # the engine is already running under the module's server
+    with serving(app, lifespan="off") as url:  # the engine is already running under the module's server
         for key in ("wrong", None):
             headers = {} if key is None else {"Authorization": f"Bearer {key}"}
             status, text = _raw(f"{url}/v1/models", headers=headers)
@@ -324,7 +303,7 @@ def test_full_queue_answers_503(params):
     """One seat and one waiting place: with one request running and one waiting, the next gets 503."""
     options = {**ENGINE_OPTIONS, "max_num_seqs": 1, "warmup": False}
     engine = AsyncEngine(build_engine(params, model_name=MODEL, max_waiting=1, **options))
-    with _serving(create_app(engine, model_name=MODEL)) as url:
+    with serving(create_app(engine, model_name=MODEL)) as url:
 
         async def scenario():
             client = openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
@@ -459,7 +438,7 @@ BUSY_OPTIONS = dict(
 @pytest.fixture(scope="module")
 def busy(params):
     engine = AsyncEngine(build_engine(params, model_name=MODEL, **BUSY_OPTIONS))
-    with _serving(create_app(engine, model_name=MODEL)) as url:
+    with serving(create_app(engine, model_name=MODEL)) as url:
         yield Served(url, engine, None)
 
 

@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import numpy as np
+import openai
 import pytest
+from loopback import serving
 
 import qoq_jax
 from converters.calibration_data import calibration_tokens
 from converters.qoq import RECIPES, quantize_model
+from serve.engine import AsyncEngine, build_engine
+from serve.http_server import create_app
 
 # A small calibration set keeps this under a few minutes on two CPU cores (the CLI default is 32 × 512).
 CALIBRATION_SAMPLES, CALIBRATION_LEN = 8, 256
@@ -55,3 +59,29 @@ def test_checkpoint_round_trip_gives_identical_logits(qoq_g128, tmp_path):
     np.testing.assert_array_equal(
         np.asarray(qoq_jax.forward(loaded, tokens)), np.asarray(qoq_jax.forward(quantized, tokens))
     )
+
+
+def test_quantized_model_serves_openai_completions_and_chat(qoq_g128):
+    """The W4A8KV4 model behind the HTTP server, through the openai client: a completion equals `generate` (and
+    names Paris), and a streamed chat answer joins to the non-streamed one, which is `generate`'s."""
+    quantized, _ = qoq_g128
+    engine = AsyncEngine(
+        build_engine(quantized, model_name="smollm2", max_num_seqs=1, max_model_len=256, max_prefill_rows=1,
+                     max_prefill_chunk=64, warmup=False)
+    )  # fmt: skip
+    with serving(create_app(engine, model_name="smollm2")) as url:
+        client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=600)
+        completion = client.completions.create(
+            model="smollm2", prompt="The capital of France is", max_tokens=6, temperature=0
+        )
+        [expected] = qoq_jax.generate(quantized, ["The capital of France is"], max_new_tokens=6)
+        assert completion.choices[0].text == expected and "Paris" in expected
+        messages = [{"role": "user", "content": "What is the capital of France?"}]
+        whole = client.chat.completions.create(model="smollm2", messages=messages, max_tokens=12, temperature=0)
+        stream = client.chat.completions.create(
+            model="smollm2", messages=messages, max_tokens=12, temperature=0, stream=True
+        )
+        streamed = "".join(chunk.choices[0].delta.content or "" for chunk in stream if chunk.choices)
+        assert streamed == whole.choices[0].message.content
+        assert streamed == qoq_jax.generate(quantized, [messages], max_new_tokens=12)[0]
+        assert whole.usage.completion_tokens <= 12
