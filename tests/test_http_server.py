@@ -428,10 +428,10 @@ def test_client_gone_before_a_whole_answer_aborts_its_request(served):
 
 # --------------------------------------------------------------------------------------------- load over HTTP
 
-# 8 seats, chunks of two rows of 32 tokens, and 24 pages of 16 tokens: three full-length sequences' worth, so
+# 8 seats, chunks of two rows of 32 tokens, and 12 pages of 16 tokens (1.5 full-length sequences), so
 # 32 clients at once force preemptions.
 BUSY_OPTIONS = dict(
-    max_num_seqs=8, max_model_len=128, page_size=16, num_pages=24, max_prefill_chunk=32, max_prefill_rows=2
+    max_num_seqs=8, max_model_len=128, page_size=16, num_pages=12, max_prefill_chunk=32, max_prefill_rows=2
 )
 
 
