@@ -5,12 +5,10 @@ shape the engine runs; bad requests are refused."""
 from __future__ import annotations
 
 import collections
-import dataclasses
 
-import jax
 import numpy as np
 import pytest
-from tiny_models import TINY_CONFIGS, tiny_tokenizer
+from tiny_models import sharp_tiny_llama, tiny_tokenizer
 
 import qoq_jax
 from qoq_jax.errors import InvalidRequestError, PromptTooLongError
@@ -23,10 +21,7 @@ SMALL = dict(max_num_seqs=8, max_model_len=128, page_size=16, max_prefill_chunk=
 
 @pytest.fixture(scope="module")
 def params(gpl_text):
-    config = qoq_jax.ModelConfig.from_hf(TINY_CONFIGS["llama"]().to_dict())
-    random_params = qoq_jax.init_params(config, seed=11)
-    state = jax.tree_util.tree_map(lambda x: x * 6, random_params.state)  # sharp logits: no near-ties
-    return dataclasses.replace(random_params, state=state, tokenizer=tiny_tokenizer(gpl_text))
+    return sharp_tiny_llama(tokenizer=tiny_tokenizer(gpl_text))
 
 
 @pytest.fixture(scope="module")

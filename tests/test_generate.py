@@ -15,18 +15,14 @@ import qoq_jax
 from qoq_jax.errors import InvalidRequestError, InvalidSamplingError, PromptTooLongError
 from qoq_jax.generate import _decode_chunk, _prefill_and_sample
 from qoq_jax.sampling import SamplingBatch, sample
-from tiny_models import TINY_CONFIGS, tiny_tokenizer
+from tiny_models import sharp_tiny_llama, tiny_tokenizer
 
 _jit_sample = jax.jit(sample)
 
 
 @pytest.fixture(scope="module")
 def params(gpl_text):
-    config = qoq_jax.ModelConfig.from_hf(TINY_CONFIGS["llama"]().to_dict())
-    random_params = qoq_jax.init_params(config, seed=11)
-    # Sharper logits than the 0.02 init, so greedy choices are far from ties.
-    state = jax.tree_util.tree_map(lambda x: x * 6, random_params.state)
-    return dataclasses.replace(random_params, state=state, tokenizer=tiny_tokenizer(gpl_text))
+    return sharp_tiny_llama(tokenizer=tiny_tokenizer(gpl_text))
 
 
 def test_string_prompts_give_text_and_token_prompts_give_ids(params):

@@ -10,7 +10,6 @@ import time
 import urllib.error
 import urllib.request
 
-import jax
 import numpy as np
 import openai
 import pytest
@@ -22,7 +21,7 @@ from serve.engine import AsyncEngine, build_engine
 from serve.http_server import create_app
 from serve.request import EngineStats
 from loopback import serving
-from tiny_models import TINY_CONFIGS, tiny_tokenizer
+from tiny_models import sharp_tiny_llama, tiny_tokenizer
 
 MODEL = "tiny-llama"
 # Few buckets so that warm-up compiles little: decode batches of 1 and 2, prompt chunks of one row of 16 tokens.
@@ -43,11 +42,7 @@ NEW = 12
 
 @pytest.fixture(scope="module")
 def params(gpl_text):
-    config = qoq_jax.ModelConfig.from_hf(TINY_CONFIGS["llama"]().to_dict())
-    random_params = qoq_jax.init_params(config, seed=11)
-    # Sharper logits than the 0.02 init, so greedy choices are far from ties.
-    state = jax.tree_util.tree_map(lambda x: x * 6, random_params.state)
-    return dataclasses.replace(random_params, state=state, tokenizer=tiny_tokenizer(gpl_text))
+    return sharp_tiny_llama(tokenizer=tiny_tokenizer(gpl_text))
 
 
 @dataclasses.dataclass

@@ -3,14 +3,13 @@ engine's shared-pool prefill, the exact memory budget, and the decode step's CUD
 
 from __future__ import annotations
 
-import dataclasses
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from cuda_lowering import lowering_test
-from tiny_models import TINY_CONFIGS
+from tiny_models import TINY_CONFIGS, sharp_tiny_llama
 
 import qoq_jax
 from qoq_jax.kv_cache import PagedKVCache, kv_bytes_per_page, kv_bytes_per_token, pages_that_fit
@@ -62,8 +61,7 @@ def test_writes_then_reads_reproduce_the_quantized_values(bits):
 @pytest.fixture(scope="module")
 def sharp_params():
     """The tiny Llama with logits sharp enough that greedy choices are far from ties."""
-    params = qoq_jax.init_params(_config(), seed=5)
-    return dataclasses.replace(params, state=jax.tree_util.tree_map(lambda x: x * 6, params.state))
+    return sharp_tiny_llama(seed=5)
 
 
 def test_generation_through_the_pages_equals_the_cache_free_model(sharp_params):

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
+import jax
 import torch
 from transformers import AutoModelForCausalLM, LlamaConfig, MistralConfig, Qwen2Config
 
@@ -95,3 +97,13 @@ def tiny_tokenizer(text: str, vocab_size: int = 300):
         eos_token="</s>",
         chat_template=CHAT_TEMPLATE,
     )
+
+
+def sharp_tiny_llama(*, seed: int = 11, tokenizer=None):
+    """The tiny Llama as qoq_jax `Params` with weights ×6: logits sharper than the 0.02 init, so greedy choices
+    are far from ties and two correct implementations pick the same tokens."""
+    import qoq_jax
+
+    params = qoq_jax.init_params(qoq_jax.ModelConfig.from_hf(TINY_CONFIGS["llama"]().to_dict()), seed=seed)
+    state = jax.tree_util.tree_map(lambda x: x * 6, params.state)
+    return dataclasses.replace(params, state=state, tokenizer=tokenizer)
