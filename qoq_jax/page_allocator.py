@@ -54,6 +54,7 @@ class PageAllocator:
         self._references: dict[int, int] = {}
         self._page_of_prefix: dict[bytes, int] = {}
         self._prefix_of_page: dict[int, bytes] = {}
+        self._hashed: dict[Hashable, tuple[int, bytes]] = {}  # per sequence: pages hashed so far, the last digest
 
     @property
     def num_pages(self) -> int:
@@ -111,7 +112,8 @@ class PageAllocator:
         if seq_id in self._tables:
             raise ValueError(f"sequence {seq_id!r} already has pages; share_prefix starts new sequences")
         table = self._tables.setdefault(seq_id, [])
-        for prefix in self._prefix_hashes(token_ids, (len(token_ids) - 1) // self._page_size):
+        matched = b""
+        for prefix in self._prefix_hashes(token_ids, 0, (len(token_ids) - 1) // self._page_size, b""):
             page = self._page_of_prefix.get(prefix)
             if page is None:
                 break
@@ -119,23 +121,30 @@ class PageAllocator:
                 del self._free_pages[page]
             self._references[page] = self._references.get(page, 0) + 1
             table.append(page)
+            matched = prefix
+        self._hashed[seq_id] = (len(table), matched)
         return len(table) * self._page_size
 
     def cache_prefix(self, seq_id: Hashable, token_ids: Sequence[int]) -> None:
         """Registers seq_id's full pages holding `token_ids` (the tokens computed so far, from position 0) so
-        later sequences with the same prefix can share them. A prefix already cached elsewhere is left there."""
+        later sequences with the same prefix can share them. A prefix already cached elsewhere is left there.
+        Only pages filled since the last call are hashed, so calling it every step costs nothing in between."""
         table = self._tables[seq_id]
+        hashed, prefix = self._hashed.get(seq_id, (0, b""))
         full_pages = min(len(token_ids) // self._page_size, len(table))
-        for page, prefix in zip(table, self._prefix_hashes(token_ids, full_pages)):
+        for index, prefix in enumerate(self._prefix_hashes(token_ids, hashed, full_pages, prefix), start=hashed):
+            page = table[index]
             if prefix not in self._page_of_prefix and page not in self._prefix_of_page:
                 self._page_of_prefix[prefix] = page
                 self._prefix_of_page[page] = prefix
+        if full_pages > hashed:
+            self._hashed[seq_id] = (full_pages, prefix)
 
-    def _prefix_hashes(self, token_ids: Sequence[int], num_pages: int):
-        """A digest of each page's tokens chained with the digest before it, so equal digests mean equal prefixes
-        (a cryptographic hash: a collision would silently serve another prompt's keys and values)."""
-        prefix = b""
-        for index in range(num_pages):
+    def _prefix_hashes(self, token_ids: Sequence[int], first_page: int, end_page: int, prefix: bytes):
+        """The digest of each page from first_page to end_page, each page's tokens chained with the digest before
+        it (`prefix`, the digest of the page before first_page), so equal digests mean equal prefixes (a
+        cryptographic hash: a collision would silently serve another prompt's keys and values)."""
+        for index in range(first_page, end_page):
             block = np.asarray(token_ids[index * self._page_size : (index + 1) * self._page_size], np.int64)
             prefix = hashlib.blake2b(prefix + block.tobytes(), digest_size=16).digest()
             yield prefix
@@ -150,6 +159,7 @@ class PageAllocator:
         pages = self._tables.pop(seq_id, None)
         if pages is None:
             raise KeyError(f"unknown sequence {seq_id!r}: it was never allocated or is already released")
+        self._hashed.pop(seq_id, None)
         for page in reversed(pages):
             self._references[page] -= 1
             if self._references[page] == 0:
