@@ -78,6 +78,7 @@ class _Sequence:
     request: Request
     continuation: Continuation
     order: int  # arrival order: the largest is the youngest, preempted first
+    stop_ids: frozenset[int]  # the request's stop token ids, and EOS unless it ignores it
     num_computed: int = 0  # tokens whose keys and values are in the pages
     prefilled: bool = False  # every token but the last sampled one is computed: decode feeds that one
     emitted_text: int = 0
@@ -121,7 +122,7 @@ class Engine:
             kv_bits=params.kv_bits,
             kernel=params.kernel,
         )
-        self._eos_ids = eos_ids(params)
+        self._eos_ids = frozenset(eos_ids(params))
         self.decode_buckets = _powers_of_two(config.max_num_seqs)
         self.prefill_row_buckets = _powers_of_two(config.max_prefill_rows)
         capacity = self.pages_per_seq * config.page_size
@@ -227,7 +228,8 @@ class Engine:
                 continuation = Continuation(
                     list(request.prompt_token_ids), self.tokenizer is not None, request.max_tokens
                 )
-                self.waiting.append(_Sequence(request, continuation, next(self._arrivals)))
+                stop_ids = frozenset(request.stop_token_ids) | (frozenset() if request.ignore_eos else self._eos_ids)
+                self.waiting.append(_Sequence(request, continuation, next(self._arrivals), stop_ids))
         while self._aborted:
             request_id = self._aborted.popleft()
             for queue in (self.waiting, self.running):
@@ -362,8 +364,7 @@ class Engine:
     def _append(self, seq: _Sequence, token: int) -> RequestOutput | None:
         """Feeds one sampled token through the stop rules; the output it produces, if any."""
         request = seq.request
-        stop_ids = set(request.stop_token_ids) | (set() if request.ignore_eos else self._eos_ids)
-        seq.continuation.extend([token], stop_ids, list(request.stop), self.tokenizer)
+        seq.continuation.extend([token], seq.stop_ids, request.stop, self.tokenizer)
         self._counters["generation_tokens"] += 1
         if seq.continuation.finish_reason is None and len(seq.tokens) >= self.max_model_len:
             seq.continuation.finish_reason = "length"
