@@ -23,12 +23,15 @@ from typing import Any, Mapping
 
 import jax
 from flax import nnx
+from jax.sharding import Mesh
 
 from qoq_jax.config import ModelConfig
 from qoq_jax.errors import CheckpointError
 from qoq_jax.model import CausalLM
 from qoq_jax.params import Params, resolve_dtype
 from qoq_jax.quant import KERNEL_CHOICES, QuantFormat
+from qoq_jax.sharding import TensorParallel
+from qoq_jax.tensor_names import named_leaves
 
 FORMAT_VERSION = 1
 METADATA_FILE = "qoq.json"
@@ -59,7 +62,7 @@ def save_checkpoint(
         raise CheckpointError(f"{target}: already exists (pass overwrite=True to replace it)")
     if target.exists() and not (is_checkpoint(target) or (target.is_dir() and not any(target.iterdir()))):
         raise CheckpointError(f"{target}: exists and is not a qoq checkpoint; refusing to replace it")
-    tensors = _named_leaves(params.state)
+    tensors = named_leaves(params.state)
     metadata = {
         "format_version": FORMAT_VERSION,
         "model_config": params.config.to_dict(),
@@ -112,12 +115,16 @@ def read_metadata(directory: str | os.PathLike) -> dict[str, Any]:
     return metadata
 
 
-def load_checkpoint(directory: str | os.PathLike, *, kernel: str = "auto", dtype=None) -> Params:
+def load_checkpoint(
+    directory: str | os.PathLike, *, kernel: str = "auto", dtype=None, mesh: Mesh | None = None
+) -> Params:
     """Loads a checkpoint written by `save_checkpoint`, or raises `CheckpointError` naming what is wrong.
 
     kernel: how quantized matmuls run ("auto", "pallas", "reference"); it is not stored in the checkpoint.
     dtype: None or the checkpoint's own dtype. A different one is refused rather than cast: the stored
-    weights (and any calibration behind them) are in that dtype, and fp16 scales must never follow a cast."""
+    weights (and any calibration behind them) are in that dtype, and fp16 scales must never follow a cast.
+    mesh: split the model over this mesh's "tensor" axis (`qoq_jax.make_mesh`); each device reads only its
+    shards of the arrays from the files."""
     if kernel not in KERNEL_CHOICES:
         raise ValueError(f"kernel must be one of {KERNEL_CHOICES}; got {kernel!r}")
     path = Path(directory).absolute()
@@ -133,37 +140,21 @@ def load_checkpoint(directory: str | os.PathLike, *, kernel: str = "auto", dtype
     except ValueError as err:
         raise CheckpointError(f"{path / METADATA_FILE}: model_config and quant describe no model: {err}") from err
     graphdef, abstract_state = nnx.split(abstract)
-    leaves = _named_leaves(abstract_state)
-    expected = {name: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype) for name, leaf in leaves.items()}
+    parallel = None if mesh is None else TensorParallel.create(mesh, config, quant)
+    leaves = named_leaves(abstract_state)
+    if parallel is None:  # one device, whatever sharding the arrays were saved from
+        shardings = dict.fromkeys(leaves, jax.sharding.SingleDeviceSharding(jax.local_devices()[0]))
+    else:
+        shardings = named_leaves(parallel.shardings(abstract_state))
+    expected = {
+        name: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=shardings[name]) for name, leaf in leaves.items()
+    }
     _check_tensors(path / METADATA_FILE, "the tensors manifest", _manifest(path, metadata["tensors"]), expected)
     arrays = _restore(path / STATE_DIR, expected)
     treedef = jax.tree_util.tree_structure(abstract_state)
     state = jax.tree_util.tree_unflatten(treedef, [arrays[name] for name in expected])
     tokenizer = _load_tokenizer(path, metadata["tokenizer"])
-    return Params(state=state, graphdef=graphdef, config=config, tokenizer=tokenizer, quant=quant)
-
-
-def _named_leaves(state) -> dict[str, Any]:
-    """{dotted name: leaf} in the state's flatten order (which `tree_unflatten` relies on)."""
-    return {_leaf_name(path): leaf for path, leaf in jax.tree_util.tree_flatten_with_path(state)[0]}
-
-
-def _leaf_name(path) -> str:
-    """`layers/0/.../kernel/.value/.packed` → `layers.0....kernel.packed`: the NNX Variable's `.value` (the
-    first attribute key on the path) says nothing about the tensor and is dropped."""
-    keys = list(path)
-    first_attr = next((i for i, key in enumerate(keys) if isinstance(key, jax.tree_util.GetAttrKey)), None)
-    if first_attr is not None and keys[first_attr].name == "value":
-        del keys[first_attr]
-    return ".".join(_key_name(key) for key in keys)
-
-
-def _key_name(key) -> str:
-    if isinstance(key, jax.tree_util.GetAttrKey):
-        return key.name
-    if isinstance(key, jax.tree_util.SequenceKey):
-        return str(key.idx)
-    return str(key.key)  # DictKey, FlattenedIndexKey
+    return Params(state=state, graphdef=graphdef, config=config, tokenizer=tokenizer, quant=quant, parallel=parallel)
 
 
 def _quant_dict(quant: QuantFormat) -> dict[str, Any]:
@@ -203,8 +194,9 @@ def _manifest(path: Path, tensors: Any) -> dict[str, tuple[tuple[int, ...], str]
 
 def _check_tensors(where: Path, what: str, found: Mapping[str, tuple], expected: Mapping[str, Any]) -> None:
     """Every difference between `found` {name: (shape, dtype name)} and the model, reported at once."""
-    problems = [f"missing tensor {name} {s.dtype.name}{list(s.shape)}" for name, s in expected.items()
-                if name not in found]
+    problems = [
+        f"missing tensor {name} {s.dtype.name}{list(s.shape)}" for name, s in expected.items() if name not in found
+    ]
     problems += [f"unexpected tensor {name}" for name in found if name not in expected]
     for name, (shape, dtype) in found.items():
         if name not in expected:

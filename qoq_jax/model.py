@@ -18,6 +18,9 @@ from qoq_jax.kv_cache import KVCache
 from qoq_jax.quant import QuantFormat, QuantizedWeight
 from qoq_jax.rope import apply_rope, inverse_frequencies
 
+Axes = tuple[str, ...]
+"""Mesh axes a tensor-parallel model is split over inside `shard_map`; () on one device."""
+
 Observer = Callable[[str, jax.Array], None]
 """Called with named intermediates of a decoder layer; calibration uses it to collect statistics."""
 
@@ -27,15 +30,22 @@ def _observe(observe: Observer | None, name: str, value: jax.Array) -> None:
         observe(name, value)
 
 
-def linear(x: jax.Array, kernel: jax.Array | QuantizedWeight, bias: jax.Array | None = None) -> jax.Array:
+def linear(
+    x: jax.Array, kernel: jax.Array | QuantizedWeight, bias: jax.Array | None = None, *, split_over: Axes = ()
+) -> jax.Array:
     """x [..., in] @ kernel [in, out] (+ bias), returned in x's dtype.
 
     A float kernel is multiplied in x's dtype with float32 accumulation; a quantized one runs its own
-    integer GEMM (W4A8 or W8A8, activations quantized per token inside)."""
+    integer GEMM (W4A8 or W8A8, activations quantized per token inside). With `split_over` the layer is
+    row-parallel: x and the kernel hold this device's slice of `in`, the partial products are summed over those
+    mesh axes (one all-reduce, in x's dtype), and quantized activations share one per-token scale."""
     if isinstance(kernel, jax.Array):
         y = jnp.einsum("...i,io->...o", x, kernel.astype(x.dtype), preferred_element_type=jnp.float32)
     else:
-        y = kernel.matmul(x).astype(jnp.float32)
+        y = kernel.matmul(x, scale_over=split_over)
+    if split_over:
+        y = jax.lax.psum(y.astype(x.dtype), split_over)
+    y = y.astype(jnp.float32)
     if bias is not None:
         y = y + bias.astype(jnp.float32)
     return y.astype(x.dtype)
@@ -61,8 +71,8 @@ class Linear(nnx.Module):
         self.kernel = nnx.Param(kernel)
         self.bias = nnx.Param(jnp.zeros((out_features,), dtype)) if use_bias else None
 
-    def __call__(self, x: jax.Array) -> jax.Array:
-        return linear(x, self.kernel.get_value(), None if self.bias is None else self.bias[...])
+    def __call__(self, x: jax.Array, *, split_over: Axes = ()) -> jax.Array:
+        return linear(x, self.kernel.get_value(), None if self.bias is None else self.bias[...], split_over=split_over)
 
 
 class RMSNorm(nnx.Module):
@@ -87,21 +97,24 @@ class Attention(nnx.Module):
         self.o_proj = Linear(c.num_heads * c.head_dim, c.hidden_size, use_bias=c.o_bias, **kw)
         self.rope = c.rope
 
-    def __call__(self, x_btd, positions_bt, valid_bt, cache: KVCache, layer: int, observe: Observer | None = None):
+    def __call__(
+        self, x_btd, positions_bt, valid_bt, cache: KVCache, layer: int, observe: Observer | None, tensor_axes: Axes
+    ):
+        """With `tensor_axes`, q/k/v hold this device's heads and o_proj sums the heads' contributions."""
         batch, length, _ = x_btd.shape
         _observe(observe, "attn_input", x_btd)
-        q = self.q_proj(x_btd).reshape(batch, length, self.num_heads, self.head_dim)
-        k = self.k_proj(x_btd).reshape(batch, length, self.num_kv_heads, self.head_dim)
-        v = self.v_proj(x_btd).reshape(batch, length, self.num_kv_heads, self.head_dim)
+        q = self.q_proj(x_btd).reshape(batch, length, -1, self.head_dim)
+        k = self.k_proj(x_btd).reshape(batch, length, -1, self.head_dim)
+        v = self.v_proj(x_btd).reshape(batch, length, -1, self.head_dim)
         inv_freq = inverse_frequencies(self.rope, self.head_dim)
         q = apply_rope(q, positions_bt, inv_freq)
         k = apply_rope(k, positions_bt, inv_freq)
         _observe(observe, "query", q)
         _observe(observe, "key", k)
         out, cache = cache.attend(layer, q, k, v, positions_bt, valid_bt)
-        out = out.reshape(batch, length, self.num_heads * self.head_dim)
+        out = out.reshape(batch, length, -1)
         _observe(observe, "o_input", out)
-        return self.o_proj(out), cache
+        return self.o_proj(out, split_over=tensor_axes), cache
 
 
 class MLP(nnx.Module):
@@ -112,11 +125,11 @@ class MLP(nnx.Module):
         self.up_proj = Linear(c.hidden_size, c.intermediate_size, **kw)
         self.down_proj = Linear(c.intermediate_size, c.hidden_size, **kw)
 
-    def __call__(self, x_btd, observe: Observer | None = None):
+    def __call__(self, x_btd, observe: Observer | None, tensor_axes: Axes):
         _observe(observe, "mlp_input", x_btd)
         hidden = jax.nn.silu(self.gate_proj(x_btd)) * self.up_proj(x_btd)
         _observe(observe, "down_input", hidden)
-        return self.down_proj(hidden)
+        return self.down_proj(hidden, split_over=tensor_axes)
 
 
 class DecoderLayer(nnx.Module):
@@ -126,12 +139,22 @@ class DecoderLayer(nnx.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps, dtype=dtype)
         self.mlp = MLP(config, dtype=dtype, rngs=rngs, quant=quant)
 
-    def __call__(self, x_btd, positions_bt, valid_bt, cache: KVCache, layer: int, observe: Observer | None = None):
+    def __call__(
+        self,
+        x_btd,
+        positions_bt,
+        valid_bt,
+        cache: KVCache,
+        layer: int,
+        observe: Observer | None = None,
+        tensor_axes: Axes = (),
+    ):
         """`observe` sees each linear's input and the post-RoPE queries and keys (names in `Observer` calls:
         attn_input, query, key, o_input, mlp_input, down_input)."""
-        attn_out, cache = self.self_attn(self.input_layernorm(x_btd), positions_bt, valid_bt, cache, layer, observe)
+        normed = self.input_layernorm(x_btd)
+        attn_out, cache = self.self_attn(normed, positions_bt, valid_bt, cache, layer, observe, tensor_axes)
         x_btd = x_btd + attn_out
-        x_btd = x_btd + self.mlp(self.post_attention_layernorm(x_btd), observe)
+        x_btd = x_btd + self.mlp(self.post_attention_layernorm(x_btd), observe, tensor_axes)
         return x_btd, cache
 
 
@@ -155,20 +178,31 @@ class CausalLM(nnx.Module):
             else Linear(config.hidden_size, config.vocab_size, use_bias=False, dtype=dtype, rngs=rngs)
         )
 
-    def __call__(self, tokens_bt, positions_bt, valid_bt, cache: KVCache):
-        """Final hidden states [B, T, D] of new tokens, and the cache with their keys and values."""
-        x = jnp.take(self.embed_tokens[...], tokens_bt, axis=0)
+    def __call__(self, tokens_bt, positions_bt, valid_bt, cache: KVCache, *, tensor_axes: Axes = ()):
+        """Final hidden states [B, T, D] of new tokens, and the cache with their keys and values.
+
+        With `tensor_axes` this runs on one device's shards inside `shard_map` (see `qoq_jax.sharding`)."""
+        x = self.embed(tokens_bt, tensor_axes)
         for index, layer in enumerate(self.layers):
             with jax.named_scope(f"layer_{index}"):
-                x, cache = layer(x, positions_bt, valid_bt, cache, index)
+                x, cache = layer(x, positions_bt, valid_bt, cache, index, tensor_axes=tensor_axes)
         return self.norm(x), cache
+
+    def embed(self, tokens_bt, tensor_axes: Axes) -> jax.Array:
+        """Embedding rows; a table split over the vocabulary looks up its own ids and sums the devices' rows."""
+        table = self.embed_tokens[...]
+        rows = table.shape[0]
+        if rows == self.config.vocab_size:
+            return jnp.take(table, tokens_bt, axis=0)
+        local = tokens_bt - jax.lax.axis_index(tensor_axes) * rows
+        mine = (local >= 0) & (local < rows)
+        x = jnp.where(mine[..., None], jnp.take(table, jnp.clip(local, 0, rows - 1), axis=0), 0)
+        return jax.lax.psum(x, tensor_axes)
 
     def logits(self, hidden: jax.Array) -> jax.Array:
         """LM head over hidden states [..., D] → float32 logits [..., vocab]."""
         if self.lm_head is None:
             out = jnp.einsum("...d,vd->...v", hidden, self.embed_tokens[...], preferred_element_type=jnp.float32)
         else:
-            out = jnp.einsum(
-                "...d,dv->...v", hidden, self.lm_head.kernel[...], preferred_element_type=jnp.float32
-            )
+            out = jnp.einsum("...d,dv->...v", hidden, self.lm_head.kernel[...], preferred_element_type=jnp.float32)
         return out

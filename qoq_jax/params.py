@@ -15,11 +15,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.sharding import Mesh
 
 from qoq_jax.config import ModelConfig
 from qoq_jax.errors import CheckpointError
 from qoq_jax.model import CausalLM
 from qoq_jax.quant import QuantFormat
+from qoq_jax.sharding import TensorParallel
 
 ParamPath = tuple[str | int, ...]
 
@@ -49,6 +51,7 @@ class Params:
     config: ModelConfig = dataclasses.field(metadata=dict(static=True))
     tokenizer: Any = dataclasses.field(default=None, metadata=dict(static=True))
     quant: QuantFormat | None = dataclasses.field(default=None, metadata=dict(static=True))
+    parallel: TensorParallel | None = dataclasses.field(default=None, metadata=dict(static=True))
 
     def model(self) -> CausalLM:
         return nnx.merge(self.graphdef, self.state)
@@ -68,12 +71,38 @@ class Params:
 
 
 def init_params(
-    config: ModelConfig, *, dtype=None, seed: int = 0, tokenizer=None, quant: QuantFormat | None = None
+    config: ModelConfig,
+    *,
+    dtype=None,
+    seed: int = 0,
+    tokenizer=None,
+    quant: QuantFormat | None = None,
+    mesh: Mesh | None = None,
 ) -> Params:
-    """Random weights with the model's shapes (tests, benchmarks), in `quant`'s formats when given."""
-    model = CausalLM(config, dtype=resolve_dtype(dtype), rngs=nnx.Rngs(seed), quant=quant)
-    graphdef, state = nnx.split(model)
-    return Params(state=state, graphdef=graphdef, config=config, tokenizer=tokenizer, quant=quant)
+    """Random weights with the model's shapes (tests, benchmarks), in `quant`'s formats when given, created
+    directly split over `mesh`'s tensor axis when given."""
+    dtype = resolve_dtype(dtype)
+
+    def model():
+        return CausalLM(config, dtype=dtype, rngs=nnx.Rngs(seed), quant=quant)
+
+    if mesh is None:
+        graphdef, state = nnx.split(model())
+        return Params(state=state, graphdef=graphdef, config=config, tokenizer=tokenizer, quant=quant)
+    parallel = TensorParallel.create(mesh, config, quant)
+    graphdef = nnx.split(nnx.eval_shape(model))[0]
+    state = parallel.build(lambda: nnx.split(model())[1])
+    return Params(state=state, graphdef=graphdef, config=config, tokenizer=tokenizer, quant=quant, parallel=parallel)
+
+
+def shard_params(params: Params, mesh: Mesh | None) -> Params:
+    """`params` split over `mesh`'s tensor axis (None: unchanged); refuses a model that does not split."""
+    if mesh is None:
+        return params
+    parallel = TensorParallel.create(mesh, params.config, params.quant)
+    if parallel == params.parallel:
+        return params
+    return dataclasses.replace(params, state=parallel.place(params.state), parallel=parallel)
 
 
 def expected_shapes(config: ModelConfig) -> dict[ParamPath, tuple[int, ...]]:

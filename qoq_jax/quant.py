@@ -40,12 +40,16 @@ def _static(default=dataclasses.MISSING):
 # --------------------------------------------------------------------------------------------------
 
 
-def quantize_activations(x: jax.Array) -> tuple[jax.Array, jax.Array]:
+def quantize_activations(x: jax.Array, scale_over: tuple[str, ...] = ()) -> tuple[jax.Array, jax.Array]:
     """Per-token symmetric int8: x [..., K] → (codes int8 [..., K], scale float32 [...]), x ≈ codes·scale.
 
-    The scale stays float32 (the reference rounds it to fp16, which overflows for large bf16 activations)."""
+    The scale stays float32 (the reference rounds it to fp16, which overflows for large bf16 activations). With
+    `scale_over` x is this device's slice of K and the absmax is taken over the slices on those mesh axes, so
+    every device quantizes with the scale of the whole row."""
     x32 = x.astype(jnp.float32)
     absmax = jnp.max(jnp.abs(x32), axis=-1)
+    if scale_over:
+        absmax = jax.lax.pmax(absmax, scale_over)
     scale = jnp.where(absmax > 0, absmax / 127.0, 1.0)
     codes = jnp.clip(jnp.round(x32 / scale[..., None]), -127, 127).astype(jnp.int8)
     return codes, scale
@@ -188,9 +192,10 @@ class Int4GroupWeight:
     def dequantize(self) -> jax.Array:
         return self.int8_weight().astype(jnp.float32) * self.s1.astype(jnp.float32)[None, :]
 
-    def matmul(self, x: jax.Array) -> jax.Array:
+    def matmul(self, x: jax.Array, *, scale_over: tuple[str, ...] = ()) -> jax.Array:
+        """x [..., K] @ the weight in x's dtype; `scale_over`: see `quantize_activations`."""
         x2, lead = _flatten_tokens(x)
-        x_i8, x_scale = quantize_activations(x2)
+        x_i8, x_scale = quantize_activations(x2, scale_over)
         gemm = w4a8_gemm.w4a8_gemm_g128 if use_pallas(self.kernel) else w4a8_gemm.w4a8_gemm_g128_reference
         y = gemm(x_i8, x_scale, self.packed, self.s1, self.s2, self.zero, group_size=self.group_size, out_dtype=x.dtype)
         return y.reshape(*lead, -1)
@@ -231,9 +236,10 @@ class Int4ChannelWeight:
         codes = w4a8_gemm.unpack_uint4(self.packed).astype(jnp.float32)
         return codes * self.scale.astype(jnp.float32)[None, :] - self.zero.astype(jnp.float32)[None, :]
 
-    def matmul(self, x: jax.Array) -> jax.Array:
+    def matmul(self, x: jax.Array, *, scale_over: tuple[str, ...] = ()) -> jax.Array:
+        """x [..., K] @ the weight in x's dtype; `scale_over`: see `quantize_activations`."""
         x2, lead = _flatten_tokens(x)
-        x_i8, x_scale = quantize_activations(x2)
+        x_i8, x_scale = quantize_activations(x2, scale_over)
         x_sum = jnp.sum(x_i8.astype(jnp.int32), axis=-1)
         gemm = w4a8_gemm.w4a8_gemm_chn if use_pallas(self.kernel) else w4a8_gemm.w4a8_gemm_chn_reference
         y = gemm(x_i8, x_scale, x_sum, self.packed, self.scale, self.zero, out_dtype=x.dtype)
@@ -264,9 +270,10 @@ class Int8ChannelWeight:
     def dequantize(self) -> jax.Array:
         return self.values.astype(jnp.float32) * self.scale[None, :]
 
-    def matmul(self, x: jax.Array) -> jax.Array:
+    def matmul(self, x: jax.Array, *, scale_over: tuple[str, ...] = ()) -> jax.Array:
+        """x [..., K] @ the weight in x's dtype; `scale_over`: see `quantize_activations`."""
         x2, lead = _flatten_tokens(x)
-        x_i8, x_scale = quantize_activations(x2)
+        x_i8, x_scale = quantize_activations(x2, scale_over)
         acc = jax.lax.dot_general(x_i8, self.values, (((1,), (0,)), ((), ())), preferred_element_type=jnp.int32)
         y = acc.astype(jnp.float32) * x_scale[:, None] * self.scale[None, :]
         return y.astype(x.dtype).reshape(*lead, -1)

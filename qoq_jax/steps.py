@@ -11,10 +11,12 @@ import functools
 
 import jax
 import jax.numpy as jnp
+from flax import nnx
 
 from qoq_jax.errors import PromptTooLongError
-from qoq_jax.kv_cache import DEFAULT_PAGE_SIZE, NoKVCache, PagedKVCache
+from qoq_jax.kv_cache import DEFAULT_PAGE_SIZE, KVCache, NoKVCache, PagedKVCache
 from qoq_jax.params import Params
+from qoq_jax.sharding import TENSOR_AXES
 
 
 @jax.tree_util.register_dataclass
@@ -32,10 +34,10 @@ def forward(params: Params, token_ids: jax.Array) -> jax.Array:
     the keys and values after their quantization round trip (see `NoKVCache`)."""
     batch, length = token_ids.shape
     _check_fits(params, length)
-    model = params.model()
     positions = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), (batch, length))
-    hidden, _ = model(token_ids, positions, jnp.ones((batch, length), bool), NoKVCache(kv_bits=params.kv_bits))
-    return model.logits(hidden)
+    valid = jnp.ones((batch, length), bool)
+    logits, _ = _run_model(params, token_ids, positions, valid, NoKVCache(kv_bits=params.kv_bits))
+    return logits
 
 
 @functools.partial(jax.jit, static_argnames=("max_length", "page_size"), donate_argnames=("cache",))
@@ -80,23 +82,51 @@ def prefill(
         raise ValueError(f"the cache holds {cache.max_length} tokens per row, shorter than the {length}-token prompts")
     lengths = jnp.full((batch,), length, jnp.int32) if lengths is None else lengths.astype(jnp.int32)
     starts = jnp.zeros((batch,), jnp.int32) if start_positions is None else start_positions.astype(jnp.int32)
-    model = params.model()
     offsets = jnp.arange(length, dtype=jnp.int32)[None, :]
     chunked = dataclasses.replace(cache, continues_prefix=start_positions is not None)
-    hidden, chunked = model(token_ids, starts[:, None] + offsets, offsets < lengths[:, None], chunked)
-    last = jnp.take_along_axis(hidden, jnp.maximum(lengths - 1, 0)[:, None, None], axis=1)[:, 0]
+    positions, valid = starts[:, None] + offsets, offsets < lengths[:, None]
+    logits, chunked = _run_model(params, token_ids, positions, valid, chunked, jnp.maximum(lengths - 1, 0))
     state = DecodeState(cache=dataclasses.replace(chunked, continues_prefix=False), lengths=starts + lengths)
-    return state, model.logits(last)
+    return state, logits
 
 
 @functools.partial(jax.jit, donate_argnames=("state",))
 def decode_step(params: Params, state: DecodeState, tokens: jax.Array) -> tuple[DecodeState, jax.Array]:
     """Appends one token per row (tokens [B]) and returns the next-token logits [B, vocab]. Rows whose cache is
     full (lengths == cache.max_length) write nothing."""
-    model = params.model()
     positions = state.lengths[:, None]
-    hidden, cache = model(tokens[:, None], positions, jnp.ones_like(positions, bool), state.cache)
-    return DecodeState(cache=cache, lengths=state.lengths + 1), model.logits(hidden[:, 0])
+    logits, cache = _run_model(params, tokens[:, None], positions, jnp.ones_like(positions, bool), state.cache)
+    return DecodeState(cache=cache, lengths=state.lengths + 1), logits[:, 0]
+
+
+def _run_model(params: Params, token_ids, positions, valid, cache: KVCache, last_index=None):
+    """The model over new tokens [B, T]: float32 logits [B, T, vocab] (or [B, vocab] at each row's `last_index`)
+    and the updated cache.
+
+    With tensor parallelism the model runs per device inside `shard_map` on its shards of the weights and cache,
+    calling its collectives itself (see `qoq_jax.sharding`); the logits come out split over the vocabulary."""
+    parallel = params.parallel
+
+    def run(state, cache, token_ids, positions, valid, *last_index):
+        model = nnx.merge(params.graphdef, state)
+        tensor_axes = () if parallel is None else TENSOR_AXES
+        hidden, cache = model(token_ids, positions, valid, cache, tensor_axes=tensor_axes)
+        if last_index:
+            hidden = jnp.take_along_axis(hidden, last_index[0][:, None, None], axis=1)[:, 0]
+        return model.logits(hidden), cache
+
+    args = (params.state, cache, token_ids, positions, valid) + (() if last_index is None else (last_index,))
+    if parallel is None:
+        return run(*args)
+    cache_specs = parallel.partition_specs(cache)
+    logits_spec = parallel.logits_spec(3 if last_index is None else 2)
+    return jax.shard_map(
+        run,
+        mesh=parallel.mesh,
+        in_specs=parallel.partition_specs(args),
+        out_specs=(logits_spec, cache_specs),
+        check_vma=False,  # the collectives are the model's own; Pallas calls carry no replication types
+    )(*args)
 
 
 def _check_fits(params: Params, length: int) -> None:
