@@ -240,18 +240,21 @@ class PagedKVCache(KVCache):
         )
 
 
-def kv_bytes_per_token(config: ModelConfig, kv_bits: int, dtype) -> int:
+def kv_bytes_per_token(config: ModelConfig, kv_bits: int, dtype, *, kv_shards: int = 1) -> int:
     """Exact cache bytes one token takes over all layers, K and V: codes plus fp16 scale and zero per KV head
-    below 16 bits (QServe's budget counts bits as bytes and drops the scales, 8× off at KV4)."""
+    below 16 bits (QServe's budget counts bits as bytes and drops the scales, 8× off at KV4). With tensor
+    parallelism, the bytes on each device when the KV heads are split over `kv_shards` devices."""
     if kv_bits == 16:
         per_head = config.head_dim * jnp.dtype(dtype).itemsize
     else:
         per_head = paged_attention.code_width(config.head_dim, kv_bits) + _SCALE_ZERO_BYTES
-    return config.num_layers * 2 * config.num_kv_heads * per_head
+    if config.num_kv_heads % kv_shards:
+        raise ValueError(f"{config.num_kv_heads} KV heads do not split over {kv_shards} devices")
+    return config.num_layers * 2 * config.num_kv_heads // kv_shards * per_head
 
 
-def kv_bytes_per_page(config: ModelConfig, page_size: int, kv_bits: int, dtype) -> int:
-    return page_size * kv_bytes_per_token(config, kv_bits, dtype)
+def kv_bytes_per_page(config: ModelConfig, page_size: int, kv_bits: int, dtype, *, kv_shards: int = 1) -> int:
+    return page_size * kv_bytes_per_token(config, kv_bits, dtype, kv_shards=kv_shards)
 
 
 def pages_that_fit(
@@ -263,8 +266,9 @@ def pages_that_fit(
     kv_bits: int,
     dtype,
     reserve_bytes: int = 0,
+    kv_shards: int = 1,
 ) -> int:
     """How many pages fit in `memory_bytes` of device memory beside the weights and a reserve (activations,
-    compiled programs); 0 when nothing is left."""
+    compiled programs); 0 when nothing is left. With tensor parallelism every figure is per device."""
     free = memory_bytes - weight_bytes - reserve_bytes
-    return max(0, free // kv_bytes_per_page(config, page_size, kv_bits, dtype))
+    return max(0, free // kv_bytes_per_page(config, page_size, kv_bits, dtype, kv_shards=kv_shards))

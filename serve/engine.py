@@ -34,9 +34,11 @@ import numpy as np
 
 from qoq_jax.errors import InvalidRequestError, PromptTooLongError
 from qoq_jax.generate import Continuation, eos_ids
-from qoq_jax.kv_cache import PagedKVCache, kv_bytes_per_page, pages_that_fit
+from jax.sharding import Mesh
+
+from qoq_jax.kv_cache import PagedKVCache, pages_that_fit
 from qoq_jax.page_allocator import PageAllocator
-from qoq_jax.params import Params
+from qoq_jax.params import Params, shard_params
 from qoq_jax.sampling import SamplingBatch, SamplingParams, sample
 from qoq_jax.steps import DecodeState, decode_step, prefill
 from serve.request import EngineStats, OverloadedError, Request, RequestOutput
@@ -57,7 +59,7 @@ class EngineConfig:
     max_model_len: int | None = None  # prompt + generated tokens; default min(model context, 4096)
     page_size: int = 64
     num_pages: int | None = None  # default: kv_memory_bytes' worth, else what fits in device memory
-    kv_memory_bytes: int | None = None
+    kv_memory_bytes: int | None = None  # KV pool bytes on each device
     max_num_batched_tokens: int = 512  # decode tokens + prompt chunk tokens per step
     max_prefill_chunk: int = 256
     max_prefill_rows: int = 4
@@ -97,7 +99,16 @@ class _Sequence:
 class Engine:
     """Continuous batching of `Request`s over one paged KV pool; `step()` runs one iteration."""
 
-    def __init__(self, params: Params, config: EngineConfig = EngineConfig(), *, model_name: str = "qoq-jax"):
+    def __init__(
+        self,
+        params: Params,
+        config: EngineConfig = EngineConfig(),
+        *,
+        model_name: str = "qoq-jax",
+        mesh: Mesh | None = None,
+    ):
+        """`mesh`: serve over its "tensor" axis (tensor parallelism); params already split keep their mesh."""
+        params = shard_params(params, mesh)
         self.params = params
         self.config = config
         self.model_name = model_name
@@ -113,15 +124,19 @@ class Engine:
                 "max_model_len"
             )
         self.allocator = PageAllocator(num_pages, config.page_size)
-        self._pool = PagedKVCache.init(
-            model_config,
-            num_pages=num_pages,
-            page_size=config.page_size,
-            block_tables=jnp.zeros((1, self.pages_per_seq), jnp.int32),
-            dtype=params.dtype,
-            kv_bits=params.kv_bits,
-            kernel=params.kernel,
-        )
+
+        def empty_pool():
+            return PagedKVCache.init(
+                model_config,
+                num_pages=num_pages,
+                page_size=config.page_size,
+                block_tables=jnp.zeros((1, self.pages_per_seq), jnp.int32),
+                dtype=params.dtype,
+                kv_bits=params.kv_bits,
+                kernel=params.kernel,
+            )
+
+        self._pool = empty_pool() if params.parallel is None else params.parallel.build(empty_pool)
         self._eos_ids = frozenset(eos_ids(params))
         self.decode_buckets = _powers_of_two(config.max_num_seqs)
         self.prefill_row_buckets = _powers_of_two(config.max_prefill_rows)
@@ -141,21 +156,32 @@ class Engine:
             self.warmup()
 
     def _num_pages(self) -> int:
-        config, model_config = self.config, self.params.config
+        """Pages per pool; with tensor parallelism every device holds each page's share of the KV heads, and
+        the budget (kv_memory_bytes, device memory) is per device."""
+        config, params = self.config, self.params
         if config.num_pages is not None:
             return config.num_pages
-        page_bytes = kv_bytes_per_page(model_config, config.page_size, self.params.kv_bits, self.params.dtype)
+        parallel = params.parallel
+        kv_shards = 1 if parallel is None else parallel.kv_shards
+        budget = {
+            "page_size": config.page_size,
+            "kv_bits": params.kv_bits,
+            "dtype": params.dtype,
+            "kv_shards": kv_shards,
+        }
         if config.kv_memory_bytes is not None:
-            return config.kv_memory_bytes // page_bytes
-        memory = jax.devices()[0].memory_stats() or {}
-        if "bytes_limit" in memory:  # weights are already resident: what is in use is theirs
-            return pages_that_fit(
-                model_config,
-                int(memory["bytes_limit"] * _DEVICE_MEMORY_FRACTION),
-                int(memory.get("bytes_in_use", 0)),
-                page_size=config.page_size,
-                kv_bits=self.params.kv_bits,
-                dtype=self.params.dtype,
+            return pages_that_fit(params.config, config.kv_memory_bytes, 0, **budget)
+        devices = [jax.devices()[0]] if parallel is None else list(parallel.mesh.devices.flat)
+        memories = [device.memory_stats() or {} for device in devices]
+        if all("bytes_limit" in memory for memory in memories):  # weights are already resident: in use is theirs
+            return min(
+                pages_that_fit(
+                    params.config,
+                    int(memory["bytes_limit"] * _DEVICE_MEMORY_FRACTION),
+                    int(memory.get("bytes_in_use", 0)),
+                    **budget,
+                )
+                for memory in memories
             )
         return config.max_num_seqs * self.pages_per_seq  # CPU: every seat at full length
 
@@ -524,7 +550,8 @@ class AsyncEngine:
                 self._loop.call_soon_threadsafe(queue.put_nowait, error)
 
 
-def build_engine(params: Params, *, model_name: str = "qoq-jax", **options) -> Engine:
-    """An `Engine` over `params` with `EngineConfig` options (max_num_seqs, max_model_len, page_size, num_pages,
-    kv_memory_bytes, ...); warm-up compiles every bucket unless warmup=False."""
-    return Engine(params, EngineConfig(**options), model_name=model_name)
+def build_engine(params: Params, *, model_name: str = "qoq-jax", mesh: Mesh | None = None, **options) -> Engine:
+    """An `Engine` over `params` (split over `mesh`'s "tensor" axis when given) with `EngineConfig` options
+    (max_num_seqs, max_model_len, page_size, num_pages, kv_memory_bytes per device, ...); warm-up compiles every
+    bucket unless warmup=False."""
+    return Engine(params, EngineConfig(**options), model_name=model_name, mesh=mesh)
