@@ -1,9 +1,10 @@
 """qoq-jax: W4A8KV4 (QoQ) serving of Llama-family models in JAX.
 
-    params = qoq_jax.load("smollm2")
-    logits = qoq_jax.forward(params, token_ids)
-    texts = qoq_jax.generate(params, ["The capital of France is"], max_new_tokens=32)
-    qoq_jax.save_checkpoint(params, "ckpt"); params = qoq_jax.load("ckpt")
+params = qoq_jax.load("smollm2")
+logits = qoq_jax.forward(params, token_ids)
+texts = qoq_jax.generate(params, ["The capital of France is"], max_new_tokens=32)
+qoq_jax.save_checkpoint(params, "ckpt"); params = qoq_jax.load("ckpt")
+params = qoq_jax.load("ckpt", mesh=qoq_jax.make_mesh(4))  # tensor parallel over 4 devices
 """
 
 from qoq_jax.checkpoint import load_checkpoint, save_checkpoint
@@ -19,9 +20,10 @@ from qoq_jax.errors import (
 from qoq_jax.generate import Completion, complete, generate
 from qoq_jax.kv_cache import KVCache, KVPool, NoKVCache, PagedKVCache, kv_bytes_per_page, pages_that_fit
 from qoq_jax.loading import load
-from qoq_jax.params import Params, assemble_params, expected_shapes, init_params
+from qoq_jax.params import Params, assemble_params, expected_shapes, init_params, shard_params
 from qoq_jax.perplexity import Perplexity, perplexity
 from qoq_jax.quant import QuantFormat
+from qoq_jax.sharding import TensorParallel, make_mesh
 from qoq_jax.sampling import SamplingParams
 from qoq_jax.steps import DecodeState, decode_step, forward, prefill
 
@@ -43,6 +45,7 @@ __all__ = [
     "QuantFormat",
     "RopeConfig",
     "SamplingParams",
+    "TensorParallel",
     "UnsupportedModelError",
     "assemble_params",
     "complete",
@@ -54,8 +57,10 @@ __all__ = [
     "kv_bytes_per_page",
     "load",
     "load_checkpoint",
+    "make_mesh",
     "pages_that_fit",
     "perplexity",
     "prefill",
     "save_checkpoint",
+    "shard_params",
 ]

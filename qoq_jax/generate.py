@@ -15,9 +15,10 @@ from typing import Sequence, Union
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import Mesh
 
 from qoq_jax.errors import InvalidRequestError, PromptTooLongError
-from qoq_jax.params import Params
+from qoq_jax.params import Params, shard_params
 from qoq_jax.sampling import SamplingBatch, SamplingParams, sample
 from qoq_jax.steps import DecodeState, decode_step, prefill
 
@@ -60,6 +61,7 @@ def complete(
     ignore_eos: bool = False,
     chat: bool = False,
     decode_chunk: int = 16,
+    mesh: Mesh | None = None,
 ) -> list[Completion]:
     """Generates for a batch of prompts of any lengths.
 
@@ -67,6 +69,7 @@ def complete(
     prompt stops at the model's EOS (unless `ignore_eos`), at any of `stop_token_ids`, or when the text contains
     one of the `stop` strings (cut before it), and after `max_new_tokens` tokens otherwise. With `chat=True`
     string prompts are user messages; lists of {"role", "content"} dicts always go through the chat template.
+    With `mesh` the model runs split over its "tensor" axis (see `qoq_jax.make_mesh`).
     """
     if isinstance(prompts, str) or not len(prompts):
         raise InvalidRequestError("prompts must be a non-empty list of prompts")
@@ -77,6 +80,7 @@ def complete(
         raise InvalidRequestError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
     if decode_chunk < 1:
         raise InvalidRequestError(f"decode_chunk must be >= 1, got {decode_chunk}")
+    params = shard_params(params, mesh)
     tokenizer = params.tokenizer
     if stop and tokenizer is None:
         raise InvalidRequestError("stop strings need a tokenizer; this model has none (use stop_token_ids)")

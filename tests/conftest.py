@@ -6,6 +6,10 @@ import os
 
 # Tests compare float32 numerics against torch: keep XLA's CPU matmuls at full precision.
 os.environ.setdefault("JAX_DEFAULT_MATMUL_PRECISION", "highest")
+# Four CPU devices for the tensor- and data-parallel tests (everything else runs on the first one).
+CPU_DEVICES = 4
+if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
+    os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={CPU_DEVICES}"
 
 from pathlib import Path  # noqa: E402
 
