@@ -10,6 +10,7 @@ import re
 from pathlib import Path
 
 import numpy as np
+from jax.sharding import Mesh
 from tqdm.auto import tqdm
 
 from qoq_jax.config import ModelConfig
@@ -38,7 +39,7 @@ def unpermute_qk_rows(w: np.ndarray, num_heads: int) -> np.ndarray:
     return w.reshape(num_heads, half, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-def import_gguf(file: str | Path, *, dtype=None) -> Params:
+def import_gguf(file: str | Path, *, dtype=None, mesh: Mesh | None = None) -> Params:
     import gguf
 
     file = Path(file)
@@ -72,7 +73,8 @@ def import_gguf(file: str | Path, *, dtype=None) -> Params:
         tensors[path] = np.ascontiguousarray(w.T) if is_kernel else w
     if unknown:
         raise CheckpointError(f"{file}: tensors the model does not have: {', '.join(unknown[:10])}")
-    return assemble_params(config, tensors, dtype=dtype, tokenizer=gguf_tokenizer(metadata), source=str(file))
+    tokenizer = gguf_tokenizer(metadata)
+    return assemble_params(config, tensors, dtype=dtype, tokenizer=tokenizer, source=str(file), mesh=mesh)
 
 
 def gguf_to_hf_config(metadata: dict, tensor_names: set[str], *, source: str) -> dict:

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 import numpy as np
+from jax.sharding import Mesh
 from tqdm.auto import tqdm
 
 from qoq_jax.config import ModelConfig
@@ -55,7 +56,7 @@ def map_hf_name(name: str) -> tuple[ParamPath, Transform] | None:
     return None
 
 
-def import_hf_directory(directory: str | Path, *, dtype=None) -> Params:
+def import_hf_directory(directory: str | Path, *, dtype=None, mesh: Mesh | None = None) -> Params:
     directory = Path(directory)
     config_file = directory / "config.json"
     if not config_file.is_file():
@@ -79,7 +80,8 @@ def import_hf_directory(directory: str | Path, *, dtype=None) -> Params:
         tensors[path] = transform(read())
     if unknown:
         raise CheckpointError(f"{directory}: tensors the model does not have: {', '.join(unknown[:10])}")
-    return assemble_params(config, tensors, dtype=dtype, tokenizer=load_tokenizer(directory), source=str(directory))
+    tokenizer = load_tokenizer(directory)
+    return assemble_params(config, tensors, dtype=dtype, tokenizer=tokenizer, source=str(directory), mesh=mesh)
 
 
 def load_tokenizer(directory: Path):

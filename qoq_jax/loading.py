@@ -14,7 +14,7 @@ from qoq_jax.checkpoint import is_checkpoint, load_checkpoint
 from qoq_jax.errors import UnsupportedModelError
 from jax.sharding import Mesh
 
-from qoq_jax.params import Params, shard_params
+from qoq_jax.params import Params
 
 IMPORTER_GROUP = "qoq_jax.importers"
 
@@ -27,7 +27,7 @@ def load(source: str | os.PathLike, *, dtype=None, kernel: str = "auto", mesh: M
     imports, and the stored dtype for a checkpoint (which refuses any other: see `load_checkpoint`).
     kernel: how a checkpoint's quantized matmuls run ("auto", "pallas", "reference"); imported models are float.
     mesh: split the model over this mesh's "tensor" axis (tensor parallelism, `qoq_jax.make_mesh`). A checkpoint
-    is restored straight into its shardings; an import is read on the host first.
+    is restored straight into its shardings; an import is read on the host and each device receives only its shards.
     """
     if is_checkpoint(source):
         return load_checkpoint(source, dtype=dtype, kernel=kernel, mesh=mesh)
@@ -37,4 +37,4 @@ def load(source: str | os.PathLike, *, dtype=None, kernel: str = "auto", mesh: M
             f"no model importer is installed (entry-point group {IMPORTER_GROUP!r}); "
             "install the qoq-jax distribution, which provides the converters package"
         )
-    return shard_params(importers[0].load()(source, dtype=dtype), mesh)
+    return importers[0].load()(source, dtype=dtype, mesh=mesh)

@@ -119,8 +119,11 @@ def assemble_params(
     dtype=None,
     tokenizer=None,
     source: str = "checkpoint",
+    mesh: Mesh | None = None,
 ) -> Params:
-    """Builds `Params` from a full mapping of parameter paths to arrays, or raises `CheckpointError`."""
+    """Builds `Params` from a full mapping of parameter paths to host arrays, or raises `CheckpointError`.
+
+    With `mesh` each device receives only its shards (split over the mesh's tensor axis) straight from the host."""
     expected = expected_shapes(config)
     problems = [f"missing tensor {_name(p)} (shape {s})" for p, s in expected.items() if p not in tensors]
     problems += [f"unexpected tensor {_name(p)}" for p in tensors if p not in expected]
@@ -135,8 +138,11 @@ def assemble_params(
     dtype = resolve_dtype(dtype)
     model = nnx.eval_shape(lambda: CausalLM(config, dtype=dtype, rngs=nnx.Rngs(0)))
     graphdef, state = nnx.split(model)
-    flat = [(path, var.replace(jnp.asarray(tensors[path], dtype=dtype))) for path, var in nnx.to_flat_state(state)]
-    return Params(state=nnx.from_flat_state(flat), graphdef=graphdef, config=config, tokenizer=tokenizer)
+    flat = [(path, var.replace(np.asarray(tensors[path], dtype=dtype))) for path, var in nnx.to_flat_state(state)]
+    state = nnx.from_flat_state(flat)
+    parallel = None if mesh is None else TensorParallel.create(mesh, config)
+    state = jax.device_put(state) if parallel is None else parallel.place(state)
+    return Params(state=state, graphdef=graphdef, config=config, tokenizer=tokenizer, parallel=parallel)
 
 
 def _name(path: ParamPath) -> str:
