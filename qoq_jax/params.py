@@ -79,19 +79,21 @@ def init_params(
     quant: QuantFormat | None = None,
     mesh: Mesh | None = None,
 ) -> Params:
-    """Random weights with the model's shapes (tests, benchmarks), in `quant`'s formats when given, created
-    directly split over `mesh`'s tensor axis when given."""
+    """Random weights with the model's shapes (tests, benchmarks), in `quant`'s formats when given, made by one
+    compiled program on the device, directly split over `mesh`'s tensor axis when given (never whole on one
+    device). To compare splits, make the weights once and `shard_params` them: the split program may round a
+    rare quantized code differently."""
     dtype = resolve_dtype(dtype)
 
     def model():
         return CausalLM(config, dtype=dtype, rngs=nnx.Rngs(seed), quant=quant)
 
-    if mesh is None:
-        graphdef, state = nnx.split(model())
-        return Params(state=state, graphdef=graphdef, config=config, tokenizer=tokenizer, quant=quant)
-    parallel = TensorParallel.create(mesh, config, quant)
+    def state():
+        return nnx.split(model())[1]
+
     graphdef = nnx.split(nnx.eval_shape(model))[0]
-    state = parallel.build(lambda: nnx.split(model())[1])
+    parallel = None if mesh is None else TensorParallel.create(mesh, config, quant)
+    state = jax.jit(state)() if parallel is None else parallel.build(state)
     return Params(state=state, graphdef=graphdef, config=config, tokenizer=tokenizer, quant=quant, parallel=parallel)
 
 

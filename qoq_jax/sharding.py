@@ -51,8 +51,10 @@ T = TypeVar("T")
 def make_mesh(tensor_parallel: int, devices: Sequence[jax.Device] | None = None) -> Mesh:
     """A one-axis ("tensor") mesh of the first `tensor_parallel` devices (default: this process's view of all)."""
     devices = list(jax.devices() if devices is None else devices)
-    if not 1 <= tensor_parallel <= len(devices):
-        raise ValueError(f"tensor_parallel must be between 1 and the {len(devices)} devices; got {tensor_parallel}")
+    if tensor_parallel < 1:
+        raise ValueError(f"tensor_parallel must be ≥ 1; got {tensor_parallel}")
+    if tensor_parallel > len(devices):
+        raise ValueError(f"tensor_parallel={tensor_parallel} needs {tensor_parallel} devices; there are {len(devices)}")
     return Mesh(np.array(devices[:tensor_parallel]), (TENSOR_AXIS,))
 
 

@@ -4,19 +4,28 @@
     qoq-jax generate --model smollm2-g128 "The capital of France is"
     qoq-jax eval --model smollm2-g128 --text ../shared/data/gpl-3.0.txt --seq-len 512
     qoq-jax serve --model smollm2-g128 --port 8000
+    qoq-jax serve --model smollm2-g128 --tensor-parallel 2 --data-parallel 4
+
+--tensor-parallel N splits the model over N devices; serve's --data-parallel M runs M independent replicas of it,
+each on its own N devices, and sends each request to the least loaded.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
+from jax.sharding import Mesh
+
 import qoq_jax
-from qoq_jax.params import DTYPES
 from qoq_jax.errors import QoQError
+from qoq_jax.params import DTYPES, Params, shard_params
+from qoq_jax.sharding import make_mesh
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -125,11 +134,12 @@ def _add_eval(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seq-len", type=int, default=512)
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--dtype", choices=list(DTYPES), default=None)
+    _add_tensor_parallel(parser)
     parser.set_defaults(run=_eval)
 
 
 def _eval(args: argparse.Namespace) -> int:
-    params = qoq_jax.load(args.model, dtype=args.dtype)
+    params = qoq_jax.load(args.model, dtype=args.dtype, mesh=_tensor_mesh(args.tensor_parallel))
     text = Path(args.text).read_text(encoding="utf-8")
     result = qoq_jax.perplexity(params, text, seq_len=args.seq_len, batch_size=args.batch_size, progress=True)
     print(f"perplexity {result.perplexity:.4f}")
@@ -155,12 +165,14 @@ def _add_generate(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--no-warmup", action="store_true", help="skip the untimed compile run (tokens/s then includes compilation)"
     )
+    _add_tensor_parallel(parser)
     parser.set_defaults(run=_generate)
 
 
 def _generate(args: argparse.Namespace) -> int:
+    mesh = _tensor_mesh(args.tensor_parallel)
     started = time.perf_counter()
-    params = qoq_jax.load(args.model, dtype=args.dtype)
+    params = qoq_jax.load(args.model, dtype=args.dtype, mesh=mesh)
     load_seconds = time.perf_counter() - started
     options = dict(
         max_new_tokens=args.max_new_tokens,
@@ -212,7 +224,19 @@ def _add_serve(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-model-len", type=int, default=None, help="prompt + generated tokens per request")
     parser.add_argument("--page-size", type=int, default=None, help="tokens per KV cache page (default 64)")
     parser.add_argument(
-        "--kv-memory-gb", type=float, default=None, help="KV cache memory in GiB (default: what the device has left)"
+        "--kv-memory-gb",
+        type=float,
+        default=None,
+        help="KV cache memory per device in GiB (default: what the device has left)",
+    )
+    _add_tensor_parallel(parser)
+    parser.add_argument(
+        "--data-parallel",
+        type=_positive_int,
+        default=1,
+        metavar="M",
+        help="independent replicas of the model, each on its own --tensor-parallel devices, requests going to the "
+        "least loaded (default 1)",
     )
     parser.set_defaults(run=_serve)
 
@@ -220,15 +244,10 @@ def _add_serve(parser: argparse.ArgumentParser) -> None:
 def _serve(args: argparse.Namespace) -> int:
     from serve.engine import AsyncEngine, build_engine
     from serve.http_server import create_app, run
+    from serve.replicas import build_replicas, device_groups
 
-    params = qoq_jax.load(args.model, dtype=args.dtype)
-    if args.recipe is not None:
-        params, report = _quantized(params, args.recipe, source=args.model)
-        print(
-            f"[{args.recipe}: quantized with {report['calibration']['samples']}×{report['calibration']['seq_len']} "
-            f"calibration tokens in {report['seconds']:.0f} s]",
-            file=sys.stderr,
-        )
+    device_groups(args.tensor_parallel, args.data_parallel)  # refuses a split the devices cannot hold, unloaded
+    load = _serving_params(args)
     name = args.served_model_name or str(args.model).rstrip("/")
     options = {
         "max_num_seqs": args.max_num_seqs,
@@ -236,14 +255,64 @@ def _serve(args: argparse.Namespace) -> int:
         "page_size": args.page_size,
         "kv_memory_bytes": None if args.kv_memory_gb is None else int(args.kv_memory_gb * 2**30),
     }
+    options = {k: v for k, v in options.items() if v is not None}
     print(f"[{name}: compiling the engine's shapes…]", file=sys.stderr, flush=True)
-    engine = build_engine(params, model_name=name, **{k: v for k, v in options.items() if v is not None})
-    app = create_app(AsyncEngine(engine), model_name=name, api_key=args.api_key)
+    if args.data_parallel == 1:  # one engine, no router
+        engine = AsyncEngine(build_engine(load(_tensor_mesh(args.tensor_parallel)), model_name=name, **options))
+    else:
+        engine = build_replicas(
+            load,
+            tensor_parallel=args.tensor_parallel,
+            data_parallel=args.data_parallel,
+            model_name=name,
+            **options,
+        )
+    app = create_app(engine, model_name=name, api_key=args.api_key)
     try:
         run(app, host=args.host, port=args.port)
     except KeyboardInterrupt:
         pass
     return 0
+
+
+def _serving_params(args: argparse.Namespace) -> Callable[[Mesh | None], Params]:
+    """How each engine gets the model for its mesh: loaded straight into the mesh's shardings, or, with --recipe,
+    imported and quantized once, then split over each mesh."""
+    if args.recipe is None:
+        return lambda mesh: qoq_jax.load(args.model, dtype=args.dtype, mesh=mesh)
+    params, report = _quantized(qoq_jax.load(args.model, dtype=args.dtype), args.recipe, source=args.model)
+    print(
+        f"[{args.recipe}: quantized with {report['calibration']['samples']}×{report['calibration']['seq_len']} "
+        f"calibration tokens in {report['seconds']:.0f} s]",
+        file=sys.stderr,
+    )
+    return functools.partial(shard_params, params)
+
+
+def _add_tensor_parallel(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--tensor-parallel",
+        type=_positive_int,
+        default=1,
+        metavar="N",
+        help="split the model over N devices (default 1)",
+    )
+
+
+def _positive_int(text: str) -> int:
+    """An argparse type: a clear usage error for anything but an integer ≥ 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer ≥ 1; got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be ≥ 1; got {value}")
+    return value
+
+
+def _tensor_mesh(tensor_parallel: int) -> Mesh | None:
+    """The "tensor" mesh of the first N devices; None for one, where the model runs unsplit."""
+    return None if tensor_parallel == 1 else make_mesh(tensor_parallel)
 
 
 if __name__ == "__main__":

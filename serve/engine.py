@@ -493,6 +493,14 @@ class AsyncEngine:
     def alive(self) -> bool:
         return self._thread is not None and self._thread.is_alive() and self.error is None
 
+    @property
+    def params(self) -> Params:
+        return self.engine.params
+
+    @property
+    def max_model_len(self) -> int:
+        return self.engine.max_model_len
+
     async def start(self) -> None:
         self._loop = asyncio.get_running_loop()
         self._thread = threading.Thread(target=self._run, name="qoq-jax-engine", daemon=True)

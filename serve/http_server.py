@@ -407,10 +407,7 @@ class _Server:
         return SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
 
     def encode(self, prompt, *, chat: bool) -> list[int]:
-        params = getattr(self.engine.engine, "params", None)
-        if params is None:
-            raise InvalidRequestError("this engine exposes no tokenizer")
-        ids, _ = encode_prompt(params, prompt, chat)
+        ids, _ = encode_prompt(self.engine.params, prompt, chat)
         if not ids:
             raise InvalidRequestError("the prompt is empty")
         return ids
@@ -418,7 +415,7 @@ class _Server:
     def requests(self, base_id: str, prompts: list[list[int]], body: _Body, max_tokens: int | None) -> list[Request]:
         sampling = self.sampling(body)
         stop = (body.stop,) if isinstance(body.stop, str) else tuple(body.stop or ())
-        limit = self.engine.engine.max_model_len
+        limit = self.engine.max_model_len
         requests = []
         for i, ids in enumerate(prompts):
             tokens = max_tokens if max_tokens is not None else limit - len(ids)
@@ -471,7 +468,8 @@ class _Server:
 
 
 def create_app(engine, *, model_name: str, api_key: str | None = None) -> FastAPI:
-    """The FastAPI app serving `engine` (an AsyncEngine) as `model_name`; it starts and stops the engine."""
+    """The FastAPI app serving `engine` (an AsyncEngine, or a ReplicatedEngine of several) as `model_name`; it
+    starts and stops the engine."""
     server = _Server(engine, model_name, api_key)
 
     @contextlib.asynccontextmanager

@@ -386,7 +386,7 @@ def test_cancelled_stream_aborts_its_request_and_frees_its_pages(served):
 
 def test_serve_command_passes_engine_options(monkeypatch, params, capsys):
     seen = {}
-    monkeypatch.setattr(qoq_jax, "load", lambda model, dtype=None: params)
+    monkeypatch.setattr(qoq_jax, "load", lambda model, dtype=None, mesh=None: params)
     monkeypatch.setattr("serve.engine.build_engine", lambda p, **kw: seen.update(build=kw) or object())
     monkeypatch.setattr("serve.engine.AsyncEngine", lambda engine: engine)
     monkeypatch.setattr("serve.http_server.create_app", lambda e, **kw: seen.update(app=kw) or "app")
