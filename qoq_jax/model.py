@@ -53,7 +53,10 @@ def linear(
 
 class Linear(nnx.Module):
     """A float kernel [in, out], or one stored in `quant`'s weight format (initialised by rounding the random
-    float kernel, which gives valid codes and scales for tests and benchmarks)."""
+    float kernel, which gives valid codes and scales for tests and benchmarks).
+
+    Modules take a PRNG key rather than `nnx.Rngs`: drawing from Rngs inside a trace (jit, eval_shape) makes
+    jax search the whole trace once per draw, quadratic in the model's size (20 s for an 8B model in W4A8)."""
 
     def __init__(
         self,
@@ -62,10 +65,10 @@ class Linear(nnx.Module):
         *,
         use_bias: bool,
         dtype,
-        rngs: nnx.Rngs,
+        key: jax.Array,
         quant: QuantFormat | None = None,
     ):
-        kernel = nnx.initializers.normal(0.02)(rngs.params(), (in_features, out_features), dtype)
+        kernel = nnx.initializers.normal(0.02)(key, (in_features, out_features), dtype)
         if quant is not None:
             kernel = quant.round_to_nearest(kernel)
         self.kernel = nnx.Param(kernel)
@@ -87,14 +90,15 @@ class RMSNorm(nnx.Module):
 
 
 class Attention(nnx.Module):
-    def __init__(self, config: ModelConfig, *, dtype, rngs: nnx.Rngs, quant: QuantFormat | None = None):
+    def __init__(self, config: ModelConfig, *, dtype, key: jax.Array, quant: QuantFormat | None = None):
         c = config
         self.num_heads, self.num_kv_heads, self.head_dim = c.num_heads, c.num_kv_heads, c.head_dim
-        kw = {"dtype": dtype, "rngs": rngs, "quant": quant}
-        self.q_proj = Linear(c.hidden_size, c.num_heads * c.head_dim, use_bias=c.qkv_bias, **kw)
-        self.k_proj = Linear(c.hidden_size, c.num_kv_heads * c.head_dim, use_bias=c.qkv_bias, **kw)
-        self.v_proj = Linear(c.hidden_size, c.num_kv_heads * c.head_dim, use_bias=c.qkv_bias, **kw)
-        self.o_proj = Linear(c.num_heads * c.head_dim, c.hidden_size, use_bias=c.o_bias, **kw)
+        q_key, k_key, v_key, o_key = jax.random.split(key, 4)
+        kw = {"dtype": dtype, "quant": quant}
+        self.q_proj = Linear(c.hidden_size, c.num_heads * c.head_dim, use_bias=c.qkv_bias, key=q_key, **kw)
+        self.k_proj = Linear(c.hidden_size, c.num_kv_heads * c.head_dim, use_bias=c.qkv_bias, key=k_key, **kw)
+        self.v_proj = Linear(c.hidden_size, c.num_kv_heads * c.head_dim, use_bias=c.qkv_bias, key=v_key, **kw)
+        self.o_proj = Linear(c.num_heads * c.head_dim, c.hidden_size, use_bias=c.o_bias, key=o_key, **kw)
         self.rope = c.rope
 
     def __call__(
@@ -118,12 +122,13 @@ class Attention(nnx.Module):
 
 
 class MLP(nnx.Module):
-    def __init__(self, config: ModelConfig, *, dtype, rngs: nnx.Rngs, quant: QuantFormat | None = None):
+    def __init__(self, config: ModelConfig, *, dtype, key: jax.Array, quant: QuantFormat | None = None):
         c = config
-        kw = {"use_bias": c.mlp_bias, "dtype": dtype, "rngs": rngs, "quant": quant}
-        self.gate_proj = Linear(c.hidden_size, c.intermediate_size, **kw)
-        self.up_proj = Linear(c.hidden_size, c.intermediate_size, **kw)
-        self.down_proj = Linear(c.intermediate_size, c.hidden_size, **kw)
+        gate_key, up_key, down_key = jax.random.split(key, 3)
+        kw = {"use_bias": c.mlp_bias, "dtype": dtype, "quant": quant}
+        self.gate_proj = Linear(c.hidden_size, c.intermediate_size, key=gate_key, **kw)
+        self.up_proj = Linear(c.hidden_size, c.intermediate_size, key=up_key, **kw)
+        self.down_proj = Linear(c.intermediate_size, c.hidden_size, key=down_key, **kw)
 
     def __call__(self, x_btd, observe: Observer | None, tensor_axes: Axes):
         _observe(observe, "mlp_input", x_btd)
@@ -133,11 +138,12 @@ class MLP(nnx.Module):
 
 
 class DecoderLayer(nnx.Module):
-    def __init__(self, config: ModelConfig, *, dtype, rngs: nnx.Rngs, quant: QuantFormat | None = None):
+    def __init__(self, config: ModelConfig, *, dtype, key: jax.Array, quant: QuantFormat | None = None):
+        attention_key, mlp_key = jax.random.split(key)
         self.input_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps, dtype=dtype)
-        self.self_attn = Attention(config, dtype=dtype, rngs=rngs, quant=quant)
+        self.self_attn = Attention(config, dtype=dtype, key=attention_key, quant=quant)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps, dtype=dtype)
-        self.mlp = MLP(config, dtype=dtype, rngs=rngs, quant=quant)
+        self.mlp = MLP(config, dtype=dtype, key=mlp_key, quant=quant)
 
     def __call__(
         self,
@@ -166,16 +172,15 @@ class CausalLM(nnx.Module):
 
     def __init__(self, config: ModelConfig, *, dtype=jnp.float32, rngs: nnx.Rngs, quant: QuantFormat | None = None):
         self.config = config
+        embed_key, head_key, *layer_keys = jax.random.split(rngs.params(), 2 + config.num_layers)
         embed_init = nnx.initializers.normal(0.02)
-        self.embed_tokens = nnx.Param(embed_init(rngs.params(), (config.vocab_size, config.hidden_size), dtype))
-        self.layers = nnx.List(
-            [DecoderLayer(config, dtype=dtype, rngs=rngs, quant=quant) for _ in range(config.num_layers)]
-        )
+        self.embed_tokens = nnx.Param(embed_init(embed_key, (config.vocab_size, config.hidden_size), dtype))
+        self.layers = nnx.List([DecoderLayer(config, dtype=dtype, key=key, quant=quant) for key in layer_keys])
         self.norm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps, dtype=dtype)
         self.lm_head = (
             None
             if config.tie_word_embeddings
-            else Linear(config.hidden_size, config.vocab_size, use_bias=False, dtype=dtype, rngs=rngs)
+            else Linear(config.hidden_size, config.vocab_size, use_bias=False, dtype=dtype, key=head_key)
         )
 
     def __call__(self, tokens_bt, positions_bt, valid_bt, cache: KVCache, *, tensor_axes: Axes = ()):
