@@ -181,12 +181,12 @@ def _decode_greedy(params, state: DecodeState, tokens, *, num_steps: int):
 
 @dataclasses.dataclass
 class Timing:
-    prefill_s: float
+    prefill_s: float | None  # None: included in decode_s
     decode_s: float
 
     @property
     def total_s(self) -> float:
-        return self.prefill_s + self.decode_s
+        return (self.prefill_s or 0.0) + self.decode_s
 
 
 class QoQRunner:
@@ -250,9 +250,10 @@ def measure(runner, repeats: int, profile_dir: Path | None = None) -> Timing:
 
 
 class HFRunner:
-    """transformers' `generate` with a static cache on CUDA, fp16, random weights: the outside peer."""
+    """transformers' `generate` with a static cache, random weights: the outside peer (fp16 on a CUDA device; on
+    CPU, for --smoke only, in --dtype). Its time includes its prefill, which it does not report apart."""
 
-    def __init__(self, config: ModelConfig, *, batch: int, prompt_len: int, gen_len: int):
+    def __init__(self, config: ModelConfig, dtype: str, *, batch: int, prompt_len: int, gen_len: int):
         import torch
         import transformers
 
@@ -263,31 +264,35 @@ class HFRunner:
             head_dim=config.head_dim, max_position_embeddings=config.max_context, rms_norm_eps=config.rms_norm_eps,
             rope_theta=config.rope.theta, tie_word_embeddings=config.tie_word_embeddings,
         )  # fmt: skip
-        torch.manual_seed(0)
-        with torch.device("cuda"):
-            self.model = transformers.LlamaForCausalLM(hf_config).to(torch.float16).eval()
         self.torch = torch
-        self.batch, self.prompt_len, self.gen_len = batch, prompt_len, gen_len
-        self.prompts = torch.randint(0, config.vocab_size, (batch, prompt_len), device="cuda")
+        self.device = "cuda" if torch.cuda.is_available() else "cpu"
+        torch.manual_seed(0)
+        with torch.device(self.device):  # made where it runs, in its dtype: never a float32 copy of the model
+            model = transformers.AutoModelForCausalLM.from_config(hf_config, dtype=getattr(torch, dtype))
+        self.model = model.eval()
+        self.gen_len = gen_len
+        self.prompts = torch.randint(0, config.vocab_size, (batch, prompt_len), device=self.device)
 
     def run(self) -> Timing:
-        torch = self.torch
-        torch.cuda.synchronize()
+        self._synchronize()
         started = time.perf_counter()
-        with torch.inference_mode():
+        with self.torch.inference_mode():
             self.model.generate(
-                self.prompts, attention_mask=torch.ones_like(self.prompts), max_new_tokens=self.gen_len,
+                self.prompts, attention_mask=self.torch.ones_like(self.prompts), max_new_tokens=self.gen_len,
                 min_new_tokens=self.gen_len, do_sample=False, cache_implementation="static", pad_token_id=0,
             )  # fmt: skip
-        torch.cuda.synchronize()
-        return Timing(0.0, time.perf_counter() - started)  # transformers does not split prefill from decode
+        self._synchronize()
+        return Timing(None, time.perf_counter() - started)
+
+    def _synchronize(self) -> None:
+        if self.device == "cuda":
+            self.torch.cuda.synchronize()
 
 
-def hf_footprint(config: ModelConfig, *, prompt_len: int, gen_len: int) -> Footprint:
-    """fp16 weights and a static KV16 cache of prompt + generated tokens per row."""
+def hf_footprint(config: ModelConfig, dtype, *, prompt_len: int, gen_len: int) -> Footprint:
+    """16-bit weights and a static KV16 cache of prompt + generated tokens per row."""
     return Footprint(
-        weight_bytes(config, None, jnp.float16, None),
-        (prompt_len + gen_len) * kv_bytes_per_page(config, 1, 16, jnp.float16),
+        weight_bytes(config, None, dtype, None), (prompt_len + gen_len) * kv_bytes_per_page(config, 1, 16, dtype)
     )
 
 
@@ -351,10 +356,10 @@ def benchmark_model(args, name: str, mesh) -> list[dict]:
     rows = []
     for system in sorted(args.systems, key=lambda s: s != HF_TORCH):  # torch first, before JAX's memory pool grows
         if system == HF_TORCH:
-            if not torch_cuda_available() or args.tensor_parallel > 1:
+            if not (args.smoke or torch_cuda_available()) or args.tensor_parallel > 1:
                 print(f"[{name} {system}: skipped (needs torch with CUDA, one device)]", flush=True)
                 continue
-            fits = hf_footprint(config, **shape)
+            fits = hf_footprint(config, dtype, **shape)
         else:
             parallel = None if mesh is None else TensorParallel.create(mesh, config, SYSTEMS[system])
             fits = footprint(config, SYSTEMS[system], dtype, parallel, **shape)
@@ -383,27 +388,29 @@ def run_system(args, config, system: str, mesh, batch: int) -> dict:
 
     def runner(batch_size: int):
         if system == HF_TORCH:
-            return HFRunner(config, batch=batch_size, **shape)
+            return HFRunner(config, args.dtype, batch=batch_size, **shape)
         return QoQRunner(
             config, SYSTEMS[system], args.dtype, mesh, batch=batch_size, prefill_rows=args.prefill_rows, **shape
         )
 
+    def per_token_ms(timing: Timing) -> float:
+        """Decode time per step; transformers' whole time (its prefill included) per generated token."""
+        return 1e3 * timing.decode_s / (args.gen_len if timing.prefill_s is None else args.gen_len - 1)
+
     profile = args.profile if system == "qoq_w4a8kv4_g128" else None
     timing = measure(runner(batch), args.repeats, profile)
-    if system == HF_TORCH:
-        import torch
-
-        torch.cuda.empty_cache()  # hand the freed memory back before JAX runs
     result = {
         "tokens_per_s": batch * args.gen_len / timing.total_s,
         "wall_s": timing.total_s,
         "prefill_s": timing.prefill_s,
-        "decode_ms_per_step": 1e3 * timing.decode_s / (args.gen_len - (0 if system == HF_TORCH else 1)),
+        "decode_ms_per_step": per_token_ms(timing),
     }
     if not args.no_latency:
-        latency = measure(runner(1), args.repeats)
-        steps = args.gen_len if system == HF_TORCH else args.gen_len - 1
-        result["ms_per_token_batch1"] = 1e3 * latency.decode_s / steps
+        result["ms_per_token_batch1"] = per_token_ms(measure(runner(1), args.repeats))
+    if system == HF_TORCH and torch_cuda_available():
+        import torch
+
+        torch.cuda.empty_cache()  # hand the freed memory back before JAX runs
     jax.clear_caches()
     return result
 
@@ -460,7 +467,7 @@ def main(argv=None) -> dict:
         "smoke": args.smoke,
         "method": "QServe qserve_benchmark.py: random weights, random prompts, largest batch in the budget, "
         "tokens/s = batch × gen_len / wall time including prefill (median of repeats after a compile run); "
-        "ms_per_token_batch1 = decode time per step at batch 1",
+        "ms_per_token_batch1 = decode time per step at batch 1 (hf_torch: its whole time per generated token)",
         "rows": rows,
         "goal": goals(rows, device),
     }
