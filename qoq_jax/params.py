@@ -91,8 +91,8 @@ def init_params(
     def state():
         return nnx.split(model())[1]
 
-    graphdef = nnx.split(nnx.eval_shape(model))[0]
     parallel = None if mesh is None else TensorParallel.create(mesh, config, quant)
+    graphdef = nnx.split(nnx.eval_shape(model))[0]
     state = jax.jit(state)() if parallel is None else parallel.build(state)
     return Params(state=state, graphdef=graphdef, config=config, tokenizer=tokenizer, quant=quant, parallel=parallel)
 
