@@ -8,13 +8,16 @@ import torch
 
 import qoq_jax
 from converters.importing import smollm2_path
+from tiny_models import smollm2_float32
 
-torch.set_num_threads(2)
+# One thread: transformers' greedy decoding multiplies one token at a time, where a second OpenMP thread costs
+# more than it gives (tenfold per token when the two cores are shared with anything else).
+torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="module")
 def params():
-    return qoq_jax.load("smollm2", dtype="float32")
+    return smollm2_float32()
 
 
 @pytest.fixture(scope="module")
@@ -59,11 +62,18 @@ def test_tokenizer_matches_transformers_gguf_tokenizer(params, gpl_text):
     )
 
 
-def test_logits_match_transformers(params, hf_model, text_tokens):
-    token_ids = text_tokens[None, 1000:1256]
+@pytest.fixture(scope="module")
+def text_logits(params, hf_model, text_tokens):
+    """(token ids [2, 512], our logits, transformers' logits) on the text's first 1024 tokens: one forward of
+    each model, shared by the logits and perplexity tests."""
+    token_ids = text_tokens[: 2 * 512].reshape(2, 512)
     with torch.no_grad():
         reference = hf_model(torch.tensor(token_ids, dtype=torch.long)).logits.numpy()
-    ours = np.asarray(qoq_jax.forward(params, token_ids))
+    return token_ids, np.asarray(qoq_jax.forward(params, token_ids)), reference
+
+
+def test_logits_match_transformers(text_logits):
+    _, ours, reference = text_logits
     assert np.max(np.abs(ours - reference)) / np.max(np.abs(reference)) <= 1e-3
 
 
@@ -74,11 +84,9 @@ def _perplexity(logits, token_ids) -> float:
     return float(np.exp(np.mean(log_z - target)))
 
 
-def test_perplexity_matches_transformers(params, hf_model, text_tokens):
-    token_ids = text_tokens[: 4 * 512].reshape(4, 512)
-    with torch.no_grad():
-        reference = _perplexity(hf_model(torch.tensor(token_ids, dtype=torch.long)).logits.numpy(), token_ids)
-    ours = _perplexity(np.asarray(qoq_jax.forward(params, token_ids)), token_ids)
+def test_perplexity_matches_transformers(text_logits):
+    token_ids, ours, reference = text_logits
+    reference, ours = _perplexity(reference, token_ids), _perplexity(ours, token_ids)
     assert abs(ours / reference - 1) <= 0.005
     assert 1.5 < ours < 100  # a real language model on English text, not noise
 

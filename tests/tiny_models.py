@@ -1,8 +1,10 @@
-"""Tiny random transformers models of each supported family, built with transformers' own config classes."""
+"""Tiny random transformers models of each supported family, built with transformers' own config classes; and the
+embedded SmolLM2, loaded once for the test modules that use it."""
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 from pathlib import Path
 
 import jax
@@ -107,3 +109,12 @@ def sharp_tiny_llama(*, seed: int = 11, tokenizer=None):
     params = qoq_jax.init_params(qoq_jax.ModelConfig.from_hf(TINY_CONFIGS["llama"]().to_dict()), seed=seed)
     state = jax.tree_util.tree_map(lambda x: x * 6, params.state)
     return dataclasses.replace(params, state=state, tokenizer=tokenizer)
+
+
+@functools.cache
+def smollm2_float32():
+    """The embedded SmolLM2-135M as float32 `Params`, imported from its GGUF once per session and shared by the
+    SmolLM2 test modules (read-only: nothing may modify it)."""
+    import qoq_jax
+
+    return qoq_jax.load("smollm2", dtype="float32")
