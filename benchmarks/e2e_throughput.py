@@ -476,6 +476,8 @@ def main(argv=None) -> dict:
     (args.out_dir / f"e2e-{slug}{suffix}.json").write_text(json.dumps(result, indent=1) + "\n")
     table = "\n".join([TABLE_HEADER, *map(format_row, rows)])
     title = f"# End-to-end throughput on {device} (jax {jax.__version__}, {args.dtype}, TP {args.tensor_parallel})"
+    if args.smoke:
+        title += "\n\nA smoke run on a tiny model: it checks the machinery and measures nothing about speed."
     (args.out_dir / f"e2e-{slug}{suffix}.md").write_text(f"{title}\n\n{result['method']}\n\n{table}\n")
     return result
 
