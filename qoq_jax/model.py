@@ -92,7 +92,7 @@ class RMSNorm(nnx.Module):
 class Attention(nnx.Module):
     def __init__(self, config: ModelConfig, *, dtype, key: jax.Array, quant: QuantFormat | None = None):
         c = config
-        self.num_heads, self.num_kv_heads, self.head_dim = c.num_heads, c.num_kv_heads, c.head_dim
+        self.head_dim = c.head_dim  # head counts follow from the q/k/v widths: a device holds only its share
         q_key, k_key, v_key, o_key = jax.random.split(key, 4)
         kw = {"dtype": dtype, "quant": quant}
         self.q_proj = Linear(c.hidden_size, c.num_heads * c.head_dim, use_bias=c.qkv_bias, key=q_key, **kw)
