@@ -9,6 +9,7 @@ either fully loaded or not at all.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any, Mapping
 
 import jax
@@ -84,17 +85,17 @@ def init_params(
     device). To compare splits, make the weights once and `shard_params` them: the split program may round a
     rare quantized code differently."""
     dtype = resolve_dtype(dtype)
-
-    def model():
-        return CausalLM(config, dtype=dtype, rngs=nnx.Rngs(seed), quant=quant)
-
-    def state():
-        return nnx.split(model())[1]
-
     parallel = None if mesh is None else TensorParallel.create(mesh, config, quant)
-    graphdef = nnx.split(nnx.eval_shape(model))[0]
-    state = jax.jit(state)() if parallel is None else parallel.build(state)
+    make = functools.partial(_random_state, jnp.int32(seed), config=config, dtype=dtype, quant=quant)
+    graphdef = nnx.split(nnx.eval_shape(lambda: CausalLM(config, dtype=dtype, rngs=nnx.Rngs(0), quant=quant)))[0]
+    state = make() if parallel is None else parallel.build(make)
     return Params(state=state, graphdef=graphdef, config=config, tokenizer=tokenizer, quant=quant, parallel=parallel)
+
+
+@functools.partial(jax.jit, static_argnames=("config", "dtype", "quant"))
+def _random_state(seed, *, config: ModelConfig, dtype, quant: QuantFormat | None) -> nnx.State:
+    """Compiled once per model description; the seed is an argument."""
+    return nnx.split(CausalLM(config, dtype=dtype, rngs=nnx.Rngs(jax.random.key(seed)), quant=quant))[1]
 
 
 def shard_params(params: Params, mesh: Mesh | None) -> Params:
