@@ -40,7 +40,7 @@ def test_greedy_generation_matches_transformers(pair):
     with torch.no_grad():
         reference = hf_model.generate(torch.tensor([prompt]), max_new_tokens=16, do_sample=False, pad_token_id=0)
     ours = qoq_jax.generate(params, [prompt], max_new_tokens=16, ignore_eos=True)
-    assert ours == [reference[0, len(prompt):].tolist()], name
+    assert ours == [reference[0, len(prompt) :].tolist()], name
 
 
 def test_rotary_frequencies_match_transformers(pair):
@@ -83,17 +83,19 @@ def test_prefill_and_decode_steps_match_forward(llama):
     rng = np.random.default_rng()
     token_ids = rng.integers(0, llama.config.vocab_size, (3, 20))
     lengths = np.array([20, 13, 5])
-    full = np.asarray(qoq_jax.forward(llama, token_ids))
+    continuation = rng.integers(0, llama.config.vocab_size, (3, 4))
+    # Each row's whole sequence (its prompt, then the 4 tokens it decodes, then padding) in one causal forward:
+    # the logits at a position are the forward of the sequence up to it (one compiled shape, not one per prefix).
+    sequences = rng.integers(0, llama.config.vocab_size, (3, 24))
+    for row in range(3):
+        sequences[row, : lengths[row] + 4] = np.concatenate([token_ids[row, : lengths[row]], continuation[row]])
+    full = np.asarray(qoq_jax.forward(llama, sequences))
     state, logits = qoq_jax.prefill(llama, token_ids, lengths, max_length=32)
     np.testing.assert_allclose(logits, full[np.arange(3), lengths - 1], rtol=1e-5, atol=1e-5)
     # Decode the sequences' true continuations one token at a time.
-    continuation = rng.integers(0, llama.config.vocab_size, (3, 4))
     for step in range(4):
         state, logits = qoq_jax.decode_step(llama, state, continuation[:, step])
-        for row in range(3):
-            sequence = np.concatenate([token_ids[row, : lengths[row]], continuation[row, : step + 1]])
-            expected = np.asarray(qoq_jax.forward(llama, sequence[None]))[0, -1]
-            np.testing.assert_allclose(logits[row], expected, rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(logits, full[np.arange(3), lengths + step], rtol=1e-5, atol=1e-5)
     np.testing.assert_array_equal(state.lengths, lengths + 4)
 
 

@@ -49,6 +49,19 @@ def _with_activation_outliers(params):
     return dataclasses.replace(params, state=state)
 
 
+@pytest.fixture(scope="module")
+def outlier_models(model_dirs):
+    """Per family: the float model with activation outliers and its plain-rounding (RTN W4A8KV4 g128) baseline,
+    made once for both recipes (read-only). RTN reads no calibration statistics; one object per family also lets
+    the recipes' tests share their compiled forwards."""
+    models = {}
+    for family in FAMILIES:
+        params = _with_activation_outliers(qoq_jax.load(model_dirs[family]))
+        rtn, _ = quantize_model(params, RECIPES["rtn-w4a8kv4-g128"], np.ones((1, 16), np.int32), progress=False)
+        models[family] = params, rtn
+    return models
+
+
 def _output_error(params, reference_logits, tokens):
     """Mean squared logit error relative to the logits' variance."""
     logits = qoq_jax.forward(params, tokens)
@@ -57,8 +70,8 @@ def _output_error(params, reference_logits, tokens):
 
 @pytest.mark.parametrize("family", FAMILIES)
 @pytest.mark.parametrize("recipe_name", ["g128", "gchn"])
-def test_recipe_quantizes_every_decoder_linear_and_beats_plain_rounding(model_dirs, family, recipe_name):
-    params = _with_activation_outliers(qoq_jax.load(model_dirs[family]))
+def test_recipe_quantizes_every_decoder_linear_and_beats_plain_rounding(outlier_models, family, recipe_name):
+    params, rtn = outlier_models[family]
     rng = np.random.default_rng()
     calibration = rng.integers(3, params.config.vocab_size, (6, 96)).astype(np.int32)
     held_out = jnp.asarray(rng.integers(3, params.config.vocab_size, (2, 64)))
@@ -77,7 +90,6 @@ def test_recipe_quantizes_every_decoder_linear_and_beats_plain_rounding(model_di
     assert report["stages"] == recipe.stages() and report["calibration"] == {"samples": 6, "seq_len": 96}
 
     reference = qoq_jax.forward(params, held_out)
-    rtn, _ = quantize_model(params, RECIPES["rtn-w4a8kv4-g128"], calibration, progress=False)
     qoq_error, rtn_error = _output_error(quantized, reference, held_out), _output_error(rtn, reference, held_out)
     # Tiny random models are fragile at 4 bits (QoQ ≈ 0.35–0.5, RTN ≈ 0.53–0.56 in trials); what matters is
     # that the whole pipeline stays bounded and beats plain rounding of the same format.
@@ -194,4 +206,3 @@ def test_kv4_round_trip_is_part_of_the_quantized_forward(model_dirs):
 
 def _with_kv_bits(params, bits):
     return dataclasses.replace(params, quant=dataclasses.replace(params.quant, kv_bits=bits))
-

@@ -99,7 +99,7 @@ def test_greedy_32_tokens_match_transformers(params, hf_model):
         assert completion.prompt_token_ids == prompt_ids
         with torch.no_grad():
             reference = hf_model.generate(torch.tensor([prompt_ids]), max_new_tokens=32, do_sample=False)
-        assert completion.token_ids == reference[0, len(prompt_ids):].tolist()
+        assert completion.token_ids == reference[0, len(prompt_ids) :].tolist()
         assert completion.text == params.tokenizer.decode(completion.token_ids, skip_special_tokens=True)
 
 

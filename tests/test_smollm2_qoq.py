@@ -19,7 +19,7 @@ from serve.http_server import create_app
 # A small calibration set keeps this under a few minutes on two CPU cores (the CLI default is 32 × 512).
 CALIBRATION_SAMPLES, CALIBRATION_LEN = 8, 256
 # Perplexity on the license's first 2048 tokens: its first 10,500 characters (2282 tokens) make 4 chunks of 512,
-# one batch per model (the whole text, 14 chunks, costs three times as much on CPU for the same comparison).
+# one batch per model (the whole text's 14 chunks take four batches per model for the same comparison).
 PERPLEXITY_LEN, PERPLEXITY_CHARS, PERPLEXITY_CHUNKS = 512, 10_500, 4
 # QoQ W4A8KV4 on this 135M model (stored at 4 bits before we saw it) costs about +28% perplexity on these tokens
 # with this calibration set (+39% on the whole text); plain rounding of the same format about +110% (+117%).
@@ -33,9 +33,7 @@ def float_params():
 
 @pytest.fixture(scope="module")
 def calibration(float_params):
-    return calibration_tokens(
-        float_params.tokenizer, "pydoc", num_samples=CALIBRATION_SAMPLES, seq_len=CALIBRATION_LEN
-    )
+    return calibration_tokens(float_params.tokenizer, "pydoc", num_samples=CALIBRATION_SAMPLES, seq_len=CALIBRATION_LEN)
 
 
 @pytest.fixture(scope="module")

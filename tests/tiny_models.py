@@ -77,8 +77,10 @@ CHAT_TEMPLATE = (
 )
 
 
+@functools.cache
 def tiny_tokenizer(text: str, vocab_size: int = 300):
-    """A byte-level BPE trained on `text`, with <unk>=0, <s>=1, </s>=2 and a chat template."""
+    """A byte-level BPE trained on `text`, with <unk>=0, <s>=1, </s>=2 and a chat template; trained once per text
+    and shared, so a test that changes it must restore it."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -101,9 +103,14 @@ def tiny_tokenizer(text: str, vocab_size: int = 300):
     )
 
 
+@functools.cache
 def sharp_tiny_llama(*, seed: int = 11, tokenizer=None):
     """The tiny Llama as qoq_jax `Params` with weights ×6: logits sharper than the 0.02 init, so greedy choices
-    are far from ties and two correct implementations pick the same tokens."""
+    are far from ties and two correct implementations pick the same tokens.
+
+    Made once per seed and tokenizer and shared by the modules that ask for it (read-only): tokenizers are static
+    jit data, compared by identity, so with the one object the programs compiled for it in one module serve the
+    others."""
     import qoq_jax
 
     params = qoq_jax.init_params(qoq_jax.ModelConfig.from_hf(TINY_CONFIGS["llama"]().to_dict()), seed=seed)
