@@ -24,7 +24,7 @@ import numpy as np
 from flax import nnx
 from tqdm.auto import tqdm
 
-from converters import equivalence, gptq
+from converters import equivalence, gptq, kv_calibration
 from qoq_jax.config import ModelConfig
 from qoq_jax.kv_cache import NoKVCache
 from qoq_jax.model import CausalLM
@@ -59,6 +59,7 @@ _LINEARS_BY_INPUT = {
     for observed in dict.fromkeys(_LINEARS.values())
 }
 _SAMPLE_BLOCKS, _SAMPLE_BLOCK_LEN = 8, 64
+_FLOAT32_PARAMS = ("key_transform", "query_transform", "key_offset")  # the q/k transform stays float32
 
 
 @dataclasses.dataclass(frozen=True)
@@ -80,19 +81,65 @@ class Recipe:
     gptq: bool = True
     gptq_damp: float = 0.01
     gptq_block_size: int = 128
+    # The KV cache's stages (converters.kv_calibration), judged on `kv_rows` calibration rows per layer:
+    smooth_attention_search: bool = False  # SmoothAttention's (α, β) per layer from a grid, instead of α fixed
+    center_keys: bool = False  # k ← k − μ after RoPE (softmax-invariant)
+    rotate_qk: bool = False  # online per-head Hadamard on q and k after RoPE
+    learn_qk: bool = False  # A and μ of k ← (k − μ)·A, q ← q·A⁻ᵀ trained with Adam from the above
+    learn_qk_steps: int = 100
+    learn_qk_rate: float = 2e-3
+    kv_clip_search: bool = False  # per-layer K and V clip ratios
+    kv8_layers: int = 0  # this many layers, those with the largest 4-bit attention error, get KV8 pages
+    kv_rows: int = 4
+
+    def __post_init__(self):
+        if self.weights in _WEIGHT_ONLY and (self.qk_transform or self.kv_clip_search or self.kv8_layers):
+            raise ValueError(f"recipe {self.name!r}: KV stages need a quantized format, not {self.weights}")
+        if self.kv8_layers and self.kv_bits != 4:
+            raise ValueError(f"recipe {self.name!r}: kv8_layers mixes KV8 into a KV4 cache; kv_bits is {self.kv_bits}")
+        if self.smooth_attention_search and not self.smooth_attention:
+            raise ValueError(f"recipe {self.name!r}: smooth_attention_search needs smooth_attention")
 
     @property
     def grouped(self) -> bool:
         return self.weights in (Int4GroupWeight.format_name, *_WEIGHT_ONLY)
 
     @property
+    def qk_transform(self) -> bool:
+        """Whether the model gets attention's q/k transform parameters (`QuantFormat.qk_transform`)."""
+        return self.center_keys or self.rotate_qk or self.learn_qk
+
+    @property
+    def calibrates_kv(self) -> bool:
+        return self.qk_transform or self.kv_clip_search or self.kv8_layers > 0 or self.smooth_attention_search
+
+    @property
     def needs_statistics(self) -> bool:
         """Whether any stage reads calibration activations (plain rounding does not)."""
-        return self.reorder or self.smooth_attention or self.smooth_linear or self.clip_search or self.gptq
+        return (
+            self.reorder
+            or self.smooth_attention
+            or self.smooth_linear
+            or self.clip_search
+            or self.gptq
+            or self.calibrates_kv
+        )
 
     def stages(self) -> list[str]:
-        flags = ("rotate", "reorder", "smooth_attention", "smooth_linear", "clip_search", "gptq")
-        return [flag for flag in flags if getattr(self, flag)]
+        flags = (
+            "rotate",
+            "reorder",
+            "smooth_attention",
+            "smooth_attention_search",
+            "smooth_linear",
+            "center_keys",
+            "rotate_qk",
+            "learn_qk",
+            "kv_clip_search",
+            "clip_search",
+            "gptq",
+        )
+        return [flag for flag in flags if getattr(self, flag)] + (["kv8_layers"] if self.kv8_layers else [])
 
 
 _RTN = {"rotate": False, "smooth_attention": False, "smooth_linear": False, "gptq": False}
@@ -143,11 +190,14 @@ def quantize_model(
         raise ValueError("the model is already quantized; calibration needs the float model")
     config = params.config
     group_size = resolve_group_size(recipe, config)
-    quant = None if recipe.weights in _WEIGHT_ONLY else QuantFormat(recipe.weights, recipe.kv_bits, group_size)
-    if quant is not None:
+    quant = None
+    if recipe.weights not in _WEIGHT_ONLY:
+        quant = QuantFormat(recipe.weights, recipe.kv_bits, group_size, qk_transform=recipe.qk_transform)
         for (module, name), _ in _LINEARS.items():
             in_features, out_features = _linear_shape(config, name)
             quant.check_linear(in_features, out_features, f"{module}.{name}")
+    if recipe.kv8_layers > config.num_layers:
+        raise ValueError(f"kv8_layers={recipe.kv8_layers} exceeds the model's {config.num_layers} layers")
 
     weights = jax.tree.map(lambda a: np.asarray(a, np.float32), nnx.to_pure_dict(params.state))
     if recipe.rotate:
@@ -161,19 +211,26 @@ def quantize_model(
     if recipe.needs_statistics:
         hidden = jnp.take(float_model.embed_tokens[...], tokens, axis=0)
         sample_rows, sample_starts = _sample_blocks(*tokens.shape)
+        kv_rows = np.unique(np.linspace(0, tokens.shape[0] - 1, min(recipe.kv_rows, tokens.shape[0])).astype(int))
     bar = tqdm(total=config.num_layers * (2 + len(_LINEARS_BY_INPUT)), desc=f"QoQ {recipe.name}", disable=not progress)
-    quantized_layers = {}
+    quantized_layers, kv_layers = {}, []
     for index in range(config.num_layers):
         layer, stats = weights["layers"][index], None
         if recipe.needs_statistics:
             bar.set_postfix_str(f"layer {index} · statistics")
             layer_graph, layer_state = nnx.split(float_model.layers[index])
+            attention_sample = None
+            if recipe.calibrates_kv:
+                attention_sample = kv_calibration.AttentionSample.create(
+                    *_attention_inputs(layer_graph, layer_state, hidden[kv_rows])
+                )
             hidden, stats = _calibration_pass(
                 layer_graph, layer_state, hidden, sample_rows, sample_starts, config=config, batch_size=batch_size
             )
             bar.update()
             bar.set_postfix_str(f"layer {index} · transforms")
-            layer, stats = _transform_layer(layer, stats, recipe, config)
+            layer, stats, kv_record = _transform_layer(layer, stats, recipe, config, attention_sample)
+            kv_layers.append(kv_record)
         bar.update(2 - recipe.needs_statistics)
         quantized = {group: dict(modules) for group, modules in layer.items()}
         for observed, members in _LINEARS_BY_INPUT.items():
@@ -189,16 +246,36 @@ def quantize_model(
         quantized_layers[index] = quantized
     bar.close()
 
-    weights = {**weights, "layers": quantized_layers}
-    result = _build_params(weights, config, quant, dtype=params.dtype, tokenizer=params.tokenizer)
     report = {
         "recipe": dataclasses.asdict(recipe),
         "stages": recipe.stages(),
         "group_size": group_size,
         "calibration": {"samples": int(tokens.shape[0]), "seq_len": int(tokens.shape[1])},
-        "seconds": round(time.perf_counter() - started, 1),
     }
+    if recipe.calibrates_kv:
+        quant = _kv_format(quant, recipe, kv_layers)
+        report["kv_layers"] = [
+            {"kv_bits": bits, **record} for bits, record in zip(quant.layer_bits(config.num_layers), kv_layers)
+        ]
+    weights = {**weights, "layers": quantized_layers}
+    result = _build_params(weights, config, quant, dtype=params.dtype, tokenizer=params.tokenizer)
+    report["seconds"] = round(time.perf_counter() - started, 1)
     return result, report
+
+
+def _kv_format(quant: QuantFormat, recipe: Recipe, kv_layers: list[dict]) -> QuantFormat:
+    """The KV cache the per-layer records call for: KV8 pages for the `kv8_layers` layers whose 4-bit attention
+    error is largest (full range at 8 bits), the searched clip ratios elsewhere."""
+    num_layers = len(kv_layers)
+    bits = [quant.kv_bits] * num_layers
+    for index in np.argsort([-record["error"] for record in kv_layers], kind="stable")[: recipe.kv8_layers]:
+        bits[int(index)] = 8
+    clips = [(r["k_clip"], r["v_clip"]) if b == quant.kv_bits else (1.0, 1.0) for r, b in zip(kv_layers, bits)]
+    return dataclasses.replace(
+        quant,
+        layer_kv_bits=tuple(bits) if recipe.kv8_layers else None,
+        kv_clip=tuple(clips) if recipe.kv_clip_search else None,
+    )
 
 
 # --------------------------------------------------------------------------------------------------
@@ -263,6 +340,17 @@ def _observe_batch(layer_graph, layer_state, x_btd, stats, sample_rows, sample_s
     )
 
 
+@functools.partial(jax.jit, static_argnums=0)
+def _attention_inputs(layer_graph, layer_state, x_btd):
+    """The float layer's post-RoPE queries, keys and values on some calibration rows."""
+    layer = nnx.merge(layer_graph, layer_state)
+    seen = {}
+    batch, length, _ = x_btd.shape
+    positions = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), (batch, length))
+    layer(x_btd, positions, jnp.ones((batch, length), bool), NoKVCache(), 0, seen.__setitem__)
+    return seen["query"], seen["key"], seen["value"]
+
+
 def _flat_channels(x: jax.Array) -> int:
     """Channels per token of an observed tensor: [B, T, H, D] → H·D, [B, T, C] → C."""
     return int(np.prod(x.shape[2:]))
@@ -282,8 +370,10 @@ def _sample_blocks(num_samples: int, seq_len: int) -> tuple[jax.Array, jax.Array
 # --------------------------------------------------------------------------------------------------
 
 
-def _transform_layer(layer: Mapping, stats: LayerStatistics, recipe: Recipe, config: ModelConfig):
-    """Reorder and smooth one layer (exact transforms), carrying down_proj's input statistics along."""
+def _transform_layer(layer: Mapping, stats: LayerStatistics, recipe: Recipe, config: ModelConfig, sample):
+    """Reorder and smooth one layer (exact transforms), carrying down_proj's input statistics along, then
+    calibrate its KV cache on `sample` (None when the recipe has no KV stage). Returns the layer, the statistics
+    and the layer's KV record (what was chosen, with its attention error at KV4) or None."""
     down_hessian = stats.hessians["down_input"]
     down_absmax = np.asarray(stats.absmax["down_input"])
     down_sample = stats.samples["down_input"]
@@ -293,15 +383,22 @@ def _transform_layer(layer: Mapping, stats: LayerStatistics, recipe: Recipe, con
         down_absmax = down_absmax[order]
         down_sample = down_sample[..., order]
         down_hessian = dataclasses.replace(down_hessian, xtx_sum=down_hessian.xtx_sum[order][:, order])
+    record = None
     if recipe.smooth_attention:
-        layer, _ = equivalence.smooth_attention(
-            layer,
-            config,
-            np.asarray(stats.absmax["key"]),
-            np.asarray(stats.absmax["query"]),
-            alpha=recipe.smooth_attention_alpha,
-            beta=0.0,
-        )
+        key_max, query_max = np.asarray(stats.absmax["key"]), np.asarray(stats.absmax["query"])
+        alpha, beta = recipe.smooth_attention_alpha, 0.0
+        if recipe.smooth_attention_search:
+            alpha, beta, _ = kv_calibration.search_smoothing(
+                sample, layer, config, key_max, query_max, rotate=recipe.rotate_qk, center=recipe.center_keys,
+                bits=recipe.kv_bits,
+            )
+        layer, lam = equivalence.smooth_attention(layer, config, key_max, query_max, alpha=alpha, beta=beta)
+        if sample is not None:
+            sample = sample.smoothed(lam)
+            record = {"smooth_alpha": alpha, "smooth_beta": beta}
+    if sample is not None:
+        layer, kv_record = _calibrate_kv(layer, sample, recipe)
+        record = {**(record or {}), **kv_record}
     if recipe.smooth_linear:
         layer, scales = equivalence.smooth_down_proj(
             layer, down_absmax, recipe.smooth_linear_alpha, recipe.smooth_linear_beta
@@ -314,7 +411,30 @@ def _transform_layer(layer: Mapping, stats: LayerStatistics, recipe: Recipe, con
         hessians={**stats.hessians, "down_input": down_hessian},
         samples={**stats.samples, "down_input": down_sample},
     )
-    return layer, stats
+    return layer, stats, record
+
+
+def _calibrate_kv(layer: Mapping, sample, recipe: Recipe):
+    """The q/k transform (centre, rotate, learn) and clip ratios for one layer, stored into its attention
+    weights when the format has them; returns the layer and a record of the choices and errors."""
+    bits = recipe.kv_bits
+    num_kv_heads, head_dim = sample.key.shape[2:]
+    transform = kv_calibration.QKTransform.identity(num_kv_heads, head_dim)
+    record = {"error_plain": float(kv_calibration.attention_error(sample, transform, bits))}
+    if recipe.qk_transform:
+        transform = kv_calibration.initial_transform(sample, rotate=recipe.rotate_qk, center=recipe.center_keys)
+        if recipe.learn_qk:
+            record["error_before_learning"] = float(kv_calibration.attention_error(sample, transform, bits))
+            transform = kv_calibration.learn_transform(
+                sample, transform, bits=bits, steps=recipe.learn_qk_steps, learning_rate=recipe.learn_qk_rate
+            )
+        attention = {**layer["self_attn"], **{k: np.asarray(v) for k, v in dataclasses.asdict(transform).items()}}
+        layer = {**layer, "self_attn": attention}
+    k_clip, v_clip = 1.0, 1.0
+    if recipe.kv_clip_search:
+        k_clip, v_clip, _ = kv_calibration.search_clip(sample, transform, bits)
+    error = float(kv_calibration.attention_error(sample, transform, bits, k_clip, v_clip))
+    return layer, {**record, "k_clip": k_clip, "v_clip": v_clip, "error": round(error, 6)}
 
 
 @functools.partial(jax.jit, static_argnames=("recipe", "group_size"))
@@ -375,10 +495,13 @@ def _codes(w, hessian, scale, zero, group_size, clip, recipe: Recipe):
 def _build_params(weights: Mapping, config: ModelConfig, quant: QuantFormat | None, *, dtype, tokenizer) -> Params:
     quantized_types = (Int4GroupWeight, Int4ChannelWeight, Int8ChannelWeight)
 
-    def cast(leaf):
-        return leaf if isinstance(leaf, quantized_types) else jnp.asarray(leaf, dtype)
+    def cast(path, leaf):
+        if isinstance(leaf, quantized_types):
+            return leaf
+        float32 = path[-1].key in _FLOAT32_PARAMS
+        return jnp.asarray(leaf, jnp.float32 if float32 else dtype)
 
-    weights = jax.tree.map(cast, weights, is_leaf=lambda leaf: isinstance(leaf, quantized_types))
+    weights = jax.tree_util.tree_map_with_path(cast, weights, is_leaf=lambda leaf: isinstance(leaf, quantized_types))
     if quant is None:
         return assemble_params(config, _flatten(weights), dtype=dtype, tokenizer=tokenizer)
     graphdef, state = nnx.split(nnx.eval_shape(lambda: CausalLM(config, dtype=dtype, rngs=nnx.Rngs(0), quant=quant)))

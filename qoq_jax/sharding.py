@@ -44,6 +44,7 @@ TENSOR_AXES = (KV_SHARD_AXIS, KV_REPLICA_AXIS)
 _COLUMN_PARALLEL = {"q_proj": "heads", "k_proj": "kv_heads", "v_proj": "kv_heads", "gate_proj": "mlp", "up_proj": "mlp"}
 _ROW_PARALLEL = {"o_proj": "heads", "down_proj": "mlp"}
 _CACHE_POOLS = ("keys", "values")
+_PER_KV_HEAD = ("key_transform", "query_transform", "key_offset")  # [KV heads, ...] of the q/k transform
 
 T = TypeVar("T")
 
@@ -151,7 +152,7 @@ class TensorParallel:
             return P(self._axes("vocab"), None)
         if "lm_head" in parts:
             return P(None, self._axes("vocab"))
-        if any(part in _CACHE_POOLS for part in parts):  # [KV heads, pages, ...]
+        if any(part in _CACHE_POOLS or part in _PER_KV_HEAD for part in parts):  # [KV heads, pages, ...]
             return P(KV_SHARD_AXIS)
         return P()  # norms, block tables, lengths, tokens
 

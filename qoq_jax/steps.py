@@ -36,7 +36,7 @@ def forward(params: Params, token_ids: jax.Array) -> jax.Array:
     _check_fits(params, length)
     positions = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), (batch, length))
     valid = jnp.ones((batch, length), bool)
-    logits, _ = _run_model(params, token_ids, positions, valid, NoKVCache(kv_bits=params.kv_bits))
+    logits, _ = _run_model(params, token_ids, positions, valid, NoKVCache(params.kv_bits, params.kv_clip))
     return logits
 
 
@@ -73,6 +73,7 @@ def prefill(
             dtype=params.dtype,
             kv_bits=params.kv_bits,
             kernel=params.kernel,
+            kv_clip=params.kv_clip,
         )
     elif max_length is not None:
         raise ValueError("pass either max_length (for a fresh cache) or cache, not both")

@@ -134,6 +134,7 @@ class Engine:
                 dtype=params.dtype,
                 kv_bits=params.kv_bits,
                 kernel=params.kernel,
+                kv_clip=params.kv_clip,
             )
 
         self._pool = empty_pool() if params.parallel is None else params.parallel.build(empty_pool)
