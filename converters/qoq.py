@@ -144,8 +144,11 @@ class Recipe:
 
 _RTN = {"rotate": False, "smooth_attention": False, "smooth_linear": False, "gptq": False}
 
+_KV_STAGES = {"center_keys": True, "rotate_qk": True, "learn_qk": True, "kv_clip_search": True}
+
 RECIPES = {
-    "g128": Recipe("g128", Int4GroupWeight.format_name, reorder=True),
+    "g128": Recipe("g128", Int4GroupWeight.format_name, reorder=True, **_KV_STAGES),
+    "g128-qserve": Recipe("g128-qserve", Int4GroupWeight.format_name, reorder=True),
     "gchn": Recipe(
         "gchn", Int4ChannelWeight.format_name, smooth_linear_alpha=0.1, smooth_linear_beta=0.9, clip_search=True
     ),
@@ -156,7 +159,9 @@ RECIPES = {
     "rtn-w4a16-progressive": Recipe("rtn-w4a16-progressive", WEIGHT_ONLY_PROGRESSIVE, kv_bits=16, **_RTN),
 }
 """QoQ's two recipes (defaults of qoq-g128.yaml / qoq-gchn.yaml; SmoothAttention is the manual λ = √max|K|
-for both) and the baselines of the accuracy table."""
+for both) and the baselines of the accuracy table. `g128` adds this library's KV4 stages (centred, rotated and
+learned q/k transform, KV clip search: `converters.kv_calibration`), measured in benchmarks/accuracy.py;
+`g128-qserve` is the reference recipe without them."""
 
 
 def resolve_group_size(recipe: Recipe, config: ModelConfig) -> int | None:

@@ -1,0 +1,262 @@
+"""The KV4 calibration options: the q/k transform leaves the float model unchanged, rotated keys go through the
+paged cache and the decode kernel as the reference reads them, checkpoints keep the options, the searches are
+deterministic and pick what they claim, and the budget stays exact for mixed KV bits."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+from tiny_models import TINY_CONFIGS
+
+import qoq_jax
+from converters import kv_calibration
+from converters.hadamard import hadamard_matrix
+from converters.qoq import RECIPES, quantize_model
+from pallas_kernels import paged_attention
+from qoq_jax.kv_cache import NoKVCache, PagedKVCache, kv_bytes_per_page, kv_bytes_per_token
+from qoq_jax.quant import QuantFormat, dequantize_kv, quantize_kv
+
+TOLERANCE = 1e-4
+
+
+def _config(head_dim: int) -> qoq_jax.ModelConfig:
+    base = qoq_jax.ModelConfig.from_hf(TINY_CONFIGS["llama"]().to_dict())  # 4 query heads on 2 KV heads
+    return dataclasses.replace(base, head_dim=head_dim)
+
+
+def _random_transform(rng, num_kv_heads: int, head_dim: int):
+    """A Hadamard times a random well-conditioned matrix (what learning makes of it), its A⁻ᵀ and an offset."""
+    hadamard = hadamard_matrix(head_dim)
+    matrix = np.stack([hadamard @ (np.eye(head_dim) + 0.2 * rng.normal(size=(head_dim, head_dim)) / np.sqrt(head_dim))
+                       for _ in range(num_kv_heads)])
+    inverse_t = np.swapaxes(np.linalg.inv(matrix), -1, -2)
+    offset = rng.normal(0, 2.0, (num_kv_heads, head_dim))
+    return (jnp.asarray(a, jnp.float32) for a in (matrix, inverse_t, offset))
+
+
+def _set_transform(attention, matrix, inverse_t, offset):
+    attention.key_transform = nnx.data(nnx.Param(matrix))
+    attention.query_transform = nnx.data(nnx.Param(inverse_t))
+    attention.key_offset = nnx.data(nnx.Param(offset))
+
+
+def _float_logits(model, tokens):
+    batch, length = tokens.shape
+    positions = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), (batch, length))
+    hidden, _ = model(tokens, positions, jnp.ones((batch, length), bool), NoKVCache())
+    return np.asarray(model.logits(hidden))
+
+
+@pytest.mark.parametrize("head_dim", [64, 128, 20])  # 20: Paley's non-power-of-two Hadamard
+def test_qk_transform_leaves_the_float_model_unchanged(head_dim):
+    """k ← (k − μ)·A, q ← q·A⁻ᵀ in every layer of a float model: logits equal to float rounding (the offset's
+    q·μ is one constant per query, which softmax drops)."""
+    rng = np.random.default_rng()
+    config = _config(head_dim)
+    model = qoq_jax.init_params(config, dtype="float32", seed=int(rng.integers(1 << 16))).model()
+    tokens = jnp.asarray(rng.integers(3, config.vocab_size, (2, 24)))
+    reference = _float_logits(model, tokens)
+    for layer in model.layers:
+        _set_transform(layer.self_attn, *_random_transform(rng, config.num_kv_heads, head_dim))
+    transformed = _float_logits(model, tokens)
+    scale = np.max(np.abs(reference))
+    np.testing.assert_allclose(transformed, reference, atol=TOLERANCE * scale, rtol=0)
+
+
+def _quantized_with_transform(rng, quant: QuantFormat, head_dim: int = 64):
+    config = _config(head_dim)
+    params = qoq_jax.init_params(config, dtype="float32", seed=int(rng.integers(1 << 16)), quant=quant)
+    state = params.state
+    for index in range(config.num_layers):
+        matrix, inverse_t, offset = _random_transform(rng, config.num_kv_heads, head_dim)
+        attention = state["layers"][index]["self_attn"]
+        attention["key_transform"].set_value(matrix)
+        attention["query_transform"].set_value(inverse_t)
+        attention["key_offset"].set_value(offset)
+    return dataclasses.replace(params, state=state)
+
+
+def test_forward_equals_prefill_and_decode_with_every_kv_option():
+    """With the q/k transform, per-layer bits (KV8, KV4) and clip ratios on, decoding token by token through
+    the paged cache (each token attending over pages that hold its own quantized key) gives the logits of
+    `forward`, which attends over the same quantization round trip."""
+    rng = np.random.default_rng()
+    quant = QuantFormat(
+        "w8a8", kv_bits=4, layer_kv_bits=(8, 4), kv_clip=((0.9, 0.95), (1.0, 0.9)), qk_transform=True
+    )
+    params = _quantized_with_transform(rng, quant)
+    tokens = jnp.asarray(rng.integers(3, params.config.vocab_size, (2, 12)), jnp.int32)
+    reference = np.asarray(qoq_jax.forward(params, tokens))
+    state, _ = qoq_jax.prefill(params, tokens[:, :1], max_length=16, page_size=8)
+    assert [pool.bits for pool in state.cache.keys] == [8, 4] and state.cache.keys[0].clip == 0.9
+    assert state.cache.values[1].clip == 0.9
+    for position in range(1, tokens.shape[1]):
+        state, logits = qoq_jax.decode_step(params, state, tokens[:, position])
+        np.testing.assert_allclose(logits, reference[:, position], rtol=TOLERANCE, atol=TOLERANCE)
+
+
+@pytest.mark.parametrize("head_dim", [64, 128])
+def test_rotated_keys_in_the_pages_read_by_kernel_and_reference(head_dim):
+    """Keys transformed by the model's `transform_qk` and written to KV4 pages are read by the Pallas decode
+    kernel (interpret mode) and its jnp reference as a float64 attention over the dequantized transformed
+    keys computes it."""
+    rng = np.random.default_rng()
+    config = _config(head_dim)
+    quant = QuantFormat("w8a8", kv_bits=4, qk_transform=True)
+    params = _quantized_with_transform(rng, quant, head_dim)
+    attention = params.model().layers[0].self_attn
+    batch, length, groups = 2, 21, config.num_groups
+    q = jnp.asarray(rng.normal(size=(batch, 1, config.num_heads, head_dim)), jnp.float32)
+    k, v = (jnp.asarray(rng.normal(size=(batch, length, config.num_kv_heads, head_dim)) * 3, jnp.float32)
+            for _ in range(2))
+    k = k + jnp.asarray(rng.normal(0, 5, head_dim), jnp.float32)  # a per-channel offset for μ to remove
+    q_t, _ = attention.transform_qk(q, k[:, :1])
+    _, k_t = attention.transform_qk(jnp.zeros((batch, length, config.num_heads, head_dim)), k)
+    tables = jnp.asarray(rng.permutation(8)[:6].reshape(batch, 3), jnp.int32)
+    cache = PagedKVCache.init(config, num_pages=8, page_size=8, block_tables=tables, dtype=jnp.float32, kv_bits=4)
+    positions = jnp.broadcast_to(jnp.arange(length), (batch, length))
+    queries = jnp.zeros((batch, length, config.num_heads, head_dim))  # the prompt's own attention is not checked
+    _, cache = cache.attend(0, queries, k_t, v, positions, jnp.ones((batch, length), bool))
+    keys, values = cache.keys[0], cache.values[0]
+    lengths = jnp.asarray([length, 13], jnp.int32)
+    args = (q_t[:, 0], keys.codes, values.codes, tables, lengths, keys.scale, keys.zero, values.scale, values.zero)
+    kernel = paged_attention.paged_decode_attention(*args, bits=4, interpret=True)
+    reference = paged_attention.paged_decode_attention_reference(*args, bits=4)
+
+    k_hat = np.asarray(dequantize_kv(*quantize_kv(k_t, 4), jnp.float32), np.float64)
+    v_hat = np.asarray(dequantize_kv(*quantize_kv(v, 4), jnp.float32), np.float64)
+    q64 = np.asarray(q_t[:, 0], np.float64).reshape(batch, config.num_kv_heads, groups, head_dim)
+    expected = np.zeros_like(q64)
+    for b, n in enumerate(np.asarray(lengths)):
+        logits = np.einsum("hgd,thd->hgt", q64[b], k_hat[b, :n]) / np.sqrt(head_dim)
+        probs = np.exp(logits - logits.max(-1, keepdims=True))
+        expected[b] = np.einsum("hgt,thd->hgd", probs / probs.sum(-1, keepdims=True), v_hat[b, :n])
+    expected = expected.reshape(batch, config.num_heads, head_dim)
+    np.testing.assert_allclose(reference, expected, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(kernel, expected, rtol=1e-3, atol=1e-3)
+
+
+def _sample_with_outliers(rng, rows=2, length=48, num_kv_heads=2, groups=2, head_dim=32, outliers=True):
+    """Post-RoPE-like keys with a per-channel offset and (optionally) two outlier channels: KV4's failure modes."""
+    shape = (rows, length, num_kv_heads, head_dim)
+    k = rng.normal(size=shape)
+    if outliers:
+        k[..., [3, 3 + head_dim // 2]] *= 12
+    k += rng.normal(0, 4, head_dim)
+    q = rng.normal(size=(rows, length, num_kv_heads * groups, head_dim))
+    return kv_calibration.AttentionSample.create(q, k, rng.normal(size=shape))
+
+
+def _kv4_error(sample, transform) -> float:
+    return float(kv_calibration.attention_error(sample, transform, 4))
+
+
+def test_centring_rotation_and_learning_each_lower_the_kv4_error():
+    """Centring removes per-channel offsets, the Hadamard spreads outlier channels, learning improves on both."""
+    rng = np.random.default_rng()
+    offsets = _sample_with_outliers(rng, outliers=False)
+    plain, centred = (kv_calibration.initial_transform(offsets, rotate=False, center=c) for c in (False, True))
+    assert _kv4_error(offsets, centred) < 0.5 * _kv4_error(offsets, plain)
+    sample = _sample_with_outliers(rng)
+    centred = kv_calibration.initial_transform(sample, rotate=False, center=True)
+    rotated = kv_calibration.initial_transform(sample, rotate=True, center=True)
+    learned = kv_calibration.learn_transform(sample, rotated, bits=4, steps=60, learning_rate=2e-3)
+    errors = [_kv4_error(sample, t) for t in (centred, rotated, learned)]
+    assert errors[0] > errors[1] > errors[2], errors
+    # The learned pair stays exact in float: A⁻ᵀ is A's inverse transpose.
+    product = np.einsum("hde,hfe->hdf", np.asarray(learned.key_transform), np.asarray(learned.query_transform))
+    np.testing.assert_allclose(product, np.broadcast_to(np.eye(32), product.shape), atol=1e-4)
+
+
+def test_clip_search_returns_the_grid_minimum():
+    rng = np.random.default_rng()
+    sample = _sample_with_outliers(rng)
+    transform = kv_calibration.initial_transform(sample, rotate=True, center=True)
+    k_clip, v_clip, error = kv_calibration.search_clip(sample, transform, 4)
+    k_errors = [float(kv_calibration.attention_error(sample, transform, 4, r, 1.0)) for r in kv_calibration.CLIP_RATIOS]
+    assert k_clip == kv_calibration.CLIP_RATIOS[int(np.argmin(k_errors))]
+    v_errors = [float(kv_calibration.attention_error(sample, transform, 4, k_clip, r)) for r in kv_calibration.CLIP_RATIOS]
+    assert v_clip == kv_calibration.CLIP_RATIOS[int(np.argmin(v_errors))] and error == pytest.approx(min(v_errors))
+    assert error <= float(kv_calibration.attention_error(sample, transform, 4))
+
+
+KV_RECIPE = dataclasses.replace(
+    RECIPES["g128"],
+    name="g128-kv",
+    center_keys=True,
+    rotate_qk=True,
+    learn_qk=True,
+    learn_qk_steps=8,
+    kv_clip_search=True,
+    smooth_attention_search=True,
+    kv8_layers=1,
+    kv_rows=2,
+)
+
+
+@pytest.fixture(scope="module")
+def kv_quantized():
+    """The tiny quantizable Llama through every KV stage, twice on the same calibration set."""
+    config = qoq_jax.ModelConfig.from_hf(TINY_CONFIGS["llama_quantizable"]().to_dict())
+    params = qoq_jax.init_params(config, dtype="float32", seed=4)
+    calibration = np.random.default_rng(7).integers(3, config.vocab_size, (3, 48)).astype(np.int32)
+    return params, [quantize_model(params, KV_RECIPE, calibration, progress=False) for _ in range(2)]
+
+
+def test_kv_searches_are_deterministic_and_recorded(kv_quantized):
+    _, ((first, report), (second, again)) = kv_quantized
+    for a, b in zip(jax.tree_util.tree_leaves(first.state), jax.tree_util.tree_leaves(second.state), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    drop_time = lambda r: {k: v for k, v in r.items() if k != "seconds"}  # noqa: E731
+    assert drop_time(report) == drop_time(again)
+    layers = report["kv_layers"]
+    worst = int(np.argmax([r["error"] for r in layers]))
+    assert first.quant.layer_kv_bits == tuple(8 if i == worst else 4 for i in range(len(layers)))
+    assert first.quant.qk_transform and len(first.quant.kv_clip) == len(layers)
+    assert first.quant.kv_clip[worst] == (1.0, 1.0)  # full range at 8 bits
+    for record in layers:
+        assert (record["smooth_alpha"], record["smooth_beta"]) in kv_calibration.SMOOTHING_GRID
+        assert record["error"] <= record["error_plain"] + 1e-6
+    attention = first.state["layers"][0]["self_attn"]
+    assert attention["key_transform"][...].dtype == jnp.float32
+
+
+def test_checkpoint_keeps_the_kv_options_and_old_ones_still_load(kv_quantized, tmp_path):
+    _, ((quantized, report), _) = kv_quantized
+    tokens = jnp.asarray(np.random.default_rng().integers(3, 300, (1, 20)))
+    path = qoq_jax.save_checkpoint(quantized, tmp_path / "kv", recipe=report)
+    stored = json.loads((path / "qoq.json").read_text())["quant"]
+    assert stored["qk_transform"] and len(stored["layer_kv_bits"]) == quantized.config.num_layers
+    loaded = qoq_jax.load(path)
+    assert loaded.quant == quantized.quant
+    np.testing.assert_array_equal(qoq_jax.forward(loaded, tokens), qoq_jax.forward(quantized, tokens))
+
+    plain = qoq_jax.init_params(quantized.config, dtype="float32", quant=QuantFormat("w4a8-g128", group_size=64))
+    old = qoq_jax.save_checkpoint(plain, tmp_path / "old")
+    assert json.loads((old / "qoq.json").read_text())["quant"] == {"weights": "w4a8-g128", "kv_bits": 4,
+                                                                   "group_size": 64}
+    assert qoq_jax.load(old).quant == plain.quant
+
+    metadata = json.loads((path / "qoq.json").read_text())
+    metadata["quant"]["layer_kv_bits"], metadata["quant"]["kv_clip"] = [4], [[1.0, 1.0]]
+    (path / "qoq.json").write_text(json.dumps(metadata))
+    with pytest.raises(qoq_jax.CheckpointError, match="layer_kv_bits has 1 entries"):
+        qoq_jax.load(path)
+
+
+def test_mixed_kv_budget_is_exactly_what_the_pools_allocate():
+    config = qoq_jax.ModelConfig.from_hf(TINY_CONFIGS["llama_quantizable"]().to_dict())
+    bits = (8, 4)
+    cache = PagedKVCache.for_batch(config, 2, 48, page_size=16, dtype=jnp.bfloat16, kv_bits=bits)
+    allocated = sum(leaf.nbytes for leaf in jax.tree_util.tree_leaves(cache.keys + cache.values))
+    assert allocated == 6 * kv_bytes_per_page(config, 16, bits, jnp.bfloat16)
+    per_layer = [kv_bytes_per_token(dataclasses.replace(config, num_layers=1), b, jnp.bfloat16) for b in bits]
+    assert kv_bytes_per_token(config, bits, jnp.bfloat16) == sum(per_layer)
+    with pytest.raises(ValueError, match="2 entries"):
+        kv_bytes_per_token(config, (4,), jnp.bfloat16)
