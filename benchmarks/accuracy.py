@@ -30,7 +30,7 @@ import jax.numpy as jnp
 
 import qoq_jax
 from converters.calibration_data import calibration_tokens
-from converters.qoq import RECIPES, Recipe, quantize_model
+from converters.qoq import RECIPES, Recipe, calibrate_kv, quantize_model
 from qoq_jax.kv_cache import kv_bytes_per_token
 
 RESULTS = Path(__file__).parent / "results"
@@ -118,11 +118,16 @@ def main() -> None:
     existing = RESULTS / f"accuracy-{name}.json"
     if args.only and existing.is_file():
         report["rows"] = [r for r in json.loads(existing.read_text())["rows"] if r["name"] not in args.only]
+    weights = {}  # weight recipe → (Params, report): rows that differ only in KV stages share their weights
     for row in args.only or ROWS:
         method, precision, recipe = ROWS[row]
-        started = time.perf_counter()
-        model, quantized = (params, {}) if recipe is None else quantize_model(params, recipe, tokens)
-        seconds = time.perf_counter() - started
+        if recipe is None:
+            model, quantized = params, {"seconds": 0.0}
+        else:
+            key = dataclasses.replace(recipe.weight_recipe(), name="")
+            if key not in weights:
+                weights[key] = quantize_model(params, recipe.weight_recipe(), tokens)
+            model, quantized = calibrate_kv(weights[key], recipe, tokens) if recipe.kv_stages else weights[key]
         entry = {
             "name": row,
             "method": method,
@@ -132,11 +137,10 @@ def main() -> None:
             "kv_bits": model.kv_bits,
             "kv_bytes_per_token": kv_bytes_per_token(model.config, model.kv_bits, _KV_BUDGET_DTYPE),
             "qk_transform_flops_per_token": _transform_flops(model),
-            "quantize_seconds": round(seconds, 1),
+            "quantize_seconds": quantized["seconds"],  # weights (shared or not) + KV stages, as one run of the recipe
             **run,
         }
-        if "kv_layers" in quantized:
-            entry["kv_layers"] = quantized["kv_layers"]
+        entry.update({key: quantized[key] for key in ("kv_layers", "smooth_attention", "kv_seconds") if key in quantized})
         for path, seq_len in evaluations:
             started = time.perf_counter()
             result = qoq_jax.perplexity(model, texts[path], seq_len=seq_len, progress=True)

@@ -8,8 +8,10 @@ shape what is written to the pages without changing the float model (`QuantForma
   every key of a query, which softmax ignores.
 * rotation: k ← k·H, q ← q·H (H the head_dim Hadamard matrix), which spreads outlier channels over the head.
 * learned transform: k ← (k − μ)·A, q ← q·A⁻ᵀ, with A (started at H) and μ trained by Adam (optax) on the
-  layer's attention-output error with K and V fake-quantized (straight-through rounding), OmniQuant-style.
-* SmoothAttention strength per layer: (α, β) of λ = Kmax^α / Qmax^β chosen from a grid by the same error.
+  layer's attention-output error with K and V fake-quantized (straight-through rounding), OmniQuant-style;
+  the loss scores every `TRAINING_QUERY_STRIDE`-th query to keep a step cheap.
+* SmoothAttention strength per layer: (α, β) of λ = Kmax^α / Qmax^β chosen from a grid by the same error
+  (on the float model, before the weights are quantized, since λ is folded into W_q and W_k).
 * clip ratios per layer for K and V (`quantize_kv`'s `clip`), chosen from a grid by the same error.
 * sensitivity: each layer's error at 4 bits, which `converters.qoq` uses to give the worst layers 8-bit pages.
 
@@ -30,7 +32,7 @@ import optax
 from converters import equivalence
 from converters.hadamard import hadamard_matrix
 from qoq_jax.config import ModelConfig
-from qoq_jax.kv_cache import prompt_attention
+from qoq_jax.kv_cache import grouped_attention, prompt_attention
 from qoq_jax.quant import fake_quantize_kv
 
 CLIP_RATIOS = (1.0, 0.98, 0.96, 0.94, 0.92, 0.9, 0.88, 0.86, 0.84, 0.82, 0.8)
@@ -125,17 +127,15 @@ def search_smoothing(
     k_absmax,
     q_absmax,
     *,
-    rotate: bool,
-    center: bool,
     bits: int,
 ):
-    """The SmoothAttention (α, β) of `SMOOTHING_GRID` whose smoothed (and centred/rotated) keys give the least
-    attention error; returns (α, β, error)."""
+    """The SmoothAttention (α, β) of `SMOOTHING_GRID` whose smoothed keys, centred and rotated as the pages of
+    a `qk_transform` model hold them, give the least attention error; returns (α, β, error)."""
     best = None
     for alpha, beta in SMOOTHING_GRID:
         _, lam = equivalence.smooth_attention(layer_weights, config, k_absmax, q_absmax, alpha=alpha, beta=beta)
         smoothed = sample.smoothed(lam)
-        error = float(attention_error(smoothed, initial_transform(smoothed, rotate=rotate, center=center), bits))
+        error = float(attention_error(smoothed, initial_transform(smoothed, rotate=True, center=True), bits))
         if best is None or error < best[2]:
             best = (alpha, beta, error)
     return best
@@ -151,12 +151,21 @@ def _ste_fake_quantize(x, bits: int):
     return codes * scale + vmin
 
 
+TRAINING_QUERY_STRIDE = 4
+"""Training scores every 4th query position (over all keys): a quarter of the attention's cost per step."""
+
+
 def _training_loss(learned, sample: AttentionSample, bits: int):
     matrix, offset = learned
     transform = QKTransform(matrix, jnp.swapaxes(jnp.linalg.inv(matrix), -1, -2), offset)
     q, k = transform.apply(sample.query, sample.key)
-    out = _attention(q, _ste_fake_quantize(k, bits), _ste_fake_quantize(sample.value, bits))
-    return jnp.sum((out - sample.reference) ** 2) / jnp.sum(sample.reference**2)
+    length = k.shape[1]
+    query_positions = jnp.arange(0, length, TRAINING_QUERY_STRIDE)
+    mask = query_positions[:, None] >= jnp.arange(length)[None, :]
+    k_hat, v_hat = _ste_fake_quantize(k, bits), _ste_fake_quantize(sample.value, bits)
+    out = grouped_attention(q[:, query_positions], k_hat, v_hat, mask[None])
+    reference = sample.reference[:, query_positions]
+    return jnp.sum((out - reference) ** 2) / jnp.sum(reference**2)
 
 
 def learn_transform(

@@ -110,8 +110,16 @@ class Recipe:
         return self.center_keys or self.rotate_qk or self.learn_qk
 
     @property
-    def calibrates_kv(self) -> bool:
-        return self.qk_transform or self.kv_clip_search or self.kv8_layers > 0 or self.smooth_attention_search
+    def kv_stages(self) -> bool:
+        """Whether the recipe calibrates the KV cache of the quantized model (`calibrate_kv`)."""
+        return self.qk_transform or self.kv_clip_search or self.kv8_layers > 0
+
+    def weight_recipe(self) -> "Recipe":
+        """The recipe without its KV stages: what `quantize_model` runs before `calibrate_kv`. Recipes with the
+        same weight recipe share their quantized weights (the accuracy benchmark quantizes them once)."""
+        return dataclasses.replace(
+            self, center_keys=False, rotate_qk=False, learn_qk=False, kv_clip_search=False, kv8_layers=0
+        )
 
     @property
     def needs_statistics(self) -> bool:
@@ -122,7 +130,7 @@ class Recipe:
             or self.smooth_linear
             or self.clip_search
             or self.gptq
-            or self.calibrates_kv
+            or self.smooth_attention_search
         )
 
     def stages(self) -> list[str]:
@@ -189,7 +197,15 @@ def quantize_model(
     progress: bool = True,
 ) -> tuple[Params, dict]:
     """Calibrates and quantizes a float model; returns the quantized Params and a JSON-able report of what ran
-    (recipe, group size, calibration size, seconds) for the checkpoint's metadata."""
+    (recipe, group size, calibration size, per-layer KV choices, seconds) for the checkpoint's metadata.
+
+    The weights are quantized first (`recipe.weight_recipe()`), then `calibrate_kv` runs the KV stages on the
+    quantized model."""
+    if recipe.kv_stages:
+        weights_only = quantize_model(
+            params, recipe.weight_recipe(), calibration_tokens, batch_size=batch_size, progress=progress
+        )
+        return calibrate_kv(weights_only, recipe, calibration_tokens, progress=progress)
     started = time.perf_counter()
     if params.quant is not None:
         raise ValueError("the model is already quantized; calibration needs the float model")
@@ -197,13 +213,10 @@ def quantize_model(
     group_size = resolve_group_size(recipe, config)
     quant = None
     if recipe.weights not in _WEIGHT_ONLY:
-        quant = QuantFormat(recipe.weights, recipe.kv_bits, group_size, qk_transform=recipe.qk_transform)
+        quant = QuantFormat(recipe.weights, recipe.kv_bits, group_size)
         for (module, name), _ in _LINEARS.items():
             in_features, out_features = _linear_shape(config, name)
             quant.check_linear(in_features, out_features, f"{module}.{name}")
-    if recipe.kv8_layers > config.num_layers:
-        raise ValueError(f"kv8_layers={recipe.kv8_layers} exceeds the model's {config.num_layers} layers")
-
     weights = jax.tree.map(lambda a: np.asarray(a, np.float32), nnx.to_pure_dict(params.state))
     if recipe.rotate:
         weights, config = equivalence.untie_embeddings(weights, config)
@@ -216,26 +229,26 @@ def quantize_model(
     if recipe.needs_statistics:
         hidden = jnp.take(float_model.embed_tokens[...], tokens, axis=0)
         sample_rows, sample_starts = _sample_blocks(*tokens.shape)
-        kv_rows = np.unique(np.linspace(0, tokens.shape[0] - 1, min(recipe.kv_rows, tokens.shape[0])).astype(int))
+        kv_rows = _kv_rows(recipe, tokens.shape[0])
     bar = tqdm(total=config.num_layers * (2 + len(_LINEARS_BY_INPUT)), desc=f"QoQ {recipe.name}", disable=not progress)
-    quantized_layers, kv_layers = {}, []
+    quantized_layers, smoothing = {}, []
     for index in range(config.num_layers):
         layer, stats = weights["layers"][index], None
         if recipe.needs_statistics:
             bar.set_postfix_str(f"layer {index} · statistics")
             layer_graph, layer_state = nnx.split(float_model.layers[index])
             attention_sample = None
-            if recipe.calibrates_kv:
+            if recipe.smooth_attention_search:
                 attention_sample = kv_calibration.AttentionSample.create(
-                    *_attention_inputs(layer_graph, layer_state, hidden[kv_rows])
+                    *_attention_inputs(layer_graph, layer_state, hidden[kv_rows])[:3]
                 )
             hidden, stats = _calibration_pass(
                 layer_graph, layer_state, hidden, sample_rows, sample_starts, config=config, batch_size=batch_size
             )
             bar.update()
             bar.set_postfix_str(f"layer {index} · transforms")
-            layer, stats, kv_record = _transform_layer(layer, stats, recipe, config, attention_sample)
-            kv_layers.append(kv_record)
+            layer, stats, chosen = _transform_layer(layer, stats, recipe, config, attention_sample)
+            smoothing.append(chosen)
         bar.update(2 - recipe.needs_statistics)
         quantized = {group: dict(modules) for group, modules in layer.items()}
         for observed, members in _LINEARS_BY_INPUT.items():
@@ -257,30 +270,91 @@ def quantize_model(
         "group_size": group_size,
         "calibration": {"samples": int(tokens.shape[0]), "seq_len": int(tokens.shape[1])},
     }
-    if recipe.calibrates_kv:
-        quant = _kv_format(quant, recipe, kv_layers)
-        report["kv_layers"] = [
-            {"kv_bits": bits, **record} for bits, record in zip(quant.layer_bits(config.num_layers), kv_layers)
-        ]
+    if recipe.smooth_attention_search:
+        report["smooth_attention"] = smoothing
     weights = {**weights, "layers": quantized_layers}
     result = _build_params(weights, config, quant, dtype=params.dtype, tokenizer=params.tokenizer)
     report["seconds"] = round(time.perf_counter() - started, 1)
     return result, report
 
 
-def _kv_format(quant: QuantFormat, recipe: Recipe, kv_layers: list[dict]) -> QuantFormat:
-    """The KV cache the per-layer records call for: KV8 pages for the `kv8_layers` layers whose 4-bit attention
-    error is largest (full range at 8 bits), the searched clip ratios elsewhere."""
-    num_layers = len(kv_layers)
-    bits = [quant.kv_bits] * num_layers
-    for index in np.argsort([-record["error"] for record in kv_layers], kind="stable")[: recipe.kv8_layers]:
+def calibrate_kv(
+    quantized: tuple[Params, dict], recipe: Recipe, calibration_tokens: np.ndarray, *, progress: bool = True
+) -> tuple[Params, dict]:
+    """The KV stages of `recipe` (`converters.kv_calibration`) on a model whose weights `quantize_model`
+    quantized with `recipe.weight_recipe()` (its Params and report). Walks the quantized model layer by layer on
+    `recipe.kv_rows` calibration rows, so each layer is calibrated on the keys and values its quantized q/k/v
+    projections produce, the next layer fed this one's output with unquantized attention. Then the `kv8_layers`
+    layers with the largest 4-bit attention error get KV8 pages (full range), the rest the searched clip ratios.
+    Returns the Params with the new format and transforms and the report with a record per layer."""
+    started = time.perf_counter()
+    params, report = quantized
+    if params.quant is None:
+        raise ValueError(f"recipe {recipe.name!r}: KV stages need a quantized model")
+    if {**report["recipe"], "name": recipe.name} != dataclasses.asdict(recipe.weight_recipe()):
+        raise ValueError(f"the weights were quantized by {report['recipe']['name']!r}, not as {recipe.name!r} needs")
+    config = params.config
+    if recipe.kv8_layers > config.num_layers:
+        raise ValueError(f"kv8_layers={recipe.kv8_layers} exceeds the model's {config.num_layers} layers")
+    tokens = jnp.asarray(calibration_tokens, jnp.int32)[_kv_rows(recipe, calibration_tokens.shape[0])]
+    model = params.model()
+    hidden = model.embed(tokens, ())
+    weights = nnx.to_pure_dict(params.state)
+    records = []
+    for index in tqdm(range(config.num_layers), desc=f"KV {recipe.name}", disable=not progress):
+        layer_graph, layer_state = nnx.split(model.layers[index])
+        *qkv, hidden = _attention_inputs(layer_graph, layer_state, hidden)
+        transform, record = _calibrate_kv_layer(kv_calibration.AttentionSample.create(*qkv), recipe)
+        if recipe.qk_transform:
+            attention = weights["layers"][index]["self_attn"]
+            attention.update({name: np.asarray(value) for name, value in dataclasses.asdict(transform).items()})
+        records.append(record)
+    bits = [params.quant.kv_bits] * config.num_layers
+    for index in np.argsort([-record["error"] for record in records], kind="stable")[: recipe.kv8_layers]:
         bits[int(index)] = 8
-    clips = [(r["k_clip"], r["v_clip"]) if b == quant.kv_bits else (1.0, 1.0) for r, b in zip(kv_layers, bits)]
-    return dataclasses.replace(
-        quant,
+    clips = [(r["k_clip"], r["v_clip"]) if b == params.quant.kv_bits else (1.0, 1.0) for r, b in zip(records, bits)]
+    quant = dataclasses.replace(
+        params.quant,
         layer_kv_bits=tuple(bits) if recipe.kv8_layers else None,
         kv_clip=tuple(clips) if recipe.kv_clip_search else None,
+        qk_transform=recipe.qk_transform,
     )
+    result = _build_params(weights, config, quant, dtype=params.dtype, tokenizer=params.tokenizer)
+    report = {
+        **report,
+        "recipe": dataclasses.asdict(recipe),
+        "stages": recipe.stages(),
+        "kv_layers": [{"kv_bits": b, **record} for b, record in zip(bits, records)],
+        "kv_seconds": round(time.perf_counter() - started, 1),
+        "seconds": round(report["seconds"] + time.perf_counter() - started, 1),
+    }
+    return result, report
+
+
+def _calibrate_kv_layer(sample, recipe: Recipe):
+    """One layer's q/k transform (centre, rotate, learn) and clip ratios; returns the transform and a record of
+    the choices with the attention errors at KV4 before and after."""
+    bits = recipe.kv_bits
+    num_kv_heads, head_dim = sample.key.shape[2:]
+    transform = kv_calibration.QKTransform.identity(num_kv_heads, head_dim)
+    record = {"error_plain": round(float(kv_calibration.attention_error(sample, transform, bits)), 6)}
+    if recipe.qk_transform:
+        transform = kv_calibration.initial_transform(sample, rotate=recipe.rotate_qk, center=recipe.center_keys)
+        if recipe.learn_qk:
+            record["error_before_learning"] = round(float(kv_calibration.attention_error(sample, transform, bits)), 6)
+            transform = kv_calibration.learn_transform(
+                sample, transform, bits=bits, steps=recipe.learn_qk_steps, learning_rate=recipe.learn_qk_rate
+            )
+    k_clip, v_clip = 1.0, 1.0
+    if recipe.kv_clip_search:
+        k_clip, v_clip, _ = kv_calibration.search_clip(sample, transform, bits)
+    error = float(kv_calibration.attention_error(sample, transform, bits, k_clip, v_clip))
+    return transform, {**record, "k_clip": k_clip, "v_clip": v_clip, "error": round(error, 6)}
+
+
+def _kv_rows(recipe: Recipe, num_samples: int) -> np.ndarray:
+    """`recipe.kv_rows` calibration rows evenly spread over the set."""
+    return np.unique(np.linspace(0, num_samples - 1, min(recipe.kv_rows, num_samples)).astype(int))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -347,13 +421,14 @@ def _observe_batch(layer_graph, layer_state, x_btd, stats, sample_rows, sample_s
 
 @functools.partial(jax.jit, static_argnums=0)
 def _attention_inputs(layer_graph, layer_state, x_btd):
-    """The float layer's post-RoPE queries, keys and values on some calibration rows."""
+    """A layer's post-RoPE queries, keys and values (before any q/k transform) on some calibration rows, and
+    its output with unquantized attention."""
     layer = nnx.merge(layer_graph, layer_state)
     seen = {}
     batch, length, _ = x_btd.shape
     positions = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), (batch, length))
-    layer(x_btd, positions, jnp.ones((batch, length), bool), NoKVCache(), 0, seen.__setitem__)
-    return seen["query"], seen["key"], seen["value"]
+    output, _ = layer(x_btd, positions, jnp.ones((batch, length), bool), NoKVCache(), 0, seen.__setitem__)
+    return seen["query"], seen["key"], seen["value"], output
 
 
 def _flat_channels(x: jax.Array) -> int:
@@ -376,9 +451,9 @@ def _sample_blocks(num_samples: int, seq_len: int) -> tuple[jax.Array, jax.Array
 
 
 def _transform_layer(layer: Mapping, stats: LayerStatistics, recipe: Recipe, config: ModelConfig, sample):
-    """Reorder and smooth one layer (exact transforms), carrying down_proj's input statistics along, then
-    calibrate its KV cache on `sample` (None when the recipe has no KV stage). Returns the layer, the statistics
-    and the layer's KV record (what was chosen, with its attention error at KV4) or None."""
+    """Reorder and smooth one layer (exact transforms), carrying down_proj's input statistics along; with
+    `smooth_attention_search`, SmoothAttention's (α, β) is chosen on the attention `sample`. Returns the layer,
+    the statistics and the chosen (α, β) (None without SmoothAttention)."""
     down_hessian = stats.hessians["down_input"]
     down_absmax = np.asarray(stats.absmax["down_input"])
     down_sample = stats.samples["down_input"]
@@ -388,22 +463,13 @@ def _transform_layer(layer: Mapping, stats: LayerStatistics, recipe: Recipe, con
         down_absmax = down_absmax[order]
         down_sample = down_sample[..., order]
         down_hessian = dataclasses.replace(down_hessian, xtx_sum=down_hessian.xtx_sum[order][:, order])
-    record = None
+    chosen = None
     if recipe.smooth_attention:
         key_max, query_max = np.asarray(stats.absmax["key"]), np.asarray(stats.absmax["query"])
-        alpha, beta = recipe.smooth_attention_alpha, 0.0
+        chosen = (recipe.smooth_attention_alpha, 0.0)
         if recipe.smooth_attention_search:
-            alpha, beta, _ = kv_calibration.search_smoothing(
-                sample, layer, config, key_max, query_max, rotate=recipe.rotate_qk, center=recipe.center_keys,
-                bits=recipe.kv_bits,
-            )
-        layer, lam = equivalence.smooth_attention(layer, config, key_max, query_max, alpha=alpha, beta=beta)
-        if sample is not None:
-            sample = sample.smoothed(lam)
-            record = {"smooth_alpha": alpha, "smooth_beta": beta}
-    if sample is not None:
-        layer, kv_record = _calibrate_kv(layer, sample, recipe)
-        record = {**(record or {}), **kv_record}
+            chosen = kv_calibration.search_smoothing(sample, layer, config, key_max, query_max, bits=recipe.kv_bits)[:2]
+        layer, _ = equivalence.smooth_attention(layer, config, key_max, query_max, alpha=chosen[0], beta=chosen[1])
     if recipe.smooth_linear:
         layer, scales = equivalence.smooth_down_proj(
             layer, down_absmax, recipe.smooth_linear_alpha, recipe.smooth_linear_beta
@@ -416,30 +482,7 @@ def _transform_layer(layer: Mapping, stats: LayerStatistics, recipe: Recipe, con
         hessians={**stats.hessians, "down_input": down_hessian},
         samples={**stats.samples, "down_input": down_sample},
     )
-    return layer, stats, record
-
-
-def _calibrate_kv(layer: Mapping, sample, recipe: Recipe):
-    """The q/k transform (centre, rotate, learn) and clip ratios for one layer, stored into its attention
-    weights when the format has them; returns the layer and a record of the choices and errors."""
-    bits = recipe.kv_bits
-    num_kv_heads, head_dim = sample.key.shape[2:]
-    transform = kv_calibration.QKTransform.identity(num_kv_heads, head_dim)
-    record = {"error_plain": float(kv_calibration.attention_error(sample, transform, bits))}
-    if recipe.qk_transform:
-        transform = kv_calibration.initial_transform(sample, rotate=recipe.rotate_qk, center=recipe.center_keys)
-        if recipe.learn_qk:
-            record["error_before_learning"] = float(kv_calibration.attention_error(sample, transform, bits))
-            transform = kv_calibration.learn_transform(
-                sample, transform, bits=bits, steps=recipe.learn_qk_steps, learning_rate=recipe.learn_qk_rate
-            )
-        attention = {**layer["self_attn"], **{k: np.asarray(v) for k, v in dataclasses.asdict(transform).items()}}
-        layer = {**layer, "self_attn": attention}
-    k_clip, v_clip = 1.0, 1.0
-    if recipe.kv_clip_search:
-        k_clip, v_clip, _ = kv_calibration.search_clip(sample, transform, bits)
-    error = float(kv_calibration.attention_error(sample, transform, bits, k_clip, v_clip))
-    return layer, {**record, "k_clip": k_clip, "v_clip": v_clip, "error": round(error, 6)}
+    return layer, stats, chosen
 
 
 @functools.partial(jax.jit, static_argnames=("recipe", "group_size"))
