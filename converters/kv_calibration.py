@@ -33,6 +33,7 @@ from converters import equivalence
 from converters.hadamard import hadamard_matrix
 from qoq_jax.config import ModelConfig
 from qoq_jax.kv_cache import grouped_attention, prompt_attention
+from qoq_jax.model import transform_qk
 from qoq_jax.quant import fake_quantize_kv
 
 CLIP_RATIOS = (1.0, 0.98, 0.96, 0.94, 0.92, 0.9, 0.88, 0.86, 0.84, 0.82, 0.8)
@@ -48,8 +49,8 @@ step of 0.1 instead of 0.05: 19 candidates instead of 39, for the CPU)."""
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class AttentionSample:
-    """One layer's post-RoPE queries [N, T, Hq, D], keys and values [N, T, Hkv, D] (float32, as the float model
-    computes them before SmoothAttention) on N calibration rows, and the float attention output."""
+    """One layer's post-RoPE queries [N, T, Hq, D], keys and values [N, T, Hkv, D] (float32, before any q/k
+    transform) on N calibration rows, and their unquantized attention output."""
 
     query: jax.Array
     key: jax.Array
@@ -85,12 +86,7 @@ class QKTransform:
         return cls(eye, eye, jnp.zeros((num_kv_heads, head_dim), jnp.float32))
 
     def apply(self, q_nthd, k_nthd):
-        n, t, num_heads, head_dim = q_nthd.shape
-        num_kv_heads = k_nthd.shape[2]
-        k = jnp.einsum("nthd,hde->nthe", k_nthd - self.key_offset, self.key_transform)
-        q = q_nthd.reshape(n, t, num_kv_heads, num_heads // num_kv_heads, head_dim)
-        q = jnp.einsum("nthgd,hde->nthge", q, self.query_transform).reshape(q_nthd.shape)
-        return q, k
+        return transform_qk(q_nthd, k_nthd, self.key_transform, self.query_transform, self.key_offset)
 
 
 def _attention(q, k, v):

@@ -131,15 +131,19 @@ class Attention(nnx.Module):
         return self.o_proj(out, split_over=tensor_axes), cache
 
     def transform_qk(self, q_bthd, k_bthd):
-        """k ← (k − μ)·A and q ← q·A⁻ᵀ per KV head (its query heads share A), in float32, before any cache path
-        sees them: q·k changes by the query's own constant q·μ, which softmax drops (see `QuantFormat`)."""
-        batch, length, num_heads, head_dim = q_bthd.shape
-        num_kv_heads = k_bthd.shape[2]
-        k = k_bthd.astype(jnp.float32) - self.key_offset[...]
-        k = jnp.einsum("bthd,hde->bthe", k, self.key_transform[...])
-        q = q_bthd.astype(jnp.float32).reshape(batch, length, num_kv_heads, num_heads // num_kv_heads, head_dim)
-        q = jnp.einsum("bthgd,hde->bthge", q, self.query_transform[...]).reshape(q_bthd.shape)
-        return q.astype(q_bthd.dtype), k.astype(k_bthd.dtype)
+        """The q/k transform of `QuantFormat.qk_transform`, before any cache path sees q and k."""
+        return transform_qk(q_bthd, k_bthd, self.key_transform[...], self.query_transform[...], self.key_offset[...])
+
+
+def transform_qk(q_bthd, k_bthd, key_transform, query_transform, key_offset):
+    """k ← (k − μ)·A and q ← q·A⁻ᵀ per KV head (its query heads share A), in float32: q·k changes by the query's
+    own constant q·μ, which softmax drops. A [Hkv, D, D] = key_transform, A⁻ᵀ = query_transform, μ [Hkv, D]."""
+    batch, length, num_heads, head_dim = q_bthd.shape
+    num_kv_heads = k_bthd.shape[2]
+    k = jnp.einsum("bthd,hde->bthe", k_bthd.astype(jnp.float32) - key_offset, key_transform)
+    q = q_bthd.astype(jnp.float32).reshape(batch, length, num_kv_heads, num_heads // num_kv_heads, head_dim)
+    q = jnp.einsum("bthgd,hde->bthge", q, query_transform).reshape(q_bthd.shape)
+    return q.astype(q_bthd.dtype), k.astype(k_bthd.dtype)
 
 
 class MLP(nnx.Module):
