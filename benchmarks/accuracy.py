@@ -63,7 +63,9 @@ ROWS: dict[str, tuple[str, str, Recipe | None]] = {  # name → (method, precisi
     "g128-qserve": ("QoQ as QServe", "W4A8KV4 g128", _QSERVE),
     "gchn": ("QoQ", "W4A8KV4 per-channel", RECIPES["gchn"]),
     **{
-        f"g128-no-{stage}": (f"QoQ as QServe without {stage}", "W4A8KV4 g128", dataclasses.replace(_QSERVE, **{stage: False}))
+        f"g128-no-{stage}": (
+            f"QoQ as QServe without {stage}", "W4A8KV4 g128", dataclasses.replace(_QSERVE, **{stage: False})
+        )
         for stage in ("rotate", "smooth_attention", "smooth_linear", "gptq", "reorder")
     },
     **{
@@ -140,7 +142,8 @@ def main() -> None:
             "quantize_seconds": quantized["seconds"],  # weights (shared or not) + KV stages, as one run of the recipe
             **run,
         }
-        entry.update({key: quantized[key] for key in ("kv_layers", "smooth_attention", "kv_seconds") if key in quantized})
+        records = ("kv_layers", "smooth_attention", "kv_seconds")
+        entry.update({key: quantized[key] for key in records if key in quantized})
         for path, seq_len in evaluations:
             started = time.perf_counter()
             result = qoq_jax.perplexity(model, texts[path], seq_len=seq_len, progress=True)

@@ -179,10 +179,11 @@ def test_clip_search_returns_the_grid_minimum():
     sample = _sample_with_outliers(rng)
     transform = kv_calibration.initial_transform(sample, rotate=True, center=True)
     k_clip, v_clip, error = kv_calibration.search_clip(sample, transform, 4)
-    k_errors = [float(kv_calibration.attention_error(sample, transform, 4, r, 1.0)) for r in kv_calibration.CLIP_RATIOS]
-    assert k_clip == kv_calibration.CLIP_RATIOS[int(np.argmin(k_errors))]
-    v_errors = [float(kv_calibration.attention_error(sample, transform, 4, k_clip, r)) for r in kv_calibration.CLIP_RATIOS]
-    assert v_clip == kv_calibration.CLIP_RATIOS[int(np.argmin(v_errors))] and error == pytest.approx(min(v_errors))
+    ratios = kv_calibration.CLIP_RATIOS
+    k_errors = [float(kv_calibration.attention_error(sample, transform, 4, r, 1.0)) for r in ratios]
+    assert k_clip == ratios[int(np.argmin(k_errors))]
+    v_errors = [float(kv_calibration.attention_error(sample, transform, 4, k_clip, r)) for r in ratios]
+    assert v_clip == ratios[int(np.argmin(v_errors))] and error == pytest.approx(min(v_errors))
     assert error <= float(kv_calibration.attention_error(sample, transform, 4))
 
 

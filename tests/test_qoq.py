@@ -80,7 +80,8 @@ def test_recipe_quantizes_every_decoder_linear_and_beats_plain_rounding(outlier_
     quantized, report = quantize_model(params, recipe, calibration, batch_size=4, progress=False)
     weight_type = Int4GroupWeight if recipe_name == "g128" else Int4ChannelWeight
     quant = quantized.quant
-    assert (quant.weights, quant.kv_bits, quant.group_size) == (recipe.weights, 4, resolve_group_size(recipe, params.config))
+    group_size = resolve_group_size(recipe, params.config)
+    assert (quant.weights, quant.kv_bits, quant.group_size) == (recipe.weights, 4, group_size)
     assert quant.qk_transform == recipe.qk_transform and (quant.kv_clip is not None) == recipe.kv_clip_search
     for layer in range(params.config.num_layers):
         for module, name in LINEARS:
