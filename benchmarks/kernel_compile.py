@@ -43,6 +43,7 @@ from cuda_lowering import (  # noqa: E402
     TARGETS,
     CompileReport,
     Target,
+    TritonKernel,
     compile_to_cubin,
     compile_tools_missing,
     lower_for_cuda,
@@ -152,8 +153,8 @@ def decode_attention_cases() -> list[KernelCase]:
     for model, batch, context in DECODE_BATCHES:
         pages_per_row = context // PAGE_SIZE
         num_pages = batch * pages_per_row
-        blocks = DecodeAttentionBlockSizes.for_shape(batch, model.num_kv_heads, pages_per_row, PAGE_SIZE)
         for bits in (4, 8, 16):
+            blocks = DecodeAttentionBlockSizes.for_shape(batch, model.num_kv_heads, pages_per_row, PAGE_SIZE, bits=bits)
             pool = ((model.num_kv_heads, num_pages, PAGE_SIZE, code_width(model.head_dim, bits)),
                     jnp.uint8 if bits < 16 else jnp.bfloat16)  # fmt: skip
             scales = [((model.num_kv_heads, num_pages, PAGE_SIZE), jnp.float16)] * (4 if bits < 16 else 0)
@@ -174,10 +175,15 @@ COMPILED_CONFIGURATIONS = tuple((case, target) for case in KERNEL_CASES for targ
 
 
 @functools.cache
-def compiled(case: KernelCase, target: Target) -> CompileReport:
-    """The case's one Triton kernel compiled for `target` (cached: the tests and the report share it)."""
+def lowered_kernel(case: KernelCase, target: Target) -> TritonKernel:
+    """The case's one Triton kernel, lowered for `target`'s GPU (cached: the tests and the report share it)."""
     [kernel] = triton_kernels(case.lower(target))
-    return compile_to_cubin(kernel, target)
+    return kernel
+
+
+@functools.cache
+def compiled(case: KernelCase, target: Target) -> CompileReport:
+    return compile_to_cubin(lowered_kernel(case, target), target)
 
 
 def limits_broken(report: CompileReport, case: KernelCase, target: Target) -> list[str]:

@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from cuda_lowering import lower_for_cuda, triton_module_text
+from cuda_lowering import lower_for_cuda, lowering_test, triton_module_text
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
@@ -220,6 +220,8 @@ def test_default_block_sizes_split_long_contexts_over_small_batches():
     assert one_row.pages_per_block * 64 == 128 and one_row.num_splits == 16
     assert DecodeAttentionBlockSizes.for_shape(256, 8, 8192 // 64, 64).num_splits == 1
     assert DecodeAttentionBlockSizes.for_shape(1, 8, 1, 64).num_splits == 1
+    # KV8's code tiles are twice KV4's: 8 warps keep its registers at KV4's level (kernel-compile.md).
+    assert [DecodeAttentionBlockSizes.for_shape(1, 8, 128, 64, bits=b).num_warps for b in (4, 8, 16)] == [4, 8, 4]
 
 
 # --- the CUDA lowering, checked on CPU ----------------------------------------------------------------------
@@ -228,6 +230,7 @@ def test_default_block_sizes_split_long_contexts_over_small_batches():
 LOWERING_SHAPES = [(1, 32, 8, 128, 128, 4096), (64, 32, 8, 128, 32, 4096), (16, 9, 3, 64, 32, 1000)]
 
 
+@lowering_test
 @pytest.mark.parametrize("bits", [4, 8, 16])
 @pytest.mark.parametrize("batch, num_heads, num_kv_heads, head_dim, pages_per_row, num_pages", LOWERING_SHAPES)
 def test_lowers_for_cuda(bits, batch, num_heads, num_kv_heads, head_dim, pages_per_row, num_pages):
