@@ -57,14 +57,13 @@ TARGETS = (SM_90, SM_80)
 def lower_for_cuda(fn, *shapes_and_dtypes, target: Target = SM_90):
     """`jax.jit(fn)` lowered for CUDA from (shape, dtype) pairs, for `target`'s GPU."""
     args = [jax.ShapeDtypeStruct(shape, dtype) for shape, dtype in shapes_and_dtypes]
-    traced = jax.jit(fn).trace(*args)
     if JAXLIB_VERSION <= (0, 10, 2):
-        return traced.lower(lowering_platforms=("cuda",))
+        return jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",))
     from jax._src.mesh import AbstractDevice, AbstractMesh
 
     device = AbstractDevice(device_kind=target.device_kind, num_cores=target.num_cores, platform="gpu")
-    with jax.sharding.use_abstract_mesh(AbstractMesh((1,), ("x",), abstract_device=device)):
-        return traced.lower(lowering_platforms=("cuda",))
+    with jax.sharding.use_abstract_mesh(AbstractMesh((1,), ("x",), abstract_device=device)):  # trace inside too
+        return jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -156,10 +155,10 @@ def compile_tools_missing() -> str | None:
     """Why `compile_to_cubin` cannot run here (None when it can)."""
     from jax._src.lib import triton
 
+    if not hasattr(triton, "compile"):
+        return f"jaxlib {jaxlib.__version__} has no Triton compile entry (0.10.2's CUDA plugin has one)"
     jax.devices()  # plugins register their Triton compiler when the backends initialize
     if not triton.has_compilation_handler("cuda"):
-        if JAXLIB_VERSION > (0, 10, 2):
-            return f"jaxlib {jaxlib.__version__}'s CUDA plugin has no Triton compile entry (0.10.2's does)"
         return (
             f"no Triton compiler for CUDA: `pip install --no-deps {' '.join(COMPILE_TOOLS)}` and run with "
             "JAX_PLATFORMS=cpu (.ci/run's compile leg does)"
