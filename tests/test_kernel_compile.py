@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from cuda_lowering import compile_tools_missing, lowering_test
+from cuda_lowering import compile_tools_missing
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 import kernel_compile  # noqa: E402
@@ -33,7 +33,6 @@ def compile_tools():
         pytest.skip(missing)
 
 
-@lowering_test
 @pytest.mark.parametrize("case, target", CONFIGURATIONS)
 def test_lowers_to_one_triton_kernel(case, target):
     """The lowering for the target's GPU yields the named kernel with its dots in the case's dtype."""

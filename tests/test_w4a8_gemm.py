@@ -18,7 +18,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-from cuda_lowering import lower_for_cuda, lowering_test, triton_module_text
+from cuda_lowering import lower_for_cuda, triton_module_text
 from pallas_kernels.w4a8_gemm import (
     W4A8BlockSizes,
     pack_uint4,
@@ -346,7 +346,6 @@ def _check_triton_lowering(lowered, blocks: W4A8BlockSizes, name: str):
     assert {tuple(map(int, dot)) for dot in dots} == {(blocks.block_m, blocks.block_k, blocks.block_k, half)}
 
 
-@lowering_test
 @pytest.mark.parametrize("n, k, group_size", LOWERING_SHAPES)
 @pytest.mark.parametrize("m", LOWERING_MS)
 def test_g128_lowers_for_cuda(m, n, k, group_size):
@@ -363,7 +362,6 @@ def test_g128_lowers_for_cuda(m, n, k, group_size):
     _check_triton_lowering(lowered, blocks, f"w4a8_gemm_g{group_size}")
 
 
-@lowering_test
 @pytest.mark.parametrize("n, k, group_size", LOWERING_SHAPES)
 @pytest.mark.parametrize("m", LOWERING_MS)
 def test_chn_lowers_for_cuda(m, n, k, group_size):
