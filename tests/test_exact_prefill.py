@@ -1,14 +1,18 @@
 """KV-exact prefill: every attention reads keys and values as the cache holds them, so however a prompt reaches the
 cache (at once, in ragged chunks over narrowed block tables, over a prefix already in the pages, recomputed after a
 preemption) it gives the logits of one-shot prefill and of `forward`, and `generate` is prefill + decode. Checked
-on tiny random W4A8KV4, W8A8KV8 and float KV16 models; plus the padding-row contract an engine relies on.
+on tiny random W4A8KV4 and W8A8KV8 models (float KV16 chunking: tests/test_kv_cache.py); plus the padding-row
+contract an engine relies on.
 
 Tolerance: the paths compute the same float32 sums over the same quantized keys and values in a different order
 and with different shapes (a chunk's key count, the matmuls' row counts), so they agree to float32 rounding carried
-through two layers, ~1e-7 relative (on this CPU usually bit for bit): asserted at 1e-5 of the logits' magnitude.
-A quantized code (an int8 activation or a KV code) can in principle cross a rounding boundary under such a
-perturbation and move a logit by ~1e-2; that is rare enough at these sizes not to be seen. The gap this guards
-against, one-shot prefill attending over unquantized K/V while chunks read the pages, was 0.04–0.09 at KV4.
+through two layers, ~1e-7 relative (on this CPU mostly bit for bit): a row agrees when every logit is within 1e-5
+of the logits' magnitude. But a quantized code (an int8 activation, a KV code) that such a perturbation moves
+across its rounding boundary shifts that row's logits by up to ~5e-3 of their magnitude, which happened to about
+one row in 80 here. So every row must agree within 2e-2 and a majority of rows to 1e-5: one or two flipped rows
+pass, while the gap this guards against (one-shot prefill attending over unquantized K/V while chunks read the
+pages) moved every row, by 0.04–0.09 at KV4 and ~4e-3 at KV8. Greedy tokens are compared up to the first
+step whose top two logits are that close (a near-tie a flip may decide either way).
 """
 
 from __future__ import annotations
@@ -30,11 +34,7 @@ BLOCK = 48  # one-shot prompt block
 CHUNK = 16  # a chunked step's token block
 MAX_LENGTH = 128  # a row's whole block table: 16 pages
 STEP_PAGES = 8  # the narrowed tables each chunked step passes: a power of two covering the longest row
-FORMATS = {
-    "w4a8kv4": QuantFormat("w4a8-g128", group_size=64, kv_bits=4),
-    "w8a8kv8": QuantFormat("w8a8", kv_bits=8),
-    "kv16": None,
-}
+FORMATS = {"w4a8kv4": QuantFormat("w4a8-g128", group_size=64, kv_bits=4), "w8a8kv8": QuantFormat("w8a8", kv_bits=8)}
 
 
 @pytest.fixture(scope="module")
@@ -44,10 +44,27 @@ def params(request):
     return qoq_jax.init_params(config, seed=3, quant=FORMATS[request.param])
 
 
+ROUNDING, FLIP = 1e-5, 2e-2  # of the logits' magnitude: float32 rounding; a quantized code crossing a boundary
+
+
 def _assert_same_logits(actual, expected, message):
+    """Rows [B, vocab] agree: all within FLIP, a majority within ROUNDING (see the module docstring)."""
     expected = np.asarray(expected)
     scale = float(np.max(np.abs(expected)))
-    np.testing.assert_allclose(np.asarray(actual), expected, rtol=1e-5, atol=1e-5 * scale, err_msg=message)
+    error = np.max(np.abs(np.asarray(actual) - expected), axis=1) / scale
+    assert np.all(error <= FLIP) and np.sum(error <= ROUNDING) > len(error) / 2, f"{message}: errors {error}"
+
+
+def _assert_greedy_tokens(actual, expected, logits, message):
+    """Token lists equal, up to the first step (per row) where the reference logits [steps, B, vocab] hold a
+    near-tie (the two best within FLIP) that a flipped code may decide either way."""
+    for row, (got, want) in enumerate(zip(actual, expected)):
+        for step, (a, b) in enumerate(zip(got, want)):
+            if a != b:
+                step_logits = logits[step][row]
+                gap = (np.max(step_logits) - step_logits[a]) / np.max(np.abs(step_logits))
+                assert gap <= FLIP, f"{message}: row {row} step {step}: sampled {a}, greedy is {b} by {gap:.3g}"
+                break
 
 
 def _pool(params, num_pages, tables):
@@ -95,7 +112,7 @@ def _prefill_and_decode(params, tokens, lengths, num_steps):
     return state, logits, decoded, np.stack(generated)
 
 
-@pytest.mark.parametrize("params", ["w4a8kv4", "w8a8kv8"], indirect=True)
+@pytest.mark.parametrize("params", list(FORMATS), indirect=True)
 def test_every_way_into_the_cache_gives_the_one_shot_logits(params):
     """One-shot prefill gives the reference logits, and `forward` gives them too. Ragged random chunks (1–16
     tokens per step; padding rows for rows that are done or waiting) into one shuffled pool through narrowed
@@ -157,31 +174,32 @@ def test_generate_is_prefill_plus_decode(params):
     ties to every other way into the cache)."""
     rng, seed = fresh_rng()
     prompts, tokens, lengths = _prompts(rng, params.config.vocab_size)
-    *_, generated = _prefill_and_decode(params, tokens, lengths, 3)
+    _, logits, decoded, generated = _prefill_and_decode(params, tokens, lengths, 3)
     completions = qoq_jax.generate(params, prompts, max_new_tokens=4, ignore_eos=True)
-    assert completions == generated.T.tolist(), f"seed {seed}"
+    assert [len(c) for c in completions] == [4] * len(prompts), f"seed {seed}"
+    _assert_greedy_tokens(completions, generated.T.tolist(), [np.asarray(logits)] + decoded, f"seed {seed}")
 
 
-@pytest.mark.parametrize("params", ["w4a8kv4", "kv16"], indirect=True)
+@pytest.mark.parametrize("params", list(FORMATS), indirect=True)
 def test_padding_rows_write_nothing_and_leave_real_rows_alone(params):
-    """Two real rows and two padding rows (length 0, block-table rows of the out-of-range id num_pages) through
-    two chunks and three decode steps: the real rows' logits are those of a run whose every other page is
-    filled with garbage and NaN, the padding rows' logits are finite, and no page outside the real rows' changes."""
+    """Two real rows and three padding rows (length 0, block-table rows of the out-of-range id num_pages) through
+    two chunks and three decode steps: the real rows' logits are bit for bit those of a run whose every other
+    page holds random codes and NaN, the padding rows' logits are finite, and no page but the real rows' changes.
+    (The shapes are the chunked steps' above, so the compiled chunk program is shared.)"""
     rng, seed = fresh_rng()
-    vocab = params.config.vocab_size
-    num_pages, pages_per_row = 12, 4
-    tables = np.full((4, pages_per_row), num_pages, np.int32)
-    owned = rng.permutation(num_pages)[: 2 * pages_per_row]
+    batch, num_pages = 5, 5 * (MAX_LENGTH // PAGE_SIZE) + 3
+    tables = np.full((batch, STEP_PAGES), num_pages, np.int32)
+    owned = rng.permutation(num_pages)[: 2 * STEP_PAGES]
     tables[:2] = owned.reshape(2, -1)
     unowned = np.setdiff1d(np.arange(num_pages), owned)
-    prompts = rng.integers(3, vocab, (2, 20))
-    first = np.array([11, 6, 0, 0], np.int32)
-    second = np.array([9, 14, 0, 0], np.int32)
+    prompts = rng.integers(3, params.config.vocab_size, (2, 20))
+    first = np.array([11, 6, 0, 0, 0], np.int32)
+    second = np.array([9, 14, 0, 0, 0], np.int32)
 
     def run(cache):
         outputs = []
-        for start, sizes in ((np.zeros(4, np.int32), first), (first, second)):
-            block = np.zeros((4, CHUNK), np.int32)
+        for start, sizes in ((np.zeros(batch, np.int32), first), (first, second)):
+            block = np.zeros((batch, CHUNK), np.int32)
             for row in range(2):
                 block[row, : sizes[row]] = prompts[row, start[row] : start[row] + sizes[row]]
             state, logits = qoq_jax.prefill(
@@ -189,11 +207,10 @@ def test_padding_rows_write_nothing_and_leave_real_rows_alone(params):
             )
             cache = state.cache
             outputs.append(logits)
-        state = dataclasses.replace(state, lengths=state.lengths.at[2:].set(0))
         for _ in range(3):
+            state = dataclasses.replace(state, lengths=state.lengths.at[2:].set(0))  # as an engine pads each step
             state, logits = qoq_jax.decode_step(params, state, jnp.argmax(logits, axis=-1))
             outputs.append(logits)
-            state = dataclasses.replace(state, lengths=state.lengths.at[2:].set(0))  # as an engine pads each step
         return state.cache, np.stack([np.asarray(o) for o in outputs])
 
     _, clean = run(_pool(params, num_pages, tables))
