@@ -2,8 +2,8 @@
 
 On a bare GPU machine with the repository copied over (nothing to install: jax, flax, torch, pytest and
 hypothesis are there), `STEPS` run one after another, each in its own process:
-  kernel tests       the GPU pytest classes: both W4A8 GEMMs and the decode attention against their references
-                     (TestW4A8GemmOnGpu at Llama-3-8B shapes with every M bucket's tiles);
+  kernel tests       the GPU pytest classes: both W4A8 GEMMs, the decode and the prefill-over-pages attention
+                     against their references (TestW4A8GemmOnGpu at Llama-3-8B shapes, every M bucket's tiles);
   gemm check         `gemm.py --check`: both kernels at every M bucket and Llama-3-8B shape against the reference;
   gemm timings       `gemm.py` at M = 1, 16, 1024, 4096 with 10 repeats (the goal's M's);
   decode attention   `attention.py` at batch 1/64/256 × context 2048/8192, every qoq row checked first;
@@ -44,7 +44,7 @@ DRY_RUN_BUDGET_S = 600  # a safety net on a loaded CPU; the dry run takes about 
 
 # Not built yet: each becomes one more entry of STEPS when it lands.
 PENDING = (
-    "prefill-over-pages kernel (issue 17): its GPU test class and benchmark",
+    "prefill-over-pages kernel (issue 17): a benchmark timing it (its GPU test class runs in kernel tests)",
     "e2e engine rows (issue 17): the in-flight batching engine under e2e_throughput's method",
 )
 
@@ -133,6 +133,7 @@ GPU_TEST_CLASSES = (
     "tests/test_w4a8_gemm.py::TestW4A8Gemm",
     "tests/test_w4a8_gemm.py::TestW4A8GemmOnGpu",
     "tests/test_paged_attention.py::TestPagedDecodeAttention",
+    "tests/test_paged_prefill_attention.py::TestPagedPrefillAttention",
 )
 STEPS = (
     Step(
@@ -141,6 +142,8 @@ STEPS = (
         dry_run=_pytest(
             "tests/test_w4a8_gemm.py::TestW4A8GemmInterpret::test_chn_accumulator_is_exact[1-128-64]",
             "tests/test_paged_attention.py::TestPagedDecodeAttentionInterpret::test_splits_and_empty_rows[1]",
+            "tests/test_paged_prefill_attention.py::TestPagedPrefillAttentionInterpret::"
+            "test_bfloat16_queries_with_default_blocks",
         ),
         budget_s=110,
         summarize=summarize_tests,

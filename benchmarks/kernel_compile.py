@@ -4,7 +4,8 @@ CPU-only machine: registers, spills, shared memory and tensor-core instructions 
 `KERNEL_CASES` is the table, one entry per distinct compiled kernel:
   * the W4A8 GEMMs (progressive groups and per-channel) with the default tiles of every M bucket
     (`W4A8BlockSizes.for_shape`) over each model's linear shapes, one entry per distinct tile;
-  * the paged decode attention at KV4 / KV8 / KV16 for the decode batches of the e2e benchmark and the engine.
+  * the paged decode attention at KV4 / KV8 / KV16 for the decode batches of the e2e benchmark and the engine;
+  * the paged prefill ("extend") attention at KV4 / KV8 / KV16 for prompt chunks over cached pages.
 Each entry lowers through the real Pallas Triton lowering (tests/cuda_lowering.py); XLA's own Triton (bundled with
 the jaxlib CUDA plugin) compiles the IR to PTX and ptxas assembles it. tests/test_kernel_compile.py asserts the
 limits over the same table: compiles, no spills, registers < 255, shared memory within the opt-in per-block
@@ -52,6 +53,7 @@ from cuda_lowering import (  # noqa: E402
 )
 
 from pallas_kernels.paged_attention import DecodeAttentionBlockSizes, code_width, paged_decode_attention  # noqa: E402
+from pallas_kernels.paged_prefill_attention import PrefillAttentionBlockSizes, paged_prefill_attention  # noqa: E402
 from pallas_kernels.w4a8_gemm import W4A8BlockSizes, w4a8_gemm_chn, w4a8_gemm_g128  # noqa: E402
 
 
@@ -87,6 +89,8 @@ GEMM_MS = (16, 64, 256, 1024, 4096)
 PAGE_SIZE = 64  # the engine's and the e2e benchmark's page size
 # (model, batch, context): one long row (the most splits), a full decode batch, SmolLM2 as the tests serve it.
 DECODE_BATCHES = ((LLAMA3_8B, 1, 8192), (LLAMA3_8B, 64, 2048), (SMOLLM2, 16, 2048))
+# (model, rows, chunk tokens, context): prompt chunks continuing cached rows, as the engine schedules them.
+PREFILL_CHUNKS = ((LLAMA3_8B, 4, 512, 4096), (SMOLLM2, 2, 256, 2048))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -155,10 +159,8 @@ def decode_attention_cases() -> list[KernelCase]:
         num_pages = batch * pages_per_row
         for bits in (4, 8, 16):
             blocks = DecodeAttentionBlockSizes.for_shape(batch, model.num_kv_heads, pages_per_row, PAGE_SIZE, bits=bits)
-            pool = ((model.num_kv_heads, num_pages, PAGE_SIZE, code_width(model.head_dim, bits)),
-                    jnp.uint8 if bits < 16 else jnp.bfloat16)  # fmt: skip
-            scales = [((model.num_kv_heads, num_pages, PAGE_SIZE), jnp.float16)] * (4 if bits < 16 else 0)
-            args = (((batch, model.num_heads, model.head_dim), jnp.bfloat16), pool, pool,
+            k_pool, v_pool, *scales = _pools(model, num_pages, bits)
+            args = (((batch, model.num_heads, model.head_dim), jnp.bfloat16), k_pool, v_pool,
                     ((batch, pages_per_row), jnp.int32), ((batch,), jnp.int32), *scales)  # fmt: skip
             name = (
                 f"paged_decode_attention_kv{bits} {model.name} b{batch} ctx{context} "
@@ -170,7 +172,34 @@ def decode_attention_cases() -> list[KernelCase]:
     return cases
 
 
-KERNEL_CASES: tuple[KernelCase, ...] = (*gemm_cases(), *decode_attention_cases())
+def _pools(model: ModelShapes, num_pages: int, bits: int) -> list:
+    """(shape, dtype) of the K and V pools and, below 16 bits, their four scale / zero arrays."""
+    pool = ((model.num_kv_heads, num_pages, PAGE_SIZE, code_width(model.head_dim, bits)),
+            jnp.uint8 if bits < 16 else jnp.bfloat16)  # fmt: skip
+    return [pool, pool] + [((model.num_kv_heads, num_pages, PAGE_SIZE), jnp.float16)] * (4 if bits < 16 else 0)
+
+
+def prefill_attention_cases() -> list[KernelCase]:
+    cases = []
+    for model, batch, chunk, context in PREFILL_CHUNKS:
+        pages_per_row = context // PAGE_SIZE
+        blocks = PrefillAttentionBlockSizes.for_shape(model.num_heads // model.num_kv_heads, PAGE_SIZE, model.head_dim)
+        for bits in (4, 8, 16):
+            k_pool, v_pool, *scales = _pools(model, batch * pages_per_row, bits)
+            rows = ((batch,), jnp.int32)
+            args = (((batch, chunk, model.num_heads, model.head_dim), jnp.bfloat16), k_pool, v_pool,
+                    ((batch, pages_per_row), jnp.int32), rows, rows, *scales)  # fmt: skip
+            name = (
+                f"paged_prefill_attention_kv{bits} {model.name} {batch}×{chunk} ctx{context} "
+                f"q{blocks.query_tokens}_p{blocks.pages_per_block}_w{blocks.num_warps}"
+            )
+            fn = functools.partial(paged_prefill_attention, bits=bits, block_sizes=blocks)
+            used_for = f"{model.name} prompt chunks of {chunk} tokens over cached pages, bf16 queries"
+            cases.append(KernelCase(name, f"paged_prefill_attention_kv{bits}", used_for, fn, args, mma_dtype="bf16"))
+    return cases
+
+
+KERNEL_CASES: tuple[KernelCase, ...] = (*gemm_cases(), *decode_attention_cases(), *prefill_attention_cases())
 COMPILED_CONFIGURATIONS = tuple((case, target) for case in KERNEL_CASES for target in case.targets)
 
 

@@ -36,7 +36,7 @@ def test_writes_each_benchmark_json_with_the_device(dry_run):
         [path] = out.glob(f"{prefix}-cpu*.json")
         assert json.loads(path.read_text())["device"] == result["device"]
     tests = next(r for r in result["steps"] if r["step"] == "kernel tests")
-    assert tests["summary"][0].startswith("2 tests: 0 failed, 0 errors, 0 skipped")
+    assert tests["summary"][0].startswith("3 tests: 0 failed, 0 errors, 0 skipped")
 
 
 def test_summary_judges_no_goal_on_cpu_rows(dry_run):

@@ -51,10 +51,10 @@ def test_compiles_within_limits(compile_tools, case, target):
 
 
 def test_table_covers_every_kernel_and_arch():
-    """Both GEMM recipes at every M bucket and the decode attention at each KV width, on both archs."""
+    """Both GEMM recipes at every M bucket and both attentions at each KV width, on both archs."""
     kernels = {(case.kernel, target.name) for case, target in kernel_compile.COMPILED_CONFIGURATIONS}
     expected = {"w4a8_gemm_g128", "w4a8_gemm_g64", "w4a8_gemm_chn"} | {
-        f"paged_decode_attention_kv{bits}" for bits in (4, 8, 16)
+        f"paged_{phase}_attention_kv{bits}" for phase in ("decode", "prefill") for bits in (4, 8, 16)
     }
     assert {kernel for kernel, _ in kernels} == expected
     assert all((kernel, arch) in kernels for kernel in expected for arch in ("sm_90", "sm_80"))
