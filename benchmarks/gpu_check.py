@@ -179,7 +179,8 @@ STEPS = (
 )
 
 
-def run_step(step: Step, argv: tuple[str, ...], timeout_s: float, env: dict, out: Path, scratch: Path, slug: str) -> dict:
+def run_step(step: Step, argv: tuple[str, ...], timeout_s: float, env: dict, out: Path, scratch: Path,
+             slug: str) -> dict:  # fmt: skip
     junit = str(scratch / f"{step.name.replace(' ', '-')}.xml")
     command = [sys.executable, *(arg.format(out=out, junit=junit) for arg in argv)]
     started = time.perf_counter()
