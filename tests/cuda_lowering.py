@@ -69,13 +69,13 @@ def lower_for_cuda(fn, *shapes_and_dtypes, target: Target = SM_90):
 
 @dataclasses.dataclass(frozen=True)
 class TritonKernel:
-    """One `__gpu$xla.gpu.triton` custom call: the kernel's name, its Triton IR and launch parameters."""
+    """One `__gpu$xla.gpu.triton` custom call: the kernel's name, its Triton IR and the launch parameters that
+    the Triton compiler takes."""
 
     name: str
     bytecode: bytes
     num_warps: int
     num_stages: int
-    grid: tuple[int, int, int]
 
     @functools.cached_property
     def text(self) -> str:
@@ -118,7 +118,6 @@ def triton_kernels(lowered) -> list[TritonKernel]:
                 bytecode=ir.StringAttr(config["ir"]).value_bytes,
                 num_warps=integer(config, "num_warps"),
                 num_stages=integer(config, "num_stages"),
-                grid=tuple(integer(config, f"grid_{axis}") for axis in "xyz"),
             )
         )
     return kernels
