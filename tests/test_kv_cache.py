@@ -165,6 +165,8 @@ def test_prefill_refuses_inconsistent_caches():
         qoq_jax.prefill(params, tokens, cache=cache)
     with pytest.raises(ValueError, match="either max_length"):
         qoq_jax.prefill(params, tokens[:1], max_length=16, cache=cache)
+    with pytest.raises(ValueError, match="shorter than the 16-token prompt block"):
+        qoq_jax.prefill(params, tokens, max_length=8)
 
 
 @pytest.mark.parametrize("bits, dtype", [(4, jnp.bfloat16), (8, jnp.bfloat16), (16, jnp.bfloat16), (16, jnp.float32)])
