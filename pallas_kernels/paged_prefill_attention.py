@@ -18,6 +18,11 @@ the row's pages from the first to the one holding the block's last query, `pages
 online-softmax step, with the causal mask on absolute positions; a block past the row's length does no step and
 writes zeros. There are no splits over keys: a prefill has enough query blocks to fill the GPU.
 `paged_prefill_attention_reference` is the same attention in plain jnp.
+
+Prompts with nothing cached do not come here: `qoq_jax.kv_cache` gives them cuDNN flash attention over the
+quantize → dequantize round trip of their own K/V, the same values this kernel would read back from the pages
+(to the model dtype's rounding, which every path has), without the gathers and in-kernel dequantization, and
+prefill attention is compute-bound.
 """
 
 from __future__ import annotations

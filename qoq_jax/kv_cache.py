@@ -231,28 +231,22 @@ class PagedKVCache(KVCache):
     def extend_attention(self, layer: int, q_bthd, starts_b, lengths_b) -> jax.Array:
         """Causal attention of chunks [B, T, Hq, D] at positions starts..starts+lengths−1 over their rows' pages,
         which already hold the chunks: the cached prefix and the chunk read back exactly as decode sees them."""
-        implementation, _ = paged_implementation(self.kernel, self.page_size, q_bthd.shape[-1])
-        if implementation == "pallas":
-            attention = paged_prefill_attention.paged_prefill_attention
-        else:
-            attention = paged_prefill_attention.paged_prefill_attention_reference
-        pools, scales, bits = self._layer_pools(layer)
-        return attention(q_bthd, *pools, self.block_tables, starts_b, lengths_b, *scales, bits=bits)
+        prefill = paged_prefill_attention
+        kernels = prefill.paged_prefill_attention, prefill.paged_prefill_attention_reference
+        return self._over_pages(layer, q_bthd, kernels, starts_b, lengths_b)
 
     def decode_attention(self, layer: int, q_bhd, lengths_b) -> jax.Array:
         """One query per row [B, Hq, D] over the first lengths[b] tokens of its pages."""
-        implementation, _ = paged_implementation(self.kernel, self.page_size, q_bhd.shape[-1])
-        if implementation == "pallas":
-            attention = paged_attention.paged_decode_attention
-        else:
-            attention = paged_attention.paged_decode_attention_reference
-        pools, scales, bits = self._layer_pools(layer)
-        return attention(q_bhd, *pools, self.block_tables, lengths_b, *scales, bits=bits)
+        kernels = paged_attention.paged_decode_attention, paged_attention.paged_decode_attention_reference
+        return self._over_pages(layer, q_bhd, kernels, lengths_b)
 
-    def _layer_pools(self, layer: int):
-        """A layer's (K codes, V codes), (K scale, K zero, V scale, V zero) and bits, as the kernels take them."""
+    def _over_pages(self, layer: int, q, kernels, *row_arrays) -> jax.Array:
+        """Runs the (Pallas kernel, jnp reference) pair's choice over a layer's pools and the block tables."""
+        implementation, _ = paged_implementation(self.kernel, self.page_size, q.shape[-1])
+        attention = kernels[0] if implementation == "pallas" else kernels[1]
         k, v = self.keys[layer], self.values[layer]
-        return (k.codes, v.codes), (k.scale, k.zero, v.scale, v.zero), k.bits
+        pools = (k.codes, v.codes, self.block_tables, *row_arrays, k.scale, k.zero, v.scale, v.zero)
+        return attention(q, *pools, bits=k.bits)
 
 
 @dataclasses.dataclass(frozen=True)

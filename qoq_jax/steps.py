@@ -36,7 +36,8 @@ def forward(params: Params, token_ids: jax.Array) -> jax.Array:
     _check_fits(params, length)
     positions = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), (batch, length))
     valid = jnp.ones((batch, length), bool)
-    logits, _ = _run_model(params, token_ids, positions, valid, NoKVCache(kv_bits=params.kv_bits, kernel=params.kernel))
+    cache = NoKVCache(kv_bits=params.kv_bits, kernel=params.kernel)
+    logits, _ = _run_model(params, token_ids, positions, valid, cache)
     return logits
 
 
@@ -72,6 +73,8 @@ def prefill(
         if start_positions is not None:
             raise ValueError("start_positions continue sequences in a cache: pass the cache too")
         max_length = length if max_length is None else max_length
+        if max_length < length:
+            raise ValueError(f"max_length={max_length} is shorter than the {length}-token prompt block")
         _check_fits(params, max_length)
         cache = PagedKVCache.for_batch(
             params.config,
