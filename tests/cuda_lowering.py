@@ -20,7 +20,6 @@ import re
 import shutil
 import subprocess
 import tempfile
-import time
 from pathlib import Path
 
 import jax
@@ -144,7 +143,6 @@ class CompileReport:
     stack_frame_bytes: int
     shared_memory_bytes: int
     mma_instructions: dict[str, int]
-    compile_seconds: float
 
     @property
     def spill_bytes(self) -> int:
@@ -197,7 +195,6 @@ def compile_to_cubin(kernel: TritonKernel, target: Target) -> CompileReport:
     sm_90a, which wgmma needs)."""
     from jax._src.lib import triton
 
-    started = time.perf_counter()
     result = triton.compile(
         "cuda",
         kernel.bytecode,
@@ -226,6 +223,5 @@ def compile_to_cubin(kernel: TritonKernel, target: Target) -> CompileReport:
         ptx_target=ptx_target,
         shared_memory_bytes=result.smem_bytes,
         mma_instructions=dict(sorted(mma.items())),
-        compile_seconds=round(time.perf_counter() - started, 3),
         **figures,
     )
