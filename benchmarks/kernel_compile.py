@@ -161,14 +161,18 @@ def decode_attention_cases() -> list[KernelCase]:
             k_pool, v_pool, *scales = _pools(model, num_pages, bits)
             args = (((batch, model.num_heads, model.head_dim), jnp.bfloat16), k_pool, v_pool,
                     ((batch, pages_per_row), jnp.int32), ((batch,), jnp.int32), *scales)  # fmt: skip
-            name = (
-                f"paged_decode_attention_kv{bits} {model.name} b{batch} ctx{context} "
-                f"p{blocks.pages_per_block}_s{blocks.num_splits}_w{blocks.num_warps}"
+            label = (
+                f"{model.name} b{batch} ctx{context} p{blocks.pages_per_block}_s{blocks.num_splits}_w{blocks.num_warps}"
             )
-            fn = functools.partial(paged_decode_attention, bits=bits, block_sizes=blocks)
             used_for = f"{model.name} decode, batch {batch}, context {context}, bf16 queries"
-            cases.append(KernelCase(name, f"paged_decode_attention_kv{bits}", used_for, fn, args, mma_dtype="bf16"))
+            cases.append(_attention_case("decode", paged_decode_attention, bits, blocks, label, args, used_for))
     return cases
+
+
+def _attention_case(phase, entry, bits, blocks, label, args, used_for) -> KernelCase:
+    kernel = f"paged_{phase}_attention_kv{bits}"
+    fn = functools.partial(entry, bits=bits, block_sizes=blocks)
+    return KernelCase(f"{kernel} {label}", kernel, used_for, fn, args, mma_dtype="bf16")
 
 
 def _pools(model: ModelShapes, num_pages: int, bits: int) -> list:
@@ -188,13 +192,12 @@ def prefill_attention_cases() -> list[KernelCase]:
             rows = ((batch,), jnp.int32)
             args = (((batch, chunk, model.num_heads, model.head_dim), jnp.bfloat16), k_pool, v_pool,
                     ((batch, pages_per_row), jnp.int32), rows, rows, *scales)  # fmt: skip
-            name = (
-                f"paged_prefill_attention_kv{bits} {model.name} {batch}×{chunk} ctx{context} "
+            label = (
+                f"{model.name} {batch}×{chunk} ctx{context} "
                 f"q{blocks.query_tokens}_p{blocks.pages_per_block}_w{blocks.num_warps}"
             )
-            fn = functools.partial(paged_prefill_attention, bits=bits, block_sizes=blocks)
             used_for = f"{model.name} prompt chunks of {chunk} tokens over cached pages, bf16 queries"
-            cases.append(KernelCase(name, f"paged_prefill_attention_kv{bits}", used_for, fn, args, mma_dtype="bf16"))
+            cases.append(_attention_case("prefill", paged_prefill_attention, bits, blocks, label, args, used_for))
     return cases
 
 
