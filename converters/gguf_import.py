@@ -14,7 +14,7 @@ from jax.sharding import Mesh
 from tqdm.auto import tqdm
 
 from qoq_jax.config import ModelConfig
-from qoq_jax.errors import CheckpointError, UnsupportedModelError
+from qoq_jax.errors import CheckpointError, ConfigError, UnsupportedModelError
 from qoq_jax.params import Params, ParamPath, assemble_params
 
 SUPPORTED_GGUF_ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM"}
@@ -51,7 +51,10 @@ def import_gguf(file: str | Path, *, dtype=None, mesh: Mesh | None = None) -> Pa
         raise CheckpointError(f"{file}: cannot be read as GGUF (truncated or corrupt?): {err}") from err
     metadata = {name: _field_value(field) for name, field in reader.fields.items()}
     tensor_names = {t.name for t in reader.tensors}
-    config = ModelConfig.from_hf(gguf_to_hf_config(metadata, tensor_names, source=str(file)))
+    try:
+        config = ModelConfig.from_hf(gguf_to_hf_config(metadata, tensor_names, source=str(file)))
+    except ConfigError as err:
+        raise ConfigError(f"{file}: the GGUF metadata, read as a transformers config: {err}") from None
     architecture = metadata["general.architecture"]
 
     tensors: dict[ParamPath, np.ndarray] = {}
@@ -106,7 +109,7 @@ def gguf_to_hf_config(metadata: dict, tensor_names: set[str], *, source: str) ->
         "num_hidden_layers": get("block_count"),
         "num_attention_heads": heads,
         "num_key_value_heads": get("attention.head_count_kv", heads),
-        "head_dim": get("attention.key_length") or hidden // heads,
+        "head_dim": get("attention.key_length") or (hidden // heads if hidden and heads else None),
         "max_position_embeddings": get("context_length", 2048),
         "rms_norm_eps": get("attention.layer_norm_rms_epsilon", 1e-6),
         "rope_parameters": rope_parameters,
