@@ -58,11 +58,19 @@ def check_float32(name: str, value, low: float, error: type[Exception] = Invalid
     return float(value)
 
 
-def check_text(name: str, text, error: type[Exception] = InvalidRequestError) -> str:
-    if not isinstance(text, str):
-        raise error(f"{name} must be a string, got {type(text).__name__}")
+def unicode_problem(text: str) -> str | None:
+    """Why `text` is not valid Unicode, or None."""
     try:
         text.encode("utf-8")
     except UnicodeEncodeError as err:
-        raise error(f"{name}: not valid Unicode (a lone surrogate at {err.start})") from None
+        return f"not valid Unicode (a lone surrogate at {err.start})"
+    return None
+
+
+def check_text(name: str, text, error: type[Exception] = InvalidRequestError) -> str:
+    if not isinstance(text, str):
+        raise error(f"{name} must be a string, got {type(text).__name__}")
+    problem = unicode_problem(text)
+    if problem:
+        raise error(f"{name}: {problem}")
     return text
