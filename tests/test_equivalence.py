@@ -240,10 +240,12 @@ def test_smoothing_scales_fall_back_to_one():
     _, lam = equivalence.smooth_attention(layer, config, k_absmax)
     assert lam[0] == lam[config.head_dim // 2] == 1.0 and np.all(lam[1 : config.head_dim // 2] == 2.0)
     k_absmax[5] = np.inf
-    assert np.all(equivalence.smooth_attention(layer, config, k_absmax)[1] == 1.0)
+    with pytest.warns(equivalence.SmoothingDisabledWarning, match=r"smooth_attention disabled: 2 channel\(s\)"):
+        assert np.all(equivalence.smooth_attention(layer, config, k_absmax)[1] == 1.0)  # 5 and its RoPE pair
     input_absmax = np.full(config.intermediate_size, 2.0)
     input_absmax[3] = np.nan
-    assert np.all(equivalence.smooth_down_proj(layer, input_absmax, alpha=0.3, beta=0.7)[1] == 1.0)
+    with pytest.warns(equivalence.SmoothingDisabledWarning, match=r"smooth_linear disabled: .*first: \[3\]"):
+        assert np.all(equivalence.smooth_down_proj(layer, input_absmax, alpha=0.3, beta=0.7)[1] == 1.0)
 
 
 def test_down_proj_permutation_is_a_stable_ascending_sort():
