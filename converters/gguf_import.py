@@ -145,15 +145,31 @@ def _field_value(field):
         return None
 
 
+_TRANSFORMERS_GGUF_MODULE = "transformers.integrations.gguf.gguf_tokenizer_mapping"
+"""Not public API: transformers may move it in any release. `tests/test_import.py` checks it is where we read it,
+and the bound on transformers in pyproject.toml is no wider than the releases CI has run."""
+
+
 def gguf_tokenizer(metadata: dict):
     """The file's tokenizer and chat template, built by transformers' GGUF tokenizer converter from the metadata
     already read: `AutoTokenizer.from_pretrained(gguf_file=...)` would parse the file again and needs torch."""
+    import importlib
+
+    import transformers
     from transformers import PreTrainedTokenizerFast
-    from transformers.integrations.gguf.gguf_tokenizer_mapping import GGUF_TOKENIZER_MAPPING, convert_gguf_tokenizer
+
+    try:
+        converter = importlib.import_module(_TRANSFORMERS_GGUF_MODULE)
+        renames_by_group, convert = converter.GGUF_TOKENIZER_MAPPING, converter.convert_gguf_tokenizer
+    except (ImportError, AttributeError) as err:
+        raise UnsupportedModelError(
+            f"transformers {transformers.__version__} has no GGUF tokenizer converter at {_TRANSFORMERS_GGUF_MODULE} "
+            f"({err}); install the transformers version pyproject.toml allows"
+        ) from err
 
     grouped = {
         group: {name: metadata[f"tokenizer.{key}"] for key, name in renames.items() if f"tokenizer.{key}" in metadata}
-        for group, renames in GGUF_TOKENIZER_MAPPING.items()
+        for group, renames in renames_by_group.items()
     }
     tokenizer_dict, tokenizer_config = grouped["tokenizer"], grouped["tokenizer_config"]
     if tokenizer_dict.get("tokenizer_type") == "llama":  # llama.cpp adds BOS to sentencepiece vocabularies
@@ -161,5 +177,5 @@ def gguf_tokenizer(metadata: dict):
     for special in ("bos", "eos", "unk", "pad"):
         token_id = tokenizer_dict.get(f"{special}_token_id")
         tokenizer_config[f"{special}_token"] = None if token_id is None else tokenizer_dict["tokens"][token_id]
-    backend, extra = convert_gguf_tokenizer(metadata["general.architecture"], tokenizer_dict)
+    backend, extra = convert(metadata["general.architecture"], tokenizer_dict)
     return PreTrainedTokenizerFast(tokenizer_object=backend, **tokenizer_config, **extra)
