@@ -463,12 +463,14 @@ def main(argv=None) -> dict:
     args = parse_args(argv)
     if HF_TORCH in args.systems:  # JAX would otherwise take 75% of the GPU at start-up, leaving torch the rest
         os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+    load_average = os.getloadavg()
     mesh = make_mesh(args.tensor_parallel) if args.tensor_parallel > 1 else None
     slug, device = device_description()
     print(TABLE_HEADER, flush=True)
     rows = [row for name in args.models for row in benchmark_model(args, name, mesh)]
     result = {
         "device": device,
+        "load_average_at_start": load_average,
         "jax_version": jax.__version__,
         "dtype": args.dtype,
         "tensor_parallel": args.tensor_parallel,

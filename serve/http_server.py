@@ -1,5 +1,5 @@
 """An OpenAI-compatible HTTP API over the engine: /v1/completions, /v1/chat/completions, /v1/models, /health,
-/metrics.
+/metrics, /openapi.json.
 
     app = create_app(async_engine, model_name="smollm2-g128", api_key=None)
     run(app, host="127.0.0.1", port=8000)
@@ -504,7 +504,8 @@ def create_app(engine, *, model_name: str, api_key: str | None = None) -> FastAP
             await asyncio.gather(sampler, return_exceptions=True)
             await engine.shutdown()
 
-    app = FastAPI(title="qoq-jax", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+    # The OpenAPI schema (with every bound the bodies enforce) is served for clients and fuzzers; no docs UI.
+    app = FastAPI(title="qoq-jax", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url="/openapi.json")
     app.state.server = server
 
     @app.exception_handler(RequestValidationError)

@@ -24,10 +24,10 @@ MODEL = "tiny-llama"
 VOCAB = 320  # the tiny Llama's
 FUZZ_OPTIONS = dict(
     max_num_seqs=2,
-    max_model_len=32,
+    max_model_len=64,
     page_size=16,
     num_pages=8,
-    max_num_batched_tokens=32,
+    max_num_batched_tokens=64,
     max_prefill_chunk=16,
     max_prefill_rows=1,
 )
@@ -78,9 +78,9 @@ def _ids_in_vocabulary(node):
 
 @pytest.fixture(scope="module")
 def api_schema(server):
-    """The app's own OpenAPI schema, with the pins above."""
-    app, _, _ = server
-    openapi = app.openapi()
+    """The schema the running server publishes, with the pins above."""
+    _, url, session = server
+    openapi = session.get(f"{url}/openapi.json", timeout=30).json()
     for component in openapi["components"]["schemas"].values():
         properties = component.get("properties", {})
         properties.update({name: pin for name, pin in PINNED.items() if name in properties})
@@ -103,9 +103,6 @@ def test_no_request_breaks_the_server(server, api_schema, method, path, mode, da
     case = data.draw(api_schema[path][method].as_strategy(generation_mode=mode))
     response = case.call(base_url=url, session=session, timeout=60)
     sent = f"{case.method} {case.formatted_path} {case.body!r}"
-    import os
-    with open(os.environ.get("FUZZLOG", "/dev/null"), "a") as log:
-        log.write(f"{response.status_code} {mode.value} {path} {response.text[:150]!r}\n")
     assert response.status_code < 500, f"{sent} → {response.status_code} {response.text}"
     if response.status_code >= 400:
         error = response.json()["error"]

@@ -117,7 +117,7 @@ def test_forward_refuses_ids_outside_the_vocabulary(params, prompt_ids):
     for bad in (VOCAB, -1):
         ids = prompt_ids.copy()
         ids[1, 5] = bad
-        with pytest.raises(InvalidRequestError, match=rf"token_ids\[1, 5\] = {bad} is outside the vocabulary \[0, 320\)"):
+        with pytest.raises(InvalidRequestError, match=rf"token_ids\[1, 5\] = {bad} is outside the vocabulary \[0, 320"):
             qoq_jax.forward(params, ids)
     with pytest.raises(InvalidRequestError, match=r"token_ids must be an integer array \[batch, seq\]"):
         qoq_jax.forward(params, prompt_ids[0])
