@@ -27,13 +27,11 @@ from qoq_jax.config import ModelConfig
 Weights = dict[str, Any]
 
 _ATTN_INPUTS = ("q_proj", "k_proj", "v_proj")
+_MLP_INPUTS = ("gate_proj", "up_proj")
 
 
 class SmoothingDisabledWarning(UserWarning):
     """A NaN/Inf smoothing scale turned a stage off for a layer (the reference's guard); calibration records it."""
-
-
-_MLP_INPUTS = ("gate_proj", "up_proj")
 
 
 def untie_embeddings(weights: Mapping, config: ModelConfig) -> tuple[Weights, ModelConfig]:
