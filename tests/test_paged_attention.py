@@ -19,6 +19,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 from paged_pools import float64_softmax_attention, fresh_rng, make_pools, poison_unread, row_tokens, scribble_past
+from suite_guard import assert_every_test_ran_and_passed
 
 from pallas_kernels.paged_attention import (
     DecodeAttentionBlockSizes,
@@ -140,10 +141,10 @@ class TestPagedDecodeAttentionInterpret(TestPagedDecodeAttention):
     INTERPRET = True
 
 
-def test_interpret_suite_is_not_skipped():
-    """The CPU suite must really run the kernel tests (a misplaced skip would silently drop them)."""
-    tests = [name for name in dir(TestPagedDecodeAttentionInterpret) if name.startswith("test_")]
-    assert TestPagedDecodeAttentionInterpret.INTERPRET and len(tests) == 4
+def test_interpret_suite_is_not_skipped(request):
+    """The CPU suite must really run the kernel tests, not only collect them: every test of the interpret class
+    ran before this one and passed (a misplaced skip, or INTERPRET turned off, would silently drop them)."""
+    assert_every_test_ran_and_passed(request, TestPagedDecodeAttentionInterpret)
 
 
 @pytest.mark.parametrize("bits", [4, 8, 16])
