@@ -11,11 +11,11 @@ CPU_DEVICES = 4
 if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
     os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={CPU_DEVICES}"
 
-import zlib  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
+from seeding import seed_of  # noqa: E402
 from suite_guard import OUTCOMES  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
@@ -32,7 +32,7 @@ def gpl_text() -> str:
 @pytest.fixture
 def rng(request) -> np.random.Generator:
     """The test's own generator, seeded by its id: the same inputs on every run, whatever ran before it."""
-    return np.random.default_rng(zlib.crc32(request.node.nodeid.encode()))
+    return np.random.default_rng(seed_of(request.node.nodeid))
 
 
 @pytest.hookimpl(wrapper=True)

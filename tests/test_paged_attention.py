@@ -18,7 +18,8 @@ from cuda_lowering import lower_for_cuda, lowering_test, triton_module_text
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
-from paged_pools import float64_softmax_attention, fresh_rng, make_pools, poison_unread, row_tokens, scribble_past
+from paged_pools import float64_softmax_attention, make_pools, poison_unread, row_tokens, scribble_past
+from seeding import seeded_rng
 from suite_guard import assert_every_test_ran_and_passed
 
 from pallas_kernels.paged_attention import (
@@ -77,7 +78,7 @@ class TestPagedDecodeAttention:
     @pytest.mark.parametrize("bits", [4, 8, 16])
     @pytest.mark.parametrize("head_dim, num_heads, num_kv_heads", HEAD_SHAPES)
     def test_kernel_matches_reference(self, bits, head_dim, num_heads, num_kv_heads):
-        rng, seed = fresh_rng()
+        rng, seed = seeded_rng()
         lengths = list(LENGTHS) + [int(rng.integers(1, 6 * PAGE_SIZE))]
         args = make_case(
             rng, bits, batch_lengths=lengths, num_heads=num_heads, num_kv_heads=num_kv_heads, head_dim=head_dim
@@ -92,7 +93,7 @@ class TestPagedDecodeAttention:
     def test_splits_and_empty_rows(self, num_splits):
         """Any split count gives the same result; a row of length 0 gets zeros, not NaN; a length past the block
         table (7 pages here, padded to 8 for 4 splits) is cut to the table, never reading the padding."""
-        rng, seed = fresh_rng()
+        rng, seed = seeded_rng()
         args = make_case(rng, 4, batch_lengths=[0, 3, 4 * PAGE_SIZE], num_heads=4, num_kv_heads=2, head_dim=64)
         args = args[:4] + (jnp.asarray([0, 3, 10**6], jnp.int32),) + args[5:]
         blocks = DecodeAttentionBlockSizes(pages_per_block=1, num_splits=num_splits)
@@ -106,7 +107,7 @@ class TestPagedDecodeAttention:
         """Padding rows (length 0 or 1, their table filled with the out-of-range id num_pages) get zeros. Slots no
         row's length reaches (the rest of a last page, unowned pages) may hold NaN, and table entries past a row's
         pages may hold any id, without changing any row's output."""
-        rng, seed = fresh_rng()
+        rng, seed = seeded_rng()
         lengths = [0, 1, 13, 3 * PAGE_SIZE, 2]
         q, k, v, tables, lengths, *scales = make_case(
             rng, bits, batch_lengths=lengths, num_heads=4, num_kv_heads=2, head_dim=64
@@ -126,7 +127,7 @@ class TestPagedDecodeAttention:
 
     def test_bfloat16_queries(self):
         """The model's dtype: codes and weights enter the dots as bf16, the softmax stays float32."""
-        rng, seed = fresh_rng()
+        rng, seed = seeded_rng()
         args = make_case(
             rng, 4, batch_lengths=[2 * PAGE_SIZE + 5, 7], num_heads=8, num_kv_heads=2, head_dim=64, dtype=jnp.bfloat16
         )
@@ -150,7 +151,7 @@ def test_interpret_suite_is_not_skipped(request):
 @pytest.mark.parametrize("bits", [4, 8, 16])
 @pytest.mark.parametrize("head_dim, num_heads, num_kv_heads", [(64, 6, 2), (128, 32, 8)])
 def test_reference_matches_float64(bits, head_dim, num_heads, num_kv_heads):
-    rng, seed = fresh_rng()
+    rng, seed = seeded_rng()
     lengths = LENGTHS + [int(rng.integers(1, 8 * PAGE_SIZE))]
     args = make_case(
         rng, bits, batch_lengths=lengths, num_heads=num_heads, num_kv_heads=num_kv_heads, head_dim=head_dim
@@ -181,7 +182,7 @@ def test_packed_layout_pairs_channel_j_with_channel_j_plus_half():
 
 
 def test_refuses_malformed_inputs():
-    rng, _ = fresh_rng()
+    rng, _ = seeded_rng()
     q, k, v, tables, lengths, *scales = make_case(rng, 4, batch_lengths=[5], num_heads=4, num_kv_heads=2, head_dim=64)
     with pytest.raises(ValueError, match="bits must be one of"):
         paged_decode_attention_reference(q, k, v, tables, lengths, *scales, bits=2)
