@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import warnings
 
 import jax
 import jax.numpy as jnp
@@ -126,10 +127,14 @@ def search_smoothing(
     bits: int,
 ):
     """The SmoothAttention (α, β) of `SMOOTHING_GRID` whose smoothed keys, centred and rotated as the pages of
-    a `qk_transform` model hold them, give the least attention error; returns (α, β, error)."""
+    a `qk_transform` model hold them, give the least attention error; returns (α, β, error). A candidate whose
+    scale is NaN/Inf is scored as no smoothing, which it becomes; only the chosen one's warning reaches the
+    calibration report (the caller applies it)."""
     best = None
     for alpha, beta in SMOOTHING_GRID:
-        _, lam = equivalence.smooth_attention(layer_weights, config, k_absmax, q_absmax, alpha=alpha, beta=beta)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", equivalence.SmoothingDisabledWarning)
+            _, lam = equivalence.smooth_attention(layer_weights, config, k_absmax, q_absmax, alpha=alpha, beta=beta)
         smoothed = sample.smoothed(lam)
         error = float(attention_error(smoothed, initial_transform(smoothed, rotate=True, center=True), bits))
         if best is None or error < best[2]:

@@ -54,10 +54,9 @@ def _float_logits(model, tokens):
 
 
 @pytest.mark.parametrize("head_dim", [64, 128, 20])  # 20: Paley's non-power-of-two Hadamard
-def test_qk_transform_leaves_the_float_model_unchanged(head_dim):
+def test_qk_transform_leaves_the_float_model_unchanged(head_dim, rng):
     """k ← (k − μ)·A, q ← q·A⁻ᵀ in every layer of a float model: logits equal to float rounding (the offset's
     q·μ is one constant per query, which softmax drops)."""
-    rng = np.random.default_rng()
     config = _config(head_dim)
     model = qoq_jax.init_params(config, dtype="float32", seed=int(rng.integers(1 << 16))).model()
     tokens = jnp.asarray(rng.integers(3, config.vocab_size, (2, 24)))
@@ -82,31 +81,39 @@ def _quantized_with_transform(rng, quant: QuantFormat, head_dim: int = 64):
     return dataclasses.replace(params, state=state)
 
 
-def test_forward_equals_prefill_and_decode_with_every_kv_option():
-    """With the q/k transform, per-layer bits (KV8, KV4) and clip ratios on, decoding token by token through
-    the paged cache (each token attending over pages that hold its own quantized key) gives the logits of
-    `forward`, which attends over the same quantization round trip."""
-    rng = np.random.default_rng()
+def test_every_way_into_the_cache_gives_forward_with_every_kv_option(rng):
+    """With the q/k transform, per-layer bits (KV8, KV4) and clip ratios on, one-shot prefill (attending over the
+    round trip of its own K/V), a chunk continuing it over the pages (the extend path) and decode steps token by
+    token (each over pages that hold its own quantized key) all give the logits of `forward`, which attends over
+    the same quantization round trip: every path reads K/V exactly as the pages hold them, clip included."""
     quant = QuantFormat(
-        "w8a8", kv_bits=4, layer_kv_bits=(8, 4), kv_clip=((0.9, 0.95), (1.0, 0.9)), qk_transform=True
+        "w8a8", kv_bits=4, layer_kv_bits=(8, 4), kv_clip=((0.9, 0.95), (1.0, 0.85)), qk_transform=True
     )
     params = _quantized_with_transform(rng, quant)
-    tokens = jnp.asarray(rng.integers(3, params.config.vocab_size, (2, 12)), jnp.int32)
+    tokens = jnp.asarray(rng.integers(3, params.config.vocab_size, (2, 14)), jnp.int32)
     reference = np.asarray(qoq_jax.forward(params, tokens))
-    state, _ = qoq_jax.prefill(params, tokens[:, :1], max_length=16, page_size=8)
+    first, chunk = 5, 4
+    state, logits = qoq_jax.prefill(params, tokens[:, :first], max_length=16, page_size=8)
     assert [pool.bits for pool in state.cache.keys] == [8, 4] and state.cache.keys[0].clip == 0.9
-    assert state.cache.values[1].clip == 0.9
-    for position in range(1, tokens.shape[1]):
+    assert state.cache.values[1].clip == 0.85
+    np.testing.assert_allclose(logits, reference[:, first - 1], rtol=TOLERANCE, atol=TOLERANCE)
+    starts = jnp.full((2,), first, jnp.int32)
+    state, logits = qoq_jax.prefill(
+        params, tokens[:, first : first + chunk], jnp.full((2,), chunk), cache=state.cache, start_positions=starts
+    )
+    np.testing.assert_allclose(logits, reference[:, first + chunk - 1], rtol=TOLERANCE, atol=TOLERANCE)
+    for position in range(first + chunk, tokens.shape[1]):
         state, logits = qoq_jax.decode_step(params, state, tokens[:, position])
         np.testing.assert_allclose(logits, reference[:, position], rtol=TOLERANCE, atol=TOLERANCE)
+    unclipped = dataclasses.replace(params, quant=dataclasses.replace(quant, kv_clip=None))
+    assert np.max(np.abs(np.asarray(qoq_jax.forward(unclipped, tokens)) - reference)) > 100 * TOLERANCE
 
 
 @pytest.mark.parametrize("head_dim", [64, 128])
-def test_rotated_keys_in_the_pages_read_by_kernel_and_reference(head_dim):
+def test_rotated_keys_in_the_pages_read_by_kernel_and_reference(head_dim, rng):
     """Keys transformed by the model's `transform_qk` and written to KV4 pages are read by the Pallas decode
     kernel (interpret mode) and its jnp reference as a float64 attention over the dequantized transformed
     keys computes it."""
-    rng = np.random.default_rng()
     config = _config(head_dim)
     quant = QuantFormat("w8a8", kv_bits=4, qk_transform=True)
     params = _quantized_with_transform(rng, quant, head_dim)
@@ -157,9 +164,8 @@ def _kv4_error(sample, transform) -> float:
     return float(kv_calibration.attention_error(sample, transform, 4))
 
 
-def test_centring_rotation_and_learning_each_lower_the_kv4_error():
+def test_centring_rotation_and_learning_each_lower_the_kv4_error(rng):
     """Centring removes per-channel offsets, the Hadamard spreads outlier channels, learning improves on both."""
-    rng = np.random.default_rng()
     offsets = _sample_with_outliers(rng, outliers=False)
     plain, centred = (kv_calibration.initial_transform(offsets, rotate=False, center=c) for c in (False, True))
     assert _kv4_error(offsets, centred) < 0.5 * _kv4_error(offsets, plain)
@@ -174,8 +180,7 @@ def test_centring_rotation_and_learning_each_lower_the_kv4_error():
     np.testing.assert_allclose(product, np.broadcast_to(np.eye(32), product.shape), atol=1e-4)
 
 
-def test_clip_search_returns_the_grid_minimum():
-    rng = np.random.default_rng()
+def test_clip_search_returns_the_grid_minimum(rng):
     sample = _sample_with_outliers(rng)
     transform = kv_calibration.initial_transform(sample, rotate=True, center=True)
     k_clip, v_clip, error = kv_calibration.search_clip(sample, transform, 4)
@@ -228,9 +233,9 @@ def test_kv_searches_are_deterministic_and_recorded(kv_quantized):
     assert attention["key_transform"][...].dtype == jnp.float32
 
 
-def test_checkpoint_keeps_the_kv_options_and_old_ones_still_load(kv_quantized, tmp_path):
+def test_checkpoint_keeps_the_kv_options_and_old_ones_still_load(kv_quantized, tmp_path, rng):
     _, ((quantized, report), _) = kv_quantized
-    tokens = jnp.asarray(np.random.default_rng().integers(3, 300, (1, 20)))
+    tokens = jnp.asarray(rng.integers(3, 300, (1, 20)))
     path = qoq_jax.save_checkpoint(quantized, tmp_path / "kv", recipe=report)
     stored = json.loads((path / "qoq.json").read_text())["quant"]
     assert stored["qk_transform"] and len(stored["layer_kv_bits"]) == quantized.config.num_layers
