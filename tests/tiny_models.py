@@ -9,7 +9,16 @@ from pathlib import Path
 
 import jax
 import torch
-from transformers import AutoModelForCausalLM, LlamaConfig, MistralConfig, Qwen2Config
+from transformers import (
+    AutoModelForCausalLM,
+    Gemma2Config,
+    Gemma3TextConfig,
+    LlamaConfig,
+    MistralConfig,
+    Phi3Config,
+    Qwen2Config,
+    Qwen3Config,
+)
 
 _COMMON = dict(
     vocab_size=320,
@@ -45,6 +54,37 @@ TINY_CONFIGS = {
     ),
     "mistral": lambda: MistralConfig(**_COMMON, sliding_window=256),
     "qwen2_bias_tied": lambda: Qwen2Config(**{**_COMMON, "num_key_value_heads": 4}, tie_word_embeddings=True),
+    # head_dim 32 with hidden 64: q is twice as wide as the residual stream.
+    "qwen3": lambda: Qwen3Config(**_COMMON, head_dim=32),
+    "gemma2": lambda: Gemma2Config(
+        **_COMMON, head_dim=16, query_pre_attn_scalar=24, attn_logit_softcapping=2.0, final_logit_softcapping=3.0,
+        sliding_window=64,
+    ),
+    "gemma3": lambda: Gemma3TextConfig(
+        **_COMMON,
+        head_dim=16,
+        query_pre_attn_scalar=24,
+        sliding_window=64,
+        layer_types=["sliding_attention", "full_attention"],
+        rope_parameters={
+            "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+            "full_attention": {"rope_type": "linear", "factor": 8.0, "rope_theta": 1000000.0},
+        },
+    ),
+    "phi3": lambda: Phi3Config(**_COMMON),
+    # Phi-4-mini's shape of rope: 3/4 of each head rotates, LongRoPE past 32 positions, tied embeddings.
+    "phi4_mini_longrope": lambda: Phi3Config(
+        **{**_COMMON, "max_position_embeddings": 128},
+        tie_word_embeddings=True,
+        original_max_position_embeddings=32,
+        rope_parameters={
+            "rope_type": "longrope",
+            "rope_theta": 10000.0,
+            "partial_rotary_factor": 0.75,
+            "short_factor": [1.0, 1.1, 1.3, 1.6, 2.0, 2.5],
+            "long_factor": [1.0, 1.5, 2.5, 4.0, 6.0, 9.0],
+        },
+    ),
     # Every linear a multiple of 64, as the W4A8 formats need; hidden 192 = 12·16 has a non-power-of-two Hadamard.
     "llama_quantizable": lambda: LlamaConfig(
         **{**_COMMON, "hidden_size": 192, "intermediate_size": 384, "num_attention_heads": 6}
@@ -58,11 +98,15 @@ TINY_CONFIGS = {
 def build_hf_model(name: str, seed: int = 0):
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(TINY_CONFIGS[name](), dtype=torch.float32).eval()
-    if name.startswith("qwen2"):  # Qwen2 initialises biases to zero; make them matter
-        with torch.no_grad():
+    with torch.no_grad():
+        if name.startswith("qwen2"):  # Qwen2 initialises biases to zero; make them matter
             for layer in model.model.layers:
                 for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):
                     proj.bias.normal_(0.0, 0.5)
+        if name.startswith(("qwen3", "gemma", "phi")):  # norms initialise to their identity; make them matter
+            for parameter_name, parameter in model.named_parameters():
+                if parameter_name.endswith("norm.weight"):
+                    parameter.add_(torch.randn_like(parameter) * 0.3)
     return model
 
 
