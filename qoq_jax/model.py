@@ -109,21 +109,24 @@ def _norm(config: ModelConfig, shape: int | tuple[int, ...], dtype) -> RMSNorm:
 
 
 class InputRotation(nnx.Module):
-    """x [..., outer·inner] ↦ x·kron(outer, inner) without forming the product: two small matmuls.
+    """x [..., p·q] ↦ x·kron(outer, inner)/√(p·q) without forming the product: two small matmuls.
 
     QoQ's rotation of models with post-norms (Gemma), whose residual stream cannot be rotated offline: the
-    normalized inputs of q/k/v and gate/up are rotated here, and those kernels hold the inverse rotation."""
+    normalized inputs of q/k/v and gate/up are rotated here, and those kernels hold the inverse rotation. The
+    factors are ±1 Hadamard matrices (exact in any dtype); a fresh module is the identity."""
 
     def __init__(self, outer_size: int, inner_size: int, *, dtype):
-        self.outer = nnx.Param(jnp.eye(outer_size, dtype=dtype))
-        self.inner = nnx.Param(jnp.eye(inner_size, dtype=dtype))
+        self.outer = nnx.Param(jnp.eye(outer_size, dtype=dtype) * outer_size**0.5)
+        self.inner = nnx.Param(jnp.eye(inner_size, dtype=dtype) * inner_size**0.5)
 
     def __call__(self, x: jax.Array) -> jax.Array:
         outer, inner = self.outer[...], self.inner[...]
-        blocks = x.reshape(*x.shape[:-1], outer.shape[0], inner.shape[0])
-        rotated = jnp.einsum("...ij,ia,jb->...ab", blocks, outer.astype(x.dtype), inner.astype(x.dtype),
-                             preferred_element_type=jnp.float32)
-        return rotated.reshape(x.shape).astype(x.dtype)
+        p, q = outer.shape[0], inner.shape[0]
+        blocks = x.reshape(*x.shape[:-1], p, q)
+        rotated = jnp.einsum(
+            "...ij,ia,jb->...ab", blocks, outer.astype(x.dtype), inner.astype(x.dtype), preferred_element_type=jnp.float32
+        )
+        return (rotated * (p * q) ** -0.5).reshape(x.shape).astype(x.dtype)
 
 
 class Attention(nnx.Module):

@@ -35,6 +35,8 @@ _COMMON = dict(
     pad_token_id=0,
 )
 
+_QUANTIZABLE = {**_COMMON, "hidden_size": 128, "intermediate_size": 256}
+
 TINY_CONFIGS = {
     "llama": lambda: LlamaConfig(**_COMMON),
     "llama_tied": lambda: LlamaConfig(**_COMMON, tie_word_embeddings=True),
@@ -91,6 +93,26 @@ TINY_CONFIGS = {
     ),
     "qwen2_quantizable_tied": lambda: Qwen2Config(
         **{**_COMMON, "hidden_size": 128, "intermediate_size": 256}, tie_word_embeddings=True
+    ),
+    # The other families in qwen2_quantizable_tied's linear shapes (so their GPTQ programs are compiled once).
+    "qwen3_quantizable": lambda: Qwen3Config(**_QUANTIZABLE, head_dim=32),
+    "gemma2_quantizable": lambda: Gemma2Config(
+        **_QUANTIZABLE, head_dim=32, query_pre_attn_scalar=48, attn_logit_softcapping=4.0, final_logit_softcapping=8.0
+    ),
+    "gemma3_quantizable": lambda: Gemma3TextConfig(
+        **_QUANTIZABLE, head_dim=32, query_pre_attn_scalar=48, layer_types=["sliding_attention", "full_attention"]
+    ),
+    "phi4_mini_quantizable": lambda: Phi3Config(
+        **_QUANTIZABLE,
+        tie_word_embeddings=True,
+        original_max_position_embeddings=64,
+        rope_parameters={
+            "rope_type": "longrope",
+            "rope_theta": 10000.0,
+            "partial_rotary_factor": 0.75,
+            "short_factor": [1.0 + 0.1 * i for i in range(12)],
+            "long_factor": [1.0 + 0.5 * i for i in range(12)],
+        },
     ),
 }
 
