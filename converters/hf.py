@@ -17,7 +17,7 @@ from tqdm.auto import tqdm
 
 from qoq_jax.config import ModelConfig
 from qoq_jax.errors import CheckpointError
-from qoq_jax.params import Params, ParamPath, assemble_params
+from qoq_jax.params import Params, ParamPath, assemble_params, expected_shapes
 
 Transform = Callable[[np.ndarray, ModelConfig], tuple[np.ndarray, ...]]
 """An HF tensor → the arrays of its target paths (one, or the parts of a fused tensor)."""
@@ -77,7 +77,11 @@ HF_NAME_TABLE: list[tuple[str, tuple[str, ...], Transform]] = [
         tuple(f"layers.{{0}}.self_attn.{name}.kernel" for name in ("q_proj", "k_proj", "v_proj")),
         _split_qkv,
     ),
-    (_LAYER + r"mlp\.gate_up_proj\.weight", ("layers.{0}.mlp.gate_proj.kernel", "layers.{0}.mlp.up_proj.kernel"), _split_gate_up),
+    (
+        _LAYER + r"mlp\.gate_up_proj\.weight",
+        ("layers.{0}.mlp.gate_proj.kernel", "layers.{0}.mlp.up_proj.kernel"),
+        _split_gate_up,
+    ),
 ]
 # Gemma's norm names → ours, which name norms by role (its post_attention_layernorm normalizes the attention's
 # output; its pre_feedforward_layernorm is what Llama calls post_attention_layernorm).
@@ -86,8 +90,14 @@ _POST_NORM_NAMES = {
     "pre_feedforward_layernorm": "post_attention_layernorm",
     "post_feedforward_layernorm": "mlp_output_norm",
 }
-# Families whose checkpoints store fused projections: each layer must have them.
-_FUSED_TENSORS = {"Phi3ForCausalLM": ("self_attn.qkv_proj.weight", "mlp.gate_up_proj.weight")}
+_MODEL_NORM_NAMES = {ours: theirs for theirs, ours in _POST_NORM_NAMES.items()}
+# Families whose checkpoints store fused projections, and which of our linears each fused tensor fills.
+_FUSED = {
+    "Phi3ForCausalLM": {
+        **dict.fromkeys(("q_proj", "k_proj", "v_proj"), "qkv_proj"),
+        **dict.fromkeys(("gate_proj", "up_proj"), "gate_up_proj"),
+    }
+}
 # Buffers some exports carry that the model recomputes.
 _IGNORED = re.compile(r".*rotary_emb\.inv_freq")
 
@@ -103,6 +113,20 @@ def map_hf_name(name: str, config: ModelConfig) -> tuple[tuple[ParamPath, ...], 
             paths = tuple(_path(template.format(*groups)) for template in templates)
             return paths, transform
     return None
+
+
+def hf_tensor_name(path: ParamPath, config: ModelConfig) -> str:
+    """The transformers name of the tensor that fills a model path (the fused one in a family that fuses), so an
+    incomplete checkpoint is described in its own names."""
+    if path[0] != "layers":
+        return {"embed_tokens": "model.embed_tokens.weight", "norm": "model.norm.weight"}.get(path[0], "lm_head.weight")
+    layer, *rest = path[1:]
+    if config.post_norms:
+        rest[0] = _MODEL_NORM_NAMES.get(rest[0], rest[0])
+    if len(rest) == 3:  # block.linear.leaf
+        rest[1] = _FUSED.get(config.architecture, {}).get(rest[1], rest[1])
+    rest[-1] = "weight" if rest[-1] == "kernel" else rest[-1]
+    return ".".join(["model.layers", str(layer), *rest])
 
 
 def _path(dotted: str) -> ParamPath:
@@ -121,7 +145,7 @@ def import_hf_directory(directory: str | Path, *, dtype=None, mesh: Mesh | None 
     config = ModelConfig.from_hf(hf_config)
     files = _weight_files(directory)
     tensors: dict[ParamPath, np.ndarray] = {}
-    unknown, seen = [], set()
+    unknown = []
     for name, read in tqdm(_iter_tensors(files), desc=f"loading {directory.name}", unit="tensor", leave=False):
         if _IGNORED.fullmatch(name) or (name == "lm_head.weight" and config.tie_word_embeddings):
             continue
@@ -129,7 +153,6 @@ def import_hf_directory(directory: str | Path, *, dtype=None, mesh: Mesh | None 
         if mapped is None:
             unknown.append(name)
             continue
-        seen.add(name)
         paths, transform = mapped
         try:
             arrays = transform(read(), config)
@@ -138,16 +161,10 @@ def import_hf_directory(directory: str | Path, *, dtype=None, mesh: Mesh | None 
         tensors.update(zip(paths, arrays, strict=True))
     if unknown:
         raise CheckpointError(f"{directory}: tensors the model does not have: {', '.join(unknown[:10])}")
-    fused = [
-        f"model.layers.{layer}.{suffix}"
-        for suffix in _FUSED_TENSORS.get(config.architecture, ())
-        for layer in range(config.num_layers)
-        if f"model.layers.{layer}.{suffix}" not in seen
-    ]
-    if fused:
-        raise CheckpointError(
-            f"{directory}: {config.architecture} stores fused projections, and these are missing: {', '.join(fused)}"
-        )
+    missing = sorted({hf_tensor_name(path, config) for path in expected_shapes(config) if path not in tensors})
+    if missing:
+        listed = ", ".join(missing[:10]) + (f" and {len(missing) - 10} more" if len(missing) > 10 else "")
+        raise CheckpointError(f"{directory}: {config.architecture} needs tensors the checkpoint lacks: {listed}")
     tokenizer = load_tokenizer(directory)
     return assemble_params(config, tensors, dtype=dtype, tokenizer=tokenizer, source=str(directory), mesh=mesh)
 

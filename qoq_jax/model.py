@@ -124,7 +124,8 @@ class InputRotation(nnx.Module):
         p, q = outer.shape[0], inner.shape[0]
         blocks = x.reshape(*x.shape[:-1], p, q)
         rotated = jnp.einsum(
-            "...ij,ia,jb->...ab", blocks, outer.astype(x.dtype), inner.astype(x.dtype), preferred_element_type=jnp.float32
+            "...ij,ia,jb->...ab", blocks, outer.astype(x.dtype), inner.astype(x.dtype),
+            preferred_element_type=jnp.float32,
         )
         return (rotated * (p * q) ** -0.5).reshape(x.shape).astype(x.dtype)
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 from pathlib import Path
 
 import jax
@@ -117,9 +118,13 @@ TINY_CONFIGS = {
 }
 
 
-def build_hf_model(name: str, seed: int = 0):
+def build_hf_model(name: str, seed: int = 0, **changes):
+    """The tiny model `name`, with config fields changed by `changes` (e.g. num_hidden_layers)."""
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(TINY_CONFIGS[name](), dtype=torch.float32).eval()
+    config = TINY_CONFIGS[name]()
+    if changes:
+        config = type(config)(**{**config.to_dict(), **changes})
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
     with torch.no_grad():
         if name.startswith("qwen2"):  # Qwen2 initialises biases to zero; make them matter
             for layer in model.model.layers:
@@ -191,3 +196,65 @@ def smollm2_float32():
     import qoq_jax
 
     return qoq_jax.load("smollm2", dtype="float32")
+
+
+def save_gguf(model, path: Path, architecture: str) -> Path:
+    """The transformers model as llama.cpp's convert_hf_to_gguf.py writes it, in float32: tensor names from gguf's
+    own name map, Gemma's norms stored as 1 + w, llama's q/k rows permuted per head, Phi-3's fused tensors kept
+    fused and its LongRoPE factors as tensors, and the metadata keys it writes (what it does not write, e.g.
+    Gemma's layer pattern, the reader must know)."""
+    import gguf
+    import numpy as np
+
+    config = model.config
+    rope = config.rope_parameters.get("full_attention", config.rope_parameters)
+    arch = {name: value for value, name in gguf.MODEL_ARCH_NAMES.items()}[architecture]
+    names = gguf.get_tensor_name_map(arch, config.num_hidden_layers)
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    writer = gguf.GGUFWriter(str(path), architecture)
+    writer.add_context_length(config.max_position_embeddings)
+    writer.add_embedding_length(config.hidden_size)
+    writer.add_block_count(config.num_hidden_layers)
+    writer.add_feed_forward_length(config.intermediate_size)
+    writer.add_head_count(config.num_attention_heads)
+    writer.add_head_count_kv(config.num_key_value_heads)
+    writer.add_layer_norm_rms_eps(config.rms_norm_eps)
+    writer.add_key_length(head_dim)
+    writer.add_value_length(head_dim)
+    writer.add_rope_freq_base(rope["rope_theta"])
+    writer.add_vocab_size(config.vocab_size)
+    writer.add_bos_token_id(config.bos_token_id)
+    writer.add_eos_token_id(config.eos_token_id)
+    if architecture == "gemma2":
+        writer.add_attn_logit_softcapping(config.attn_logit_softcapping)
+        writer.add_final_logit_softcapping(config.final_logit_softcapping)
+    if architecture in ("gemma2", "gemma3"):
+        writer.add_sliding_window(config.sliding_window)
+    if rope.get("rope_type") == "linear":
+        writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+        writer.add_rope_scaling_factor(rope["factor"])
+    if architecture == "phi3":
+        writer.add_rope_dimension_count(int(rope.get("partial_rotary_factor", 1.0) * head_dim))
+        writer.add_sliding_window(config.sliding_window or 0)
+        if rope.get("rope_type") == "longrope":
+            original = rope["original_max_position_embeddings"]
+            scale = config.max_position_embeddings / original
+            writer.add_rope_scaling_orig_ctx_len(original)
+            writer.add_rope_scaling_attn_factors(math.sqrt(1 + math.log(scale) / math.log(original)))
+            writer.add_tensor("rope_factors_long.weight", np.asarray(rope["long_factor"], np.float32))
+            writer.add_tensor("rope_factors_short.weight", np.asarray(rope["short_factor"], np.float32))
+    for name, tensor in model.state_dict().items():
+        if name == "lm_head.weight" and config.tie_word_embeddings:
+            continue
+        data = tensor.detach().float().numpy()
+        if architecture.startswith("gemma") and name.endswith("norm.weight"):
+            data = data + 1
+        if architecture == "llama" and name.endswith(("q_proj.weight", "k_proj.weight")):
+            heads = config.num_attention_heads if "q_proj" in name else config.num_key_value_heads
+            data = data.reshape(heads, 2, data.shape[0] // heads // 2, -1).swapaxes(1, 2).reshape(data.shape)
+        writer.add_tensor(names.get_name(name, try_suffixes=(".weight", ".bias")), np.ascontiguousarray(data))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
