@@ -51,8 +51,11 @@ class RopeConfig:
     """Rotary embedding: `rope_type` is one of default / linear / llama3 (Llama-3.1 scaling) / longrope (Phi-3).
 
     Only the first `partial_rotary_factor` of each head's channels rotate (Phi-4-mini: 0.75); the rest pass through.
-    LongRoPE divides the frequencies by `short_factor` for sequences up to `original_max_position_embeddings` and
-    by `long_factor` beyond, and scales cos/sin by `attention_factor`."""
+    LongRoPE divides the frequencies by `long_factor` when the model runs past `original_max_position_embeddings`
+    (`long_context`), else by `short_factor`, and scales cos/sin by `attention_factor`. The choice is made once for
+    the model's context, as vLLM does, not per sequence length as transformers does: a sequence that grows past the
+    original context would otherwise hold keys rotated both ways (transformers' generate re-encodes its prefix at
+    that point), and chunked or cached prefixes would differ from one-shot prefill."""
 
     theta: float = 10000.0
     rope_type: str = "default"
@@ -64,6 +67,7 @@ class RopeConfig:
     short_factor: tuple[float, ...] = ()
     long_factor: tuple[float, ...] = ()
     attention_factor: float = 1.0
+    long_context: bool = False
 
     def __post_init__(self):
         if self.rope_type not in SUPPORTED_ROPE_TYPES:
@@ -339,6 +343,7 @@ def _rope(hf: Mapping[str, Any], head_dim: int) -> RopeConfig:
             short_factor=tuple(float(x) for x in merged.get("short_factor") or ()),
             long_factor=tuple(float(x) for x in merged.get("long_factor") or ()),
             attention_factor=float(attention_factor),
+            long_context=hf.get("max_position_embeddings", original) > original,
         )
     rope = RopeConfig(
         theta=float(theta),

@@ -160,7 +160,7 @@ class Attention(nnx.Module):
         v = self.v_proj(x_btd).reshape(batch, length, -1, self.head_dim)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
-        cos, sin = rotary_angles(self.rope, self.head_dim, positions_bt, valid_bt)
+        cos, sin = rotary_angles(self.rope, self.head_dim, positions_bt)
         q = apply_rope(q, cos, sin)
         k = apply_rope(k, cos, sin)
         _observe(observe, "query", q)

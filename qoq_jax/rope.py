@@ -13,9 +13,8 @@ from qoq_jax.config import RopeConfig
 
 
 @functools.lru_cache(maxsize=None)
-def inverse_frequencies(rope: RopeConfig, head_dim: int, *, long: bool = False) -> np.ndarray:
-    """Per-pair rotation frequencies [rotary_dim // 2], float32; scaling folded in so positions stay integers.
-    LongRoPE has two sets: `long=True` gives the one for sequences past its original context."""
+def inverse_frequencies(rope: RopeConfig, head_dim: int) -> np.ndarray:
+    """Per-pair rotation frequencies [rotary_dim // 2], float32; scaling folded in so positions stay integers."""
     dim = rope.rotary_dim(head_dim)
     inv_freq = 1.0 / (rope.theta ** (np.arange(0, dim, 2, dtype=np.float64) / dim))
     if rope.rope_type == "linear":
@@ -23,7 +22,7 @@ def inverse_frequencies(rope: RopeConfig, head_dim: int, *, long: bool = False) 
     elif rope.rope_type == "llama3":
         inv_freq = _llama3_scaled(inv_freq, rope)
     elif rope.rope_type == "longrope":
-        inv_freq = inv_freq / np.asarray(rope.long_factor if long else rope.short_factor, np.float64)
+        inv_freq = inv_freq / np.asarray(rope.long_factor if rope.long_context else rope.short_factor, np.float64)
     return inv_freq.astype(np.float32)
 
 
@@ -40,19 +39,10 @@ def _llama3_scaled(inv_freq: np.ndarray, rope: RopeConfig) -> np.ndarray:
     return np.where(is_medium, blended, scaled)
 
 
-def rotary_angles(rope: RopeConfig, head_dim: int, positions_bt, valid_bt) -> tuple[jnp.ndarray, jnp.ndarray]:
-    """(cos, sin) float32 [B, T, rotary_dim / 2] of each token's position.
-
-    LongRoPE picks its frequency set per row from the row's length in this call (its last valid position + 1),
-    as transformers does per forward call: a sequence that grows past the original context switches to the long
-    set for its new tokens, and the keys already cached keep the rotation they were written with."""
-    inv_freq = jnp.asarray(inverse_frequencies(rope, head_dim))[None, None, :]
-    if rope.rope_type == "longrope":
-        lengths = jnp.max(jnp.where(valid_bt, positions_bt + 1, 0), axis=1)
-        long_freq = jnp.asarray(inverse_frequencies(rope, head_dim, long=True))
-        is_long = (lengths > rope.original_max_position_embeddings)[:, None, None]
-        inv_freq = jnp.where(is_long, long_freq[None, None, :], inv_freq)
-    angles = positions_bt[..., None].astype(jnp.float32) * inv_freq
+def rotary_angles(rope: RopeConfig, head_dim: int, positions_bt) -> tuple[jnp.ndarray, jnp.ndarray]:
+    """(cos, sin) float32 [B, T, rotary_dim / 2] of each token's position (LongRoPE's scaled by its attention
+    factor)."""
+    angles = positions_bt[..., None].astype(jnp.float32) * jnp.asarray(inverse_frequencies(rope, head_dim))
     return jnp.cos(angles) * rope.attention_factor, jnp.sin(angles) * rope.attention_factor
 
 
