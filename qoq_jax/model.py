@@ -120,14 +120,12 @@ class InputRotation(nnx.Module):
         self.inner = nnx.Param(jnp.eye(inner_size, dtype=dtype) * inner_size**0.5)
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        outer, inner = self.outer[...], self.inner[...]
+        """In float32 (p + q multiply-adds per element, against the linears' hidden-size many)."""
+        outer, inner = self.outer[...].astype(jnp.float32), self.inner[...].astype(jnp.float32)
         p, q = outer.shape[0], inner.shape[0]
-        blocks = x.reshape(*x.shape[:-1], p, q)
-        rotated = jnp.einsum(
-            "...ij,ia,jb->...ab", blocks, outer.astype(x.dtype), inner.astype(x.dtype),
-            preferred_element_type=jnp.float32,
-        )
-        return (rotated * (p * q) ** -0.5).reshape(x.shape).astype(x.dtype)
+        blocks = x.astype(jnp.float32).reshape(*x.shape[:-1], p, q)
+        rotated = jnp.einsum("...ij,ia,jb->...ab", blocks, outer, inner) * (p * q) ** -0.5
+        return rotated.reshape(x.shape).astype(x.dtype)
 
 
 class Attention(nnx.Module):
