@@ -16,6 +16,8 @@ from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
 import qoq_jax
 from qoq_jax.rope import inverse_frequencies
+from serve.engine import build_engine
+from serve.request import Request
 
 FAMILIES = ("qwen3", "gemma2", "gemma3", "phi3", "phi4_mini_longrope")
 LOGITS_RTOL = 1e-4  # float32, relative to the largest logit
@@ -137,3 +139,23 @@ def test_longrope_within_its_original_context_uses_the_short_factors(tmp_path):
     with torch.no_grad():
         reference = hf_model(torch.tensor(token_ids)).logits.numpy()
     assert relative_error(qoq_jax.forward(params, token_ids), reference) <= LOGITS_RTOL
+
+
+@pytest.mark.parametrize("family", ["gemma2", "gemma3"], indirect=True)  # the families whose attention differs most
+def test_the_engine_serves_what_generate_generates(family):
+    """Two requests through the serving engine, one prompt prefilled in two chunks (the chunk attends over the
+    cached pages of the first): each output equals `generate` on its prompt alone."""
+    rng = np.random.default_rng()
+    prompts = [rng.integers(3, family.params.config.vocab_size, n).tolist() for n in (20, 9)]
+    expected = [qoq_jax.generate(family.params, [p], max_new_tokens=6, ignore_eos=True)[0] for p in prompts]
+    engine = build_engine(
+        family.params, max_num_seqs=2, max_model_len=48, page_size=16, num_pages=8, max_prefill_chunk=16,
+        max_num_batched_tokens=32, max_prefill_rows=1, warmup=False,
+    )
+    for index, prompt in enumerate(prompts):
+        engine.add_request(Request(str(index), tuple(prompt), 6, ignore_eos=True))
+    tokens = {str(index): [] for index in range(len(prompts))}
+    while engine.has_work():
+        for output in engine.step():
+            tokens[output.request_id] += output.new_token_ids
+    assert [tokens[str(index)] for index in range(len(prompts))] == expected
