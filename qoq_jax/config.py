@@ -220,12 +220,7 @@ class ModelConfig:
         hidden = hf["hidden_size"]
         num_layers = hf["num_hidden_layers"]
         head_dim = hf.get("head_dim") or hidden // num_heads
-        max_context = hf.get("max_position_embeddings", 2048)
-        limit_reason = "max_position_embeddings"
         window, sliding_layers = _sliding_layers(hf, architecture, num_layers)
-        if window is not None and window < max_context:
-            # Within the window sliding-window attention equals full attention; beyond it we refuse.
-            max_context, limit_reason = window, "sliding_window (sliding-window attention is not implemented)"
         attention_bias = bool(hf.get("attention_bias", False))
         eos = hf.get("eos_token_id")
         eos_ids = tuple(eos) if isinstance(eos, (list, tuple)) else (() if eos is None else (eos,))
@@ -239,7 +234,7 @@ class ModelConfig:
             num_heads=num_heads,
             num_kv_heads=hf.get("num_key_value_heads") or num_heads,
             head_dim=head_dim,
-            max_context=max_context,
+            max_context=hf.get("max_position_embeddings", 2048),
             rms_norm_eps=hf.get("rms_norm_eps", 1e-6),
             rope=rope,
             tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
@@ -249,7 +244,6 @@ class ModelConfig:
             architecture=architecture,
             bos_token_id=hf.get("bos_token_id"),
             eos_token_ids=eos_ids,
-            context_limit_reason=limit_reason,
             hidden_act=_ACTIVATIONS[act],
             embedding_multiplier=math.sqrt(hidden) if traits.get("post_norms") else 1.0,
             query_pre_attn_scalar=hf.get("query_pre_attn_scalar"),

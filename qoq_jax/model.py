@@ -21,7 +21,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from qoq_jax.config import ModelConfig
-from qoq_jax.kv_cache import KVCache
+from qoq_jax.kv_cache import KVCache, LayerAttention
 from qoq_jax.quant import QuantFormat, QuantizedWeight
 from qoq_jax.rope import apply_rope, rotary_angles
 
@@ -143,9 +143,7 @@ class Attention(nnx.Module):
         self.q_norm = _norm(c, (c.num_heads, c.head_dim), dtype) if c.qk_norm else None
         self.k_norm = _norm(c, (c.num_kv_heads, c.head_dim), dtype) if c.qk_norm else None
         self.rope = c.layer_rope(layer)
-        # Every attention path divides q·k by √head_dim; the model's own scale (Gemma's query_pre_attn_scalar)
-        # is the rest, applied to q.
-        self.query_multiplier = c.attention_scale * c.head_dim**0.5
+        self.attention = LayerAttention.of_layer(c, layer)  # scale, soft-cap, sliding window
 
     def __call__(
         self, x_btd, positions_bt, valid_bt, cache: KVCache, layer: int, observe: Observer | None, tensor_axes: Axes
@@ -163,9 +161,7 @@ class Attention(nnx.Module):
         k = apply_rope(k, cos, sin)
         _observe(observe, "query", q)
         _observe(observe, "key", k)
-        if self.query_multiplier != 1.0:
-            q = q * jnp.asarray(self.query_multiplier, q.dtype)
-        out, cache = cache.attend(layer, q, k, v, positions_bt, valid_bt)
+        out, cache = cache.attend(layer, q, k, v, positions_bt, valid_bt, self.attention)
         out = out.reshape(batch, length, -1)
         _observe(observe, "o_input", out)
         return self.o_proj(out, split_over=tensor_axes), cache

@@ -116,6 +116,25 @@ def test_greedy_generation_matches_transformers(family):
     assert ours == [reference[0, len(prompt) :].tolist()]
 
 
+def test_the_test_sequences_run_past_the_sliding_windows(family):
+    """Guards the parity tests against windows too wide to matter: transformers' logits change when the same
+    weights get a window longer than the test sequences."""
+    config = family.hf_model.config
+    if config.sliding_window is None:
+        assert family.name == "phi4_mini_longrope"
+        return
+    assert config.sliding_window < min(PROMPT_LENGTHS)
+    wide = copy.deepcopy(family.hf_model)
+    for layer in wide.model.layers:
+        if getattr(layer.self_attn, "sliding_window", None):
+            layer.self_attn.sliding_window = 1024
+    wide.config.sliding_window = 1024
+    token_ids = np.random.default_rng().integers(0, config.vocab_size, (1, 40))
+    with torch.no_grad():
+        wide_logits = wide(torch.tensor(token_ids)).logits.numpy()
+    assert relative_error(wide_logits, hf_logits(family, token_ids)) > 1e-3
+
+
 def test_every_layers_rotary_frequencies_match_transformers(family):
     config, rotary = family.params.config, family.hf_model.model.rotary_emb
     for layer in range(config.num_layers):

@@ -155,12 +155,15 @@ def test_yi_loads_as_llama():
     assert qoq_jax.ModelConfig.from_hf(config).architecture == "LlamaForCausalLM"
 
 
-def test_sliding_window_limits_the_context():
-    config = qoq_jax.ModelConfig.from_hf(TINY_CONFIGS["mistral"]().to_dict())
-    assert config.max_context == 256 and "sliding_window" in config.context_limit_reason
-    params = qoq_jax.init_params(config)
-    with pytest.raises(qoq_jax.PromptTooLongError, match="sliding-window attention is not implemented"):
-        qoq_jax.generate(params, [[5] * 250], max_new_tokens=16)
+def test_sliding_windows_are_per_layer_and_do_not_limit_the_context():
+    mistral = qoq_jax.ModelConfig.from_hf(TINY_CONFIGS["mistral"]().to_dict())
+    assert mistral.max_context == 512 and mistral.sliding_layers == (True, True) and mistral.layer_window(1) == 16
+    qwen3 = qoq_jax.ModelConfig.from_hf(TINY_CONFIGS["qwen3"]().to_dict())  # windows from max_window_layers = 1
+    assert [qwen3.layer_window(i) for i in range(2)] == [None, 16]
+    gemma2 = qoq_jax.ModelConfig.from_hf({**TINY_CONFIGS["gemma2"]().to_dict(), "layer_types": None})
+    assert gemma2.sliding_layers == (True, False), "Gemma 2 alternates local and global layers"
+    no_window = {**TINY_CONFIGS["qwen3"]().to_dict(), "use_sliding_window": False}
+    assert qoq_jax.ModelConfig.from_hf(no_window).sliding_window is None
 
 
 def test_unknown_source(tmp_path):

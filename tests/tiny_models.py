@@ -55,26 +55,29 @@ TINY_CONFIGS = {
     "llama_head_dim_24_mqa_bias": lambda: LlamaConfig(
         **{**_COMMON, "num_key_value_heads": 1}, head_dim=24, attention_bias=True, mlp_bias=True
     ),
-    "mistral": lambda: MistralConfig(**_COMMON, sliding_window=256),
+    # Windows shorter than the test sequences, so the sliding-window masks matter.
+    "mistral": lambda: MistralConfig(**_COMMON, sliding_window=16),
     "qwen2_bias_tied": lambda: Qwen2Config(**{**_COMMON, "num_key_value_heads": 4}, tie_word_embeddings=True),
     # head_dim 32 with hidden 64: q is twice as wide as the residual stream.
-    "qwen3": lambda: Qwen3Config(**_COMMON, head_dim=32),
+    "qwen3": lambda: Qwen3Config(
+        **_COMMON, head_dim=32, use_sliding_window=True, sliding_window=16, max_window_layers=1
+    ),
     "gemma2": lambda: Gemma2Config(
         **_COMMON, head_dim=16, query_pre_attn_scalar=24, attn_logit_softcapping=2.0, final_logit_softcapping=3.0,
-        sliding_window=64,
+        sliding_window=16,
     ),
     "gemma3": lambda: Gemma3TextConfig(
         **_COMMON,
         head_dim=16,
         query_pre_attn_scalar=24,
-        sliding_window=64,
+        sliding_window=16,
         layer_types=["sliding_attention", "full_attention"],
         rope_parameters={
             "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
             "full_attention": {"rope_type": "linear", "factor": 8.0, "rope_theta": 1000000.0},
         },
     ),
-    "phi3": lambda: Phi3Config(**_COMMON),
+    "phi3": lambda: Phi3Config(**_COMMON, sliding_window=24),
     # Phi-4-mini's shape of rope: 3/4 of each head rotates, LongRoPE past 32 positions, tied embeddings.
     "phi4_mini_longrope": lambda: Phi3Config(
         **{**_COMMON, "max_position_embeddings": 128},
