@@ -3,7 +3,7 @@ suite's quantizable shapes, made from transformers' own config classes) is train
 85% of the GPL text, imported from its saved directory, quantized (RTN and QoQ, W4A8KV4 g128) with calibration
 windows of that same training text, and its perplexity measured on the held-out last 15%.
 
-    python benchmarks/families.py                        # every family, 600 training steps
+    python benchmarks/families.py                        # every family, 300 training steps of 8 × 128 tokens
     python benchmarks/families.py --families qwen3 gemma2 --steps 300
 
 Writes benchmarks/results/families-<device>.json and a markdown table beside it. A random tiny model would give
@@ -75,12 +75,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--families", nargs="+", choices=sorted(FAMILIES), default=list(FAMILIES))
     parser.add_argument("--text", type=Path, default=DEFAULT_TEXT)
-    parser.add_argument("--steps", type=int, default=600)
+    parser.add_argument("--steps", type=int, default=300)
+    parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--seq-len", type=int, default=128)
     parser.add_argument("--calib-samples", type=int, default=16)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
-    torch.set_num_threads(max(1, (os.cpu_count() or 2)))
 
     text = args.text.read_text(encoding="utf-8")
     split = int(len(text) * TRAIN_FRACTION)
@@ -101,6 +101,7 @@ def main() -> None:
         "text": args.text.name,
         "train_tokens": int(len(train_ids)),
         "steps": args.steps,
+        "batch": args.batch,
         "seq_len": args.seq_len,
         "calibration": {"samples": args.calib_samples, "seq_len": args.seq_len, "source": "the training text"},
         "rows": [],
@@ -108,7 +109,9 @@ def main() -> None:
     for family in args.families:
         name = FAMILIES[family]
         started = time.perf_counter()
-        model, train_loss = train(name, train_ids, steps=args.steps, seq_len=args.seq_len, batch=16, seed=args.seed)
+        model, train_loss = train(
+            name, train_ids, steps=args.steps, seq_len=args.seq_len, batch=args.batch, seed=args.seed
+        )
         with tempfile.TemporaryDirectory() as directory:
             save_hf_model(model, Path(directory))
             tokenizer.save_pretrained(directory)
@@ -139,7 +142,7 @@ def _write(report: dict) -> None:
     lines = [
         f"# QoQ per model family: tiny trained models ({report['device']}, jax {report['jax_version']})",
         "",
-        f"Each model trained {report['steps']} steps on the first {int(100 * TRAIN_FRACTION)}% of {report['text']} "
+        f"Each model trained {report['steps']} steps of {report['batch']} × {report['seq_len']} tokens on the first {int(100 * TRAIN_FRACTION)}% of {report['text']} "
         f"({report['train_tokens']} tokens of a 300-token BPE), calibrated on {report['calibration']['samples']} × "
         f"{report['calibration']['seq_len']} tokens of that text, perplexity @{report['seq_len']} on the held-out "
         "rest (float32; quantized models attend over their KV4 round trip). In brackets: change against FP.",

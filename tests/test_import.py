@@ -197,7 +197,7 @@ def test_unpermute_inverts_llama_cpp_permutation():
 # Gemma 3's layer pattern are not in the file (llama.cpp hard-codes them), so these models have the real ones.
 GGUF_CASES = {
     "llama": ("llama", {}),
-    "qwen3": ("qwen3", {}),
+    "qwen3": ("qwen3", {"use_sliding_window": False}),  # llama.cpp's qwen3 has no sliding window
     "gemma2": ("gemma2", {"query_pre_attn_scalar": 16}),
     "gemma3": ("gemma3", {"query_pre_attn_scalar": 16, "num_hidden_layers": 6, "layer_types": None}),
     "phi4_mini_longrope": ("phi3", {}),
