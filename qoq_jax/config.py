@@ -34,13 +34,6 @@ _MODEL_TYPE_ARCHITECTURES = {
     "phi3": "Phi3ForCausalLM",
     "yi": "LlamaForCausalLM",
 }
-# What a family's config.json does not spell out (its modeling code hard-codes it).
-_GEMMA = {"norm_weight_offset": 1.0, "post_norms": True}
-_FAMILY_TRAITS: dict[str, dict[str, Any]] = {
-    "Qwen3ForCausalLM": {"qk_norm": True},
-    "Gemma2ForCausalLM": _GEMMA,
-    "Gemma3ForCausalLM": {**_GEMMA, "qk_norm": True},
-}
 _ACTIVATIONS = {"silu": "silu", "swish": "silu", "gelu_pytorch_tanh": "gelu_tanh"}
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3", "longrope")
 _ROPE_TYPE_ALIASES = {"su": "longrope"}  # Phi-3's first name for LongRoPE
@@ -225,7 +218,6 @@ class ModelConfig:
         eos = hf.get("eos_token_id")
         eos_ids = tuple(eos) if isinstance(eos, (list, tuple)) else (() if eos is None else (eos,))
         rope, local_rope = _ropes(hf, head_dim)
-        traits = _FAMILY_TRAITS.get(architecture, {})
         return cls(
             vocab_size=hf["vocab_size"],
             hidden_size=hidden,
@@ -245,15 +237,24 @@ class ModelConfig:
             bos_token_id=hf.get("bos_token_id"),
             eos_token_ids=eos_ids,
             hidden_act=_ACTIVATIONS[act],
-            embedding_multiplier=math.sqrt(hidden) if traits.get("post_norms") else 1.0,
             query_pre_attn_scalar=hf.get("query_pre_attn_scalar"),
             attn_logit_softcap=hf.get("attn_logit_softcapping"),
             final_logit_softcap=hf.get("final_logit_softcapping"),
             sliding_window=window,
             sliding_layers=sliding_layers,
             local_rope=local_rope,
-            **traits,
+            **_family_traits(architecture, hf),
         )
+
+
+def _family_traits(architecture: str, hf: Mapping[str, Any]) -> dict[str, Any]:
+    """What a family's config.json does not spell out (its modeling code in transformers hard-codes it)."""
+    gemma = {"norm_weight_offset": 1.0, "post_norms": True, "embedding_multiplier": math.sqrt(hf["hidden_size"])}
+    return {
+        "Qwen3ForCausalLM": {"qk_norm": True},
+        "Gemma2ForCausalLM": gemma,
+        "Gemma3ForCausalLM": {**gemma, "qk_norm": True},
+    }.get(architecture, {})
 
 
 def _architecture(hf: Mapping[str, Any]) -> str:

@@ -143,7 +143,7 @@ class Attention(nnx.Module):
         self.q_norm = _norm(c, (c.num_heads, c.head_dim), dtype) if c.qk_norm else None
         self.k_norm = _norm(c, (c.num_kv_heads, c.head_dim), dtype) if c.qk_norm else None
         self.rope = c.layer_rope(layer)
-        self.attention = LayerAttention.of_layer(c, layer)  # scale, soft-cap, sliding window
+        self.layer_attention = LayerAttention.of_layer(c, layer)  # scale, soft-cap, sliding window
 
     def __call__(
         self, x_btd, positions_bt, valid_bt, cache: KVCache, layer: int, observe: Observer | None, tensor_axes: Axes
@@ -161,7 +161,7 @@ class Attention(nnx.Module):
         k = apply_rope(k, cos, sin)
         _observe(observe, "query", q)
         _observe(observe, "key", k)
-        out, cache = cache.attend(layer, q, k, v, positions_bt, valid_bt, self.attention)
+        out, cache = cache.attend(layer, q, k, v, positions_bt, valid_bt, self.layer_attention)
         out = out.reshape(batch, length, -1)
         _observe(observe, "o_input", out)
         return self.o_proj(out, split_over=tensor_axes), cache
