@@ -148,7 +148,8 @@ class ModelConfig:
         if self.head_dim % 2:
             raise UnsupportedModelError(f"head_dim={self.head_dim} must be even for rotary embeddings")
         if self.hidden_act not in _ACTIVATIONS.values():
-            raise UnsupportedModelError(f"hidden_act={self.hidden_act!r} is not one of {sorted(set(_ACTIVATIONS))}")
+            supported = sorted(set(_ACTIVATIONS.values()))
+            raise UnsupportedModelError(f"hidden_act={self.hidden_act!r} is not one of {supported}")
         if self.sliding_layers and len(self.sliding_layers) != self.num_layers:
             raise UnsupportedModelError(
                 f"{len(self.sliding_layers)} layer types for {self.num_layers} layers (layer_types must list each)"
