@@ -38,6 +38,19 @@ _COMMON = dict(
 
 _QUANTIZABLE = {**_COMMON, "hidden_size": 128, "intermediate_size": 256}
 
+
+def _phi4_mini_like(common: dict, *, original: int, short_factor: list, long_factor: list) -> Phi3Config:
+    """Phi-4-mini's rope on a tiny model: 3/4 of each head rotates, LongRoPE past `original` positions, tied
+    embeddings."""
+    rope = {"rope_type": "longrope", "rope_theta": 10000.0, "partial_rotary_factor": 0.75}
+    return Phi3Config(
+        **common,
+        tie_word_embeddings=True,
+        original_max_position_embeddings=original,
+        rope_parameters={**rope, "short_factor": short_factor, "long_factor": long_factor},
+    )
+
+
 TINY_CONFIGS = {
     "llama": lambda: LlamaConfig(**_COMMON),
     "llama_tied": lambda: LlamaConfig(**_COMMON, tie_word_embeddings=True),
@@ -79,17 +92,11 @@ TINY_CONFIGS = {
     ),
     "phi3": lambda: Phi3Config(**_COMMON, sliding_window=24),
     # Phi-4-mini's shape of rope: 3/4 of each head rotates, LongRoPE past 32 positions, tied embeddings.
-    "phi4_mini_longrope": lambda: Phi3Config(
-        **{**_COMMON, "max_position_embeddings": 128},
-        tie_word_embeddings=True,
-        original_max_position_embeddings=32,
-        rope_parameters={
-            "rope_type": "longrope",
-            "rope_theta": 10000.0,
-            "partial_rotary_factor": 0.75,
-            "short_factor": [1.0, 1.1, 1.3, 1.6, 2.0, 2.5],
-            "long_factor": [1.0, 1.5, 2.5, 4.0, 6.0, 9.0],
-        },
+    "phi4_mini_longrope": lambda: _phi4_mini_like(
+        {**_COMMON, "max_position_embeddings": 128},
+        original=32,
+        short_factor=[1.0, 1.1, 1.3, 1.6, 2.0, 2.5],
+        long_factor=[1.0, 1.5, 2.5, 4.0, 6.0, 9.0],
     ),
     # Every linear a multiple of 64, as the W4A8 formats need; hidden 192 = 12·16 has a non-power-of-two Hadamard.
     "llama_quantizable": lambda: LlamaConfig(
@@ -106,17 +113,11 @@ TINY_CONFIGS = {
     "gemma3_quantizable": lambda: Gemma3TextConfig(
         **_QUANTIZABLE, head_dim=32, query_pre_attn_scalar=48, layer_types=["sliding_attention", "full_attention"]
     ),
-    "phi4_mini_quantizable": lambda: Phi3Config(
-        **_QUANTIZABLE,
-        tie_word_embeddings=True,
-        original_max_position_embeddings=64,
-        rope_parameters={
-            "rope_type": "longrope",
-            "rope_theta": 10000.0,
-            "partial_rotary_factor": 0.75,
-            "short_factor": [1.0 + 0.1 * i for i in range(12)],
-            "long_factor": [1.0 + 0.5 * i for i in range(12)],
-        },
+    "phi4_mini_quantizable": lambda: _phi4_mini_like(
+        _QUANTIZABLE,
+        original=64,
+        short_factor=[1.0 + 0.1 * i for i in range(12)],
+        long_factor=[1.0 + 0.5 * i for i in range(12)],
     ),
 }
 
