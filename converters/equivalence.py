@@ -190,7 +190,10 @@ def smooth_attention(
 
     λ goes where the last per-channel scaling before RoPE is: into the q/k kernel columns and biases (the reference
     forgets the biases), or, with q/k norms (Qwen3, Gemma 3), into those norms' per-head γ — scaling k_proj
-    would change the norm's RMS and be undone. Returns the new layer and λ [num_kv_heads·head_dim].
+    would change the norm's RMS and be undone. An online transform of q and k after RoPE (a per-head Hadamard
+    rotation) then acts on the smoothed q/k: it preserves q·k as λ does, so the two compose exactly, and λ's
+    statistics are those of the keys before it (λ is per channel; a rotation mixes channels).
+    Returns the new layer and λ [num_kv_heads·head_dim].
     """
     num_kv, group, h = config.num_kv_heads, config.num_groups, config.head_dim
     rotary = config.rope.rotary_dim(h)
