@@ -28,9 +28,9 @@ FAMILIES = [
     "gemma3_quantizable",
     "phi4_mini_quantizable",
 ]
-# Both recipes on the Llama and Qwen2 models and on Gemma 3 (post-norms and q/k norms); g128 on the rest.
+# g128 on every family; per-channel (whose transforms are g128's, less the reorder) on the Llama and Qwen2 models.
 RECIPE_CASES = [(family, "g128") for family in FAMILIES] + [
-    (family, "gchn") for family in ("llama_quantizable", "qwen2_quantizable_tied", "gemma3_quantizable")
+    (family, "gchn") for family in ("llama_quantizable", "qwen2_quantizable_tied")
 ]
 LINEARS = [("self_attn", n) for n in ("q_proj", "k_proj", "v_proj", "o_proj")] + [
     ("mlp", n) for n in ("gate_proj", "up_proj", "down_proj")
