@@ -200,6 +200,11 @@ def test_the_whole_chain_keeps_the_logits_and_its_input(model):
     assert_same_function(model, new_config, new_weights)
 
 
+def test_a_hidden_size_without_buildable_hadamard_factors_is_refused_by_name():
+    with pytest.raises(UnsupportedModelError, match="hidden size 3328 has no factorization"):  # 52·64, 13·256
+        equivalence.rotation_factors(3328)
+
+
 def test_residual_rotation_refuses_post_norms():
     config = _config("gemma2")
     weights = random_weights(config, np.random.default_rng())
