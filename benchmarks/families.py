@@ -1,13 +1,15 @@
 """QoQ on every model family, as a sanity check of the whole pipeline per family: a tiny model of each (the test
-suite's quantizable shapes, made from transformers' own config classes) is trained with transformers on the first
-85% of the GPL text, imported from its saved directory, quantized (RTN and QoQ, W4A8KV4 g128) with calibration
-windows of that same training text, and its perplexity measured on the held-out last 15%.
+suite's quantizable shapes, made from transformers' own config classes and imported from the directory it saves)
+is trained on the first 85% of the GPL text, then quantized (RTN and QoQ, W4A8KV4 g128) with calibration windows
+of that same training text, and its perplexity measured on the held-out last 15%.
 
-    python benchmarks/families.py                        # every family, 300 training steps of 8 × 128 tokens
-    python benchmarks/families.py --families qwen3 gemma2 --steps 300
+    python benchmarks/families.py                        # every family, 300 AdamW steps of 8 × 128 tokens
+    python benchmarks/families.py --families qwen3 gemma2 --steps 200
 
-Writes benchmarks/results/families-<device>.json and a markdown table beside it. A random tiny model would give
-every method the same near-uniform perplexity; a trained one has something to lose, so QoQ < RTN is a real check.
+Training runs our own model (its float forward matches transformers to ~1e-6, tests/test_families.py) as one
+compiled step with optax: on a shared 2-core CPU, transformers' eager training is ~10× slower. Writes
+benchmarks/results/families-<device>.json and a markdown table beside it. A random tiny model would give every
+method the same near-uniform perplexity; a trained one has something to lose, so QoQ < RTN is a real check.
 These are CPU figures of 0.5M-parameter models: they say the per-family transforms and formats work, not what
 quantization costs a real model of the family.
 """
@@ -15,8 +17,9 @@ quantization costs a real model of the family.
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import functools
 import json
-import math
 import os
 import platform
 import sys
@@ -25,8 +28,10 @@ import time
 from pathlib import Path
 
 import jax
+import jax.numpy as jnp
 import numpy as np
-import torch
+import optax
+from flax import nnx
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -34,7 +39,8 @@ sys.path.insert(0, str(REPO / "tests"))
 
 import qoq_jax  # noqa: E402
 from converters.qoq import RECIPES, quantize_model  # noqa: E402
-from tiny_models import TINY_CONFIGS, build_hf_model, save_hf_model, tiny_tokenizer  # noqa: E402
+from qoq_jax.kv_cache import NoKVCache  # noqa: E402
+from tiny_models import build_hf_model, save_hf_model, tiny_tokenizer  # noqa: E402
 
 RESULTS = REPO / "benchmarks" / "results"
 DEFAULT_TEXT = REPO.parent / "shared" / "data" / "gpl-3.0.txt"
@@ -49,26 +55,35 @@ RECIPE_ROWS = ("rtn-w4a8kv4-g128", "g128")
 TRAIN_FRACTION = 0.85
 
 
-def train(name: str, ids: np.ndarray, *, steps: int, seq_len: int, batch: int, seed: int):
-    """transformers' model of the family trained from its random init with AdamW (cosine decay); returns it and
-    the mean loss of its last 50 steps."""
-    torch.manual_seed(seed)
-    model = build_hf_model(name, seed=seed).train()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.01)
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 0.5 * (1 + math.cos(math.pi * step / steps)))
+def train(params: qoq_jax.Params, ids: np.ndarray, *, steps: int, seq_len: int, batch: int, seed: int):
+    """AdamW (cosine decay, clipped gradients) on next-token cross-entropy over random windows of `ids`; returns
+    the trained Params and the mean loss of the last 50 steps."""
+    optimizer = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(optax.cosine_decay_schedule(3e-3, steps)))
+    state = jax.tree.map(jnp.copy, params.state)  # the step donates its state; the caller keeps `params`
+    opt_state = optimizer.init(state)
+
+    @functools.partial(jax.jit, donate_argnums=(0, 1))
+    def step(state, opt_state, windows):
+        def loss(state):
+            model = nnx.merge(params.graphdef, state)
+            inputs, targets = windows[:, :-1], windows[:, 1:]
+            positions = jnp.broadcast_to(jnp.arange(seq_len), inputs.shape)
+            hidden, _ = model(inputs, positions, jnp.ones(inputs.shape, bool), NoKVCache())
+            log_probs = jax.nn.log_softmax(model.logits(hidden))
+            return -jnp.mean(jnp.take_along_axis(log_probs, targets[..., None], axis=-1))
+
+        value, grads = jax.value_and_grad(loss)(state)
+        updates, opt_state = optimizer.update(grads, opt_state, state)
+        return optax.apply_updates(state, updates), opt_state, value
+
     rng = np.random.default_rng(seed)
     losses = []
     for _ in range(steps):
         starts = rng.integers(0, len(ids) - seq_len - 1, batch)
-        window = torch.tensor(np.stack([ids[s : s + seq_len] for s in starts]), dtype=torch.long)
-        loss = model(input_ids=window, labels=window).loss
-        optimizer.zero_grad()
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        schedule.step()
-        losses.append(loss.item())
-    return model.eval(), float(np.mean(losses[-50:]))
+        windows = jnp.asarray(np.stack([ids[s : s + seq_len + 1] for s in starts]), jnp.int32)
+        state, opt_state, value = step(state, opt_state, windows)
+        losses.append(float(value))
+    return dataclasses.replace(params, state=state), float(np.mean(losses[-50:]))
 
 
 def main() -> None:
@@ -96,7 +111,6 @@ def main() -> None:
         if jax.default_backend() != "cpu"
         else f"cpu ({platform.processor() or platform.machine()})",
         "jax_version": jax.__version__,
-        "torch_version": torch.__version__,
         "load_average_at_start": os.getloadavg(),
         "text": args.text.name,
         "train_tokens": int(len(train_ids)),
@@ -109,13 +123,13 @@ def main() -> None:
     for family in args.families:
         name = FAMILIES[family]
         started = time.perf_counter()
-        model, train_loss = train(
-            name, train_ids, steps=args.steps, seq_len=args.seq_len, batch=args.batch, seed=args.seed
-        )
         with tempfile.TemporaryDirectory() as directory:
-            save_hf_model(model, Path(directory))
+            save_hf_model(build_hf_model(name, seed=args.seed), Path(directory))
             tokenizer.save_pretrained(directory)
-            params = qoq_jax.load(directory, dtype="float32")
+            initial = qoq_jax.load(directory, dtype="float32")
+        params, train_loss = train(
+            initial, train_ids, steps=args.steps, seq_len=args.seq_len, batch=args.batch, seed=args.seed
+        )
         row = {
             "family": family,
             "model": name,
