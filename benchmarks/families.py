@@ -1,7 +1,8 @@
 """QoQ on every model family, as a sanity check of the whole pipeline per family: a tiny model of each (the test
 suite's quantizable shapes, made from transformers' own config classes and imported from the directory it saves)
 is trained on the first 85% of the GPL text, then quantized (RTN and QoQ, W4A8KV4 g128) with calibration windows
-of that same training text, and its perplexity measured on the held-out last 15%.
+of that same training text, and its perplexity measured on the held-out last 15% and on the first 15% (seen in
+training: how much of what the model memorized each format keeps).
 
     python benchmarks/families.py                        # every family, 300 AdamW steps of 8 × 128 tokens
     python benchmarks/families.py --families qwen3 gemma2 --steps 200
@@ -100,6 +101,7 @@ def main() -> None:
     text = args.text.read_text(encoding="utf-8")
     split = int(len(text) * TRAIN_FRACTION)
     train_text, held_out = text[:split], text[split:]
+    seen = text[: len(text) - split]  # as long as the held-out part
     tokenizer = tiny_tokenizer(text)
     train_ids = np.asarray(tokenizer(train_text).input_ids, np.int32)
     rng = np.random.default_rng(args.seed)
@@ -136,14 +138,19 @@ def main() -> None:
             "architecture": params.config.architecture,
             "train_loss": round(train_loss, 4),
             "train_seconds": round(time.perf_counter() - started, 1),
-            "ppl_fp": round(qoq_jax.perplexity(params, held_out, seq_len=args.seq_len).perplexity, 4),
         }
-        for recipe in RECIPE_ROWS:
+        for method in ("fp", *RECIPE_ROWS):
             started = time.perf_counter()
-            quantized, _ = quantize_model(params, RECIPES[recipe], calibration, progress=False)
-            row[f"ppl_{recipe}"] = round(qoq_jax.perplexity(quantized, held_out, seq_len=args.seq_len).perplexity, 4)
-            row[f"seconds_{recipe}"] = round(time.perf_counter() - started, 1)
-        row["qoq_better_than_rtn"] = row["ppl_g128"] < row["ppl_rtn-w4a8kv4-g128"]
+            model = params
+            if method != "fp":
+                model, _ = quantize_model(params, RECIPES[method], calibration, progress=False)
+            for split_name, split_text in (("", held_out), ("seen_", seen)):
+                ppl = qoq_jax.perplexity(model, split_text, seq_len=args.seq_len).perplexity
+                row[f"ppl_{split_name}{method}"] = round(ppl, 4)
+            row[f"seconds_{method}"] = round(time.perf_counter() - started, 1)
+        row["qoq_better_than_rtn"] = all(
+            row[f"ppl_{split}g128"] < row[f"ppl_{split}rtn-w4a8kv4-g128"] for split in ("", "seen_")
+        )
         report["rows"].append(row)
         print(json.dumps(row), flush=True)
         _write(report)
@@ -156,19 +163,23 @@ def _write(report: dict) -> None:
     lines = [
         f"# QoQ per model family: tiny trained models ({report['device']}, jax {report['jax_version']})",
         "",
-        f"Each model trained {report['steps']} steps of {report['batch']} × {report['seq_len']} tokens on the first {int(100 * TRAIN_FRACTION)}% of {report['text']} "
-        f"({report['train_tokens']} tokens of a 300-token BPE), calibrated on {report['calibration']['samples']} × "
+        f"Each model trained {report['steps']} steps of {report['batch']} × {report['seq_len']} tokens on the first "
+        f"{int(100 * TRAIN_FRACTION)}% of {report['text']} ({report['train_tokens']} tokens of a 300-token BPE), calibrated on {report['calibration']['samples']} × "
         f"{report['calibration']['seq_len']} tokens of that text, perplexity @{report['seq_len']} on the held-out "
-        "rest (float32; quantized models attend over their KV4 round trip). In brackets: change against FP.",
+        "rest and on as much text the model was trained on (float32; quantized models attend over their KV4 round "
+        "trip). In brackets: change against FP.",
         "",
-        "| family | architecture | FP | RTN W4A8KV4 g128 | QoQ W4A8KV4 g128 | QoQ < RTN |",
-        "|---|---|---|---|---|---|",
+        "| family | architecture | text | FP | RTN W4A8KV4 g128 | QoQ W4A8KV4 g128 | QoQ < RTN |",
+        "|---|---|---|---|---|---|---|",
     ]
     for row in report["rows"]:
-        fp = row["ppl_fp"]
-        cells = [f"{row[f'ppl_{r}']:.3f} ({100 * (row[f'ppl_{r}'] / fp - 1):+.1f}%)" for r in RECIPE_ROWS]
-        verdict = "yes" if row["qoq_better_than_rtn"] else "**no**"
-        lines.append(f"| {row['family']} | {row['architecture']} | {fp:.3f} | " + " | ".join(cells) + f" | {verdict} |")
+        for split_name, label in (("", "held out"), ("seen_", "trained on")):
+            fp = row[f"ppl_{split_name}fp"]
+            values = [row[f"ppl_{split_name}{r}"] for r in RECIPE_ROWS]
+            cells = [f"{value:.3f} ({100 * (value / fp - 1):+.1f}%)" for value in values]
+            verdict = "yes" if values[1] < values[0] else "**no**"
+            family = f"| {row['family']} | {row['architecture']} | {label} | {fp:.3f} | "
+            lines.append(family + " | ".join(cells) + f" | {verdict} |")
     (RESULTS / f"families-{device}.md").write_text("\n".join(lines) + "\n")
 
 
