@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 
 from converters.hf import split_fused_rows
 from qoq_jax.config import ModelConfig
-from qoq_jax.errors import CheckpointError, UnsupportedModelError
+from qoq_jax.errors import CheckpointError, ConfigError, UnsupportedModelError
 from qoq_jax.params import Params, ParamPath, assemble_params
 
 SUPPORTED_GGUF_ARCHITECTURES = {
@@ -86,7 +86,10 @@ def import_gguf(file: str | Path, *, dtype=None, mesh: Mesh | None = None) -> Pa
 
     by_name = {t.name: t for t in reader.tensors}
     rope_factors = {name: dequantized(by_name[name]) for name in _ROPE_FACTORS if name in by_name}
-    config = ModelConfig.from_hf(gguf_to_hf_config(metadata, set(by_name), rope_factors, source=str(file)))
+    try:
+        config = ModelConfig.from_hf(gguf_to_hf_config(metadata, set(by_name), rope_factors, source=str(file)))
+    except ConfigError as err:
+        raise ConfigError(f"{file}: the GGUF metadata, read as a transformers config: {err}") from None
     architecture = metadata["general.architecture"]
 
     tensors: dict[ParamPath, np.ndarray] = {}
@@ -131,7 +134,7 @@ def gguf_to_hf_config(
     hidden = get("embedding_length")
     heads = get("attention.head_count")
     layers = get("block_count")
-    head_dim = get("attention.key_length") or hidden // heads
+    head_dim = get("attention.key_length") or (hidden // heads if hidden and heads else None)
     context = get("context_length", 2048)
     rope_parameters = {"rope_theta": get("rope.freq_base", 10000.0), "rope_type": "default"}
     scaling = get("rope.scaling.type")
@@ -253,15 +256,31 @@ def _field_value(field):
         return None
 
 
+_TRANSFORMERS_GGUF_MODULE = "transformers.integrations.gguf.gguf_tokenizer_mapping"
+"""Not public API: transformers may move it in any release. `tests/test_import.py` checks it is where we read it,
+and the bound on transformers in pyproject.toml is no wider than the releases CI has run."""
+
+
 def gguf_tokenizer(metadata: dict):
     """The file's tokenizer and chat template, built by transformers' GGUF tokenizer converter from the metadata
     already read: `AutoTokenizer.from_pretrained(gguf_file=...)` would parse the file again and needs torch."""
+    import importlib
+
+    import transformers
     from transformers import PreTrainedTokenizerFast
-    from transformers.integrations.gguf.gguf_tokenizer_mapping import GGUF_TOKENIZER_MAPPING, convert_gguf_tokenizer
+
+    try:
+        converter = importlib.import_module(_TRANSFORMERS_GGUF_MODULE)
+        renames_by_group, convert = converter.GGUF_TOKENIZER_MAPPING, converter.convert_gguf_tokenizer
+    except (ImportError, AttributeError) as err:
+        raise UnsupportedModelError(
+            f"transformers {transformers.__version__} has no GGUF tokenizer converter at {_TRANSFORMERS_GGUF_MODULE} "
+            f"({err}); install the transformers version pyproject.toml allows"
+        ) from err
 
     grouped = {
         group: {name: metadata[f"tokenizer.{key}"] for key, name in renames.items() if f"tokenizer.{key}" in metadata}
-        for group, renames in GGUF_TOKENIZER_MAPPING.items()
+        for group, renames in renames_by_group.items()
     }
     tokenizer_dict, tokenizer_config = grouped["tokenizer"], grouped["tokenizer_config"]
     if tokenizer_dict.get("tokenizer_type") == "llama":  # llama.cpp adds BOS to sentencepiece vocabularies
@@ -269,5 +288,5 @@ def gguf_tokenizer(metadata: dict):
     for special in ("bos", "eos", "unk", "pad"):
         token_id = tokenizer_dict.get(f"{special}_token_id")
         tokenizer_config[f"{special}_token"] = None if token_id is None else tokenizer_dict["tokens"][token_id]
-    backend, extra = convert_gguf_tokenizer(metadata["general.architecture"], tokenizer_dict)
+    backend, extra = convert(metadata["general.architecture"], tokenizer_dict)
     return PreTrainedTokenizerFast(tokenizer_object=backend, **tokenizer_config, **extra)

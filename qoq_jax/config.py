@@ -12,7 +12,8 @@ import dataclasses
 import math
 from typing import Any, Mapping
 
-from qoq_jax.errors import UnsupportedModelError
+from qoq_jax.errors import ConfigError, UnsupportedModelError
+from qoq_jax.validation import is_integer, is_real
 
 SUPPORTED_ARCHITECTURES = (
     "LlamaForCausalLM",
@@ -140,6 +141,10 @@ class ModelConfig:
     input_rotation: tuple[int, int] | None = None
 
     def __post_init__(self):
+        for name in _POSITIVE_INTEGERS:
+            _check_positive_integer(name, getattr(self, name))
+        if not is_real(self.rms_norm_eps) or not self.rms_norm_eps > 0:
+            raise ConfigError(f"rms_norm_eps must be a positive number, got {self.rms_norm_eps!r}")
         if self.num_heads % self.num_kv_heads:
             raise UnsupportedModelError(
                 f"num_attention_heads={self.num_heads} is not a multiple of "
@@ -156,6 +161,12 @@ class ModelConfig:
             )
         if any(self.sliding_layers) and not self.sliding_window:
             raise UnsupportedModelError("sliding_attention layers need a positive sliding_window")
+        if self.sliding_window is not None:
+            _check_positive_integer("sliding_window", self.sliding_window)
+        for name in ("query_pre_attn_scalar", "attn_logit_softcap", "final_logit_softcap", "embedding_multiplier"):
+            value = getattr(self, name)
+            if value is not None and (not is_real(value) or not value > 0):
+                raise ConfigError(f"{name} must be a positive number, got {value!r}")
         for rope in (self.rope, self.local_rope):
             if rope is not None:
                 rope.rotary_dim(self.head_dim)
@@ -210,6 +221,11 @@ class ModelConfig:
             )
         if hf.get("use_bidirectional_attention"):
             raise UnsupportedModelError("use_bidirectional_attention (an encoder) is not supported: only causal models")
+        missing = [key for key in _REQUIRED_HF_KEYS if hf.get(key) is None]
+        if missing:
+            raise ConfigError(f"missing required key {', '.join(map(repr, missing))}")
+        for key in _REQUIRED_HF_KEYS:
+            _check_positive_integer(key, hf[key])
         num_heads = hf["num_attention_heads"]
         hidden = hf["hidden_size"]
         num_layers = hf["num_hidden_layers"]
@@ -246,6 +262,24 @@ class ModelConfig:
             local_rope=local_rope,
             **_family_traits(architecture, hf),
         )
+
+
+_POSITIVE_INTEGERS = (
+    "vocab_size",
+    "hidden_size",
+    "intermediate_size",
+    "num_layers",
+    "num_heads",
+    "num_kv_heads",
+    "head_dim",
+    "max_context",
+)
+_REQUIRED_HF_KEYS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
+
+
+def _check_positive_integer(name: str, value) -> None:
+    if not is_integer(value) or value < 1:
+        raise ConfigError(f"{name} must be a positive integer, got {value!r}")
 
 
 def _family_traits(architecture: str, hf: Mapping[str, Any]) -> dict[str, Any]:

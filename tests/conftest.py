@@ -13,7 +13,11 @@ if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", "")
 
 from pathlib import Path  # noqa: E402
 
+import numpy as np  # noqa: E402
 import pytest  # noqa: E402
+from seeding import seed_of  # noqa: E402
+from parity_report import print_parity_table  # noqa: E402
+from suite_guard import OUTCOMES  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 GPL_TEXT = REPO.parent / "shared" / "data" / "gpl-3.0.txt"
@@ -26,26 +30,21 @@ def gpl_text() -> str:
     return GPL_TEXT.read_text()
 
 
-_PARITY_TABLE = pytest.StashKey[dict]()
+@pytest.fixture
+def rng(request) -> np.random.Generator:
+    """The test's own generator, seeded by its id: the same inputs on every run, whatever ran before it."""
+    return np.random.default_rng(seed_of(request.node.nodeid))
 
 
-def pytest_configure(config):
-    config.stash[_PARITY_TABLE] = {}
-
-
-@pytest.fixture(scope="session")
-def parity_table(request) -> dict:
-    """{family: {measurement: logit relative error}}, printed by `pytest_terminal_summary` after the run."""
-    return request.config.stash[_PARITY_TABLE]
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item, call):
+    """Records each test's outcome for `suite_guard`: its call's, or its setup's when that did not pass."""
+    report = yield
+    if report.when == "call" or (report.when == "setup" and report.outcome != "passed"):
+        item.config.stash.setdefault(OUTCOMES, {})[item.nodeid] = report.outcome
+    return report
 
 
 def pytest_terminal_summary(terminalreporter, config):
-    table = config.stash.get(_PARITY_TABLE, {})
-    if not table:
-        return
-    columns = list(dict.fromkeys(column for row in table.values() for column in row))
-    terminalreporter.write_sep("=", "logit relative error vs transformers (max |Δ| / max |logit|)")
-    terminalreporter.write_line(" | ".join([f"{'family':<20}", *(f"{c:>14}" for c in columns)]))
-    for family, row in table.items():
-        cells = (f"{row[c]:>14.2e}" if c in row else f"{'-':>14}" for c in columns)
-        terminalreporter.write_line(" | ".join([f"{family:<20}", *cells]))
+    """After the run: the per-family logit errors against transformers (tests/test_families.py)."""
+    print_parity_table(terminalreporter)

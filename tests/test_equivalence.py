@@ -159,7 +159,7 @@ class RandomModel:
 def model(request) -> RandomModel:
     """Shared by the tests of one module run (they must not modify it): the reference logits cost a forward."""
     config = _config(request.param)
-    rng = np.random.default_rng()
+    rng = np.random.default_rng(205)
     weights = random_weights(config, rng)
     tokens = rng.integers(0, config.vocab_size, (2, 12))
     return RandomModel(config, weights, tokens, logits(config, weights, tokens))
@@ -181,7 +181,7 @@ STEP_CASES = [(name, step) for name in MODEL_NAMES for step in chain(_config(nam
     "model, step", STEP_CASES, indirect=["model"], ids=[f"{name}-{step.__name__}" for name, step in STEP_CASES]
 )
 def test_each_transform_keeps_the_logits(model, step):
-    rng = np.random.default_rng()
+    rng = np.random.default_rng(206)
     prepared, prepared_config = run(PREREQUISITES.get(step, ()), model.weights, model.config, rng)
     new_weights, new_config = step(prepared, prepared_config, rng)
     before, after = flatten(prepared), flatten(new_weights)
@@ -193,7 +193,7 @@ def test_each_transform_keeps_the_logits(model, step):
 
 def test_the_whole_chain_keeps_the_logits_and_its_input(model):
     snapshot = {path: array.copy() for path, array in flatten(model.weights).items()}
-    new_weights, new_config = run(chain(model.config), model.weights, model.config, np.random.default_rng())
+    new_weights, new_config = run(chain(model.config), model.weights, model.config, np.random.default_rng(207))
     assert new_config.tie_word_embeddings == (model.config.tie_word_embeddings and model.config.post_norms)
     assert (new_config.input_rotation is not None) == model.config.post_norms
     assert all(np.array_equal(array, snapshot[path]) for path, array in flatten(model.weights).items())
@@ -207,7 +207,7 @@ def test_a_hidden_size_without_buildable_hadamard_factors_is_refused_by_name():
 
 def test_residual_rotation_refuses_post_norms():
     config = _config("gemma2")
-    weights = random_weights(config, np.random.default_rng())
+    weights = random_weights(config, np.random.default_rng(216))
     untied, untied_config = equivalence.untie_embeddings(weights, config)
     with pytest.raises(ValueError, match="post-norms.*rotate_block_inputs"):
         equivalence.rotate_residual(equivalence.fold_norms(untied, untied_config), untied_config)
@@ -215,7 +215,7 @@ def test_residual_rotation_refuses_post_norms():
 
 def test_rotation_refuses_unfolded_norms_and_tied_embeddings():
     config = _config("llama_tied")
-    weights = random_weights(config, np.random.default_rng())
+    weights = random_weights(config, np.random.default_rng(208))
     with pytest.raises(ValueError, match="untie"):
         equivalence.rotate_residual(weights, config)
     untied, untied_config = equivalence.untie_embeddings(weights, config)
@@ -234,7 +234,7 @@ def test_smooth_attention_scales_the_qk_norms_not_the_projections(name):
     """With q/k norms before RoPE a scale on k_proj's output would be normalized away: λ goes into the norms'
     per-head γ (offset included) and the projections stay as they were."""
     config = _config(name)
-    rng = np.random.default_rng()
+    rng = np.random.default_rng(218)
     layer = random_weights(config, rng)["layers"][0]
     k_absmax = rng.uniform(0.05, 5.0, config.num_kv_heads * config.head_dim)
     smoothed, lam = equivalence.smooth_attention(layer, config, k_absmax)
@@ -257,14 +257,78 @@ def test_partial_rotary_pairs_only_the_rotating_channels():
     """Phi-4-mini rotates 12 of 16 channels: pairs (j, j + 6) for j < 6 share λ, channels 12..15 keep their own."""
     config = _config("phi4_mini_longrope")
     h, rotary = config.head_dim, config.rope.rotary_dim(config.head_dim)
-    layer = random_weights(config, np.random.default_rng())["layers"][0]
-    k_absmax = np.random.default_rng().uniform(0.05, 5.0, config.num_kv_heads * h)
+    layer = random_weights(config, np.random.default_rng(219))["layers"][0]
+    k_absmax = np.random.default_rng(220).uniform(0.05, 5.0, config.num_kv_heads * h)
     _, lam = equivalence.smooth_attention(layer, config, k_absmax)
     per_head, k_max = lam.reshape(-1, h), k_absmax.reshape(-1, h)
     half = rotary // 2
     np.testing.assert_allclose(per_head[:, :half], np.sqrt(np.maximum(k_max[:, :half], k_max[:, half:rotary])))
     np.testing.assert_allclose(per_head[:, half:rotary], per_head[:, :half])
     np.testing.assert_allclose(per_head[:, rotary:], np.sqrt(k_max[:, rotary:]))
+
+
+def test_transforms_keep_dtype_and_array_kind():
+    config = _config("llama_head_dim_24_mqa_bias")
+    weights = {
+        path: jnp.asarray(array, jnp.bfloat16)
+        for path, array in flatten(random_weights(config, np.random.default_rng(209))).items()
+    }
+    rotated = flatten(equivalence.rotate_value_heads(unflatten(weights), config))
+    for path, array in rotated.items():
+        assert isinstance(array, type(weights[path])) and array.dtype == jnp.bfloat16, path
+
+
+@pytest.mark.parametrize("name", ["llama", "llama_head_dim_24_mqa_bias"])
+def test_smooth_attention_lambda_is_shared_by_rope_pairs_and_gqa_groups(name):
+    config = _config(name)
+    rng = np.random.default_rng(210)
+    layer = random_weights(config, rng)["layers"][0]
+    num_kv, group, h = config.num_kv_heads, config.num_groups, config.head_dim
+    k_absmax = rng.uniform(0.05, 5.0, num_kv * h)
+    q_absmax = rng.uniform(0.05, 5.0, config.num_heads * h)
+    alpha, beta = rng.uniform(0.1, 0.9), rng.uniform(0.0, 0.9)
+    smoothed, lam = equivalence.smooth_attention(layer, config, k_absmax, q_absmax, alpha=alpha, beta=beta)
+
+    for kv_head in range(num_kv):
+        for channel in range(h // 2):
+            pair = [channel, channel + h // 2]
+            query_heads = range(kv_head * group, (kv_head + 1) * group)
+            query_channels = [head * h + c for head in query_heads for c in pair]
+            kv_channels = [kv_head * h + c for c in pair]
+            expected = k_absmax[kv_channels].max() ** alpha / q_absmax[query_channels].max() ** beta
+            np.testing.assert_allclose(lam[kv_channels], expected, rtol=1e-12)
+
+    q_scale = smoothed["self_attn"]["q_proj"]["kernel"] / layer["self_attn"]["q_proj"]["kernel"]
+    k_scale = smoothed["self_attn"]["k_proj"]["kernel"] / layer["self_attn"]["k_proj"]["kernel"]
+    np.testing.assert_allclose(
+        q_scale, np.broadcast_to(np.repeat(lam.reshape(num_kv, h), group, 0).ravel(), q_scale.shape), rtol=1e-6
+    )
+    np.testing.assert_allclose(k_scale, np.broadcast_to(1 / lam, k_scale.shape), rtol=1e-6)
+    if config.qkv_bias:
+        np.testing.assert_allclose(
+            smoothed["self_attn"]["k_proj"]["bias"], layer["self_attn"]["k_proj"]["bias"] / lam, rtol=1e-6
+        )
+
+
+def test_smoothing_scales_fall_back_to_one():
+    config = _config("llama")
+    layer = random_weights(config, np.random.default_rng(211))["layers"][0]
+    k_absmax = np.full(config.num_kv_heads * config.head_dim, 4.0)
+    k_absmax[[0, config.head_dim // 2]] = 0.0  # a dead RoPE pair: λ = 0 → 1
+    _, lam = equivalence.smooth_attention(layer, config, k_absmax)
+    assert lam[0] == lam[config.head_dim // 2] == 1.0 and np.all(lam[1 : config.head_dim // 2] == 2.0)
+    k_absmax[5] = np.inf
+    with pytest.warns(equivalence.SmoothingDisabledWarning, match=r"smooth_attention disabled: 2 channel\(s\)"):
+        assert np.all(equivalence.smooth_attention(layer, config, k_absmax)[1] == 1.0)  # 5 and its RoPE pair
+    input_absmax = np.full(config.intermediate_size, 2.0)
+    input_absmax[3] = np.nan
+    with pytest.warns(equivalence.SmoothingDisabledWarning, match=r"smooth_linear disabled: .*first: \[3\]"):
+        assert np.all(equivalence.smooth_down_proj(layer, input_absmax, alpha=0.3, beta=0.7)[1] == 1.0)
+
+
+def test_down_proj_permutation_is_a_stable_ascending_sort():
+    stats = np.array([3.0, 1.0, 2.0, 1.0, 0.5])
+    np.testing.assert_array_equal(equivalence.down_proj_permutation(stats), [4, 1, 3, 2, 0])
 
 
 @pytest.mark.parametrize("n", [64, 72, 576, 1152, 2304, 3072, 3584, 5376])  # 5376: Gemma 3 27B, 84·64
@@ -287,7 +351,7 @@ def test_hadamard_matrix_is_orthonormal_with_equal_magnitude_entries(n):
     matrix = hadamard_matrix(n)
     assert matrix.shape == (n, n) and matrix.dtype == np.float64 and not matrix.flags.writeable
     assert np.all(np.abs(matrix) == 1 / np.sqrt(n))
-    rows = np.random.default_rng().choice(n, min(n, 64), replace=False)  # all n² dot products are slow at 5120
+    rows = np.random.default_rng(212).choice(n, min(n, 64), replace=False)  # all n² dot products are slow at 5120
     np.testing.assert_allclose(matrix[rows] @ matrix.T, np.eye(n)[rows], atol=1e-12)
 
 

@@ -11,6 +11,7 @@ import dataclasses
 import numpy as np
 import pytest
 import torch
+from parity_report import PARITY_PROPERTY
 from tiny_models import build_hf_model, save_hf_model
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
@@ -54,22 +55,23 @@ def hf_logits(family: Family, token_ids: np.ndarray) -> np.ndarray:
         return family.hf_model(torch.tensor(token_ids)).logits.numpy()
 
 
-def record(parity_table, family: Family, column: str, error: float):
-    parity_table.setdefault(family.name, {})[column] = error
+@pytest.fixture
+def record(record_property):
+    """record(family, measurement, error): a row cell of the parity table printed after the run (conftest)."""
+    return lambda family, column, error: record_property(PARITY_PROPERTY, (family.name, column, error))
 
 
-def test_prefill_logits_match_transformers(family, parity_table):
+def test_prefill_logits_match_transformers(family, record, rng):
     """48 tokens: past every window of the tiny models (16 or 24) and LongRoPE's original context (32)."""
-    token_ids = np.random.default_rng().integers(0, family.params.config.vocab_size, (2, 48))
+    token_ids = rng.integers(0, family.params.config.vocab_size, (2, 48))
     error = relative_error(qoq_jax.forward(family.params, token_ids), hf_logits(family, token_ids))
-    record(parity_table, family, "forward", error)
+    record(family, "forward", error)
     assert error <= LOGITS_RTOL
 
 
-def test_padded_batch_prefill_and_paged_decode_match_transformers(family, parity_table):
+def test_padded_batch_prefill_and_paged_decode_match_transformers(family, record, rng):
     """Right-padded prompts of three lengths prefilled into the paged cache, then decoded token by token: the
     logits after each prompt and each decoded token equal transformers' on that row's sequence."""
-    rng = np.random.default_rng()
     vocab = family.params.config.vocab_size
     lengths = np.array(PROMPT_LENGTHS)
     sequences = rng.integers(0, vocab, (len(lengths), lengths.max() + DECODE_STEPS))
@@ -87,37 +89,37 @@ def test_padded_batch_prefill_and_paged_decode_match_transformers(family, parity
         decoded = max(
             decoded, *(relative_error(logits[row], reference[row][length + step]) for row, length in enumerate(lengths))
         )
-    record(parity_table, family, "padded prefill", padded)
-    record(parity_table, family, "paged decode", decoded)
+    record(family, "padded prefill", padded)
+    record(family, "paged decode", decoded)
     assert padded <= LOGITS_RTOL and decoded <= LOGITS_RTOL
 
 
-def test_bfloat16_is_as_close_to_float32_as_transformers_bfloat16(family, parity_table):
+def test_bfloat16_is_as_close_to_float32_as_transformers_bfloat16(family, record, rng):
     """bf16 rounding moves logits by a few percent of their range on these models; ours must stay within twice
     what transformers' own bf16 model moves (both against transformers in float32)."""
-    token_ids = np.random.default_rng().integers(0, family.params.config.vocab_size, (2, 40))
+    token_ids = rng.integers(0, family.params.config.vocab_size, (2, 40))
     reference = hf_logits(family, token_ids)
     with torch.no_grad():
         hf_bf16 = copy.deepcopy(family.hf_model).to(torch.bfloat16)(torch.tensor(token_ids)).logits.float().numpy()
     ours, theirs = (
         relative_error(qoq_jax.forward(family.bf16, token_ids), reference), relative_error(hf_bf16, reference)
     )
-    record(parity_table, family, "bf16 forward", ours)
-    record(parity_table, family, "hf bf16", theirs)
+    record(family, "bf16 forward", ours)
+    record(family, "hf bf16", theirs)
     assert ours <= 2 * theirs
 
 
 @pytest.mark.parametrize("family", ["gemma2", "phi4_mini_longrope"], indirect=True)  # soft-cap, windows; LongRoPE
-def test_greedy_generation_matches_transformers(family):
+def test_greedy_generation_matches_transformers(family, rng):
     """Through `generate`'s buckets and compiled decode loop (the others' decode steps are checked above)."""
-    prompt = np.random.default_rng().integers(3, family.params.config.vocab_size, 36).tolist()
+    prompt = rng.integers(3, family.params.config.vocab_size, 36).tolist()
     with torch.no_grad():
         reference = family.hf_model.generate(torch.tensor([prompt]), max_new_tokens=12, do_sample=False, pad_token_id=0)
     ours = qoq_jax.generate(family.params, [prompt], max_new_tokens=12, ignore_eos=True)
     assert ours == [reference[0, len(prompt) :].tolist()]
 
 
-def test_the_test_sequences_run_past_the_sliding_windows(family):
+def test_the_test_sequences_run_past_the_sliding_windows(family, rng):
     """Guards the parity tests against windows too wide to matter: transformers' logits change when the same
     weights get a window longer than the test sequences."""
     config = family.hf_model.config
@@ -130,7 +132,7 @@ def test_the_test_sequences_run_past_the_sliding_windows(family):
         if getattr(layer.self_attn, "sliding_window", None):
             layer.self_attn.sliding_window = 1024
     wide.config.sliding_window = 1024
-    token_ids = np.random.default_rng().integers(0, config.vocab_size, (1, 40))
+    token_ids = rng.integers(0, config.vocab_size, (1, 40))
     with torch.no_grad():
         wide_logits = wide(torch.tensor(token_ids)).logits.numpy()
     assert relative_error(wide_logits, hf_logits(family, token_ids)) > 1e-3
@@ -151,21 +153,20 @@ def test_every_layers_rotary_frequencies_match_transformers(family):
         np.testing.assert_allclose(ours, expected, rtol=1e-6, err_msg=f"layer {layer}")
 
 
-def test_longrope_within_its_original_context_uses_the_short_factors(tmp_path):
+def test_longrope_within_its_original_context_uses_the_short_factors(tmp_path, rng):
     hf_model = build_hf_model("phi4_mini_longrope", seed=3, max_position_embeddings=32)
     params = qoq_jax.load(save_hf_model(hf_model, tmp_path), dtype="float32")
     assert not params.config.rope.long_context and params.config.rope.attention_factor == 1.0
-    token_ids = np.random.default_rng().integers(0, params.config.vocab_size, (2, 20))
+    token_ids = rng.integers(0, params.config.vocab_size, (2, 20))
     with torch.no_grad():
         reference = hf_model(torch.tensor(token_ids)).logits.numpy()
     assert relative_error(qoq_jax.forward(params, token_ids), reference) <= LOGITS_RTOL
 
 
 @pytest.mark.parametrize("family", ["gemma2", "gemma3"], indirect=True)  # the families whose attention differs most
-def test_the_engine_serves_what_generate_generates(family):
+def test_the_engine_serves_what_generate_generates(family, rng):
     """Two requests through the serving engine, one prompt prefilled in two chunks (the chunk attends over the
     cached pages of the first): each output equals `generate` on its prompt alone."""
-    rng = np.random.default_rng()
     prompts = [rng.integers(3, family.params.config.vocab_size, n).tolist() for n in (20, 9)]
     expected = [qoq_jax.generate(family.params, [p], max_new_tokens=6, ignore_eos=True)[0] for p in prompts]
     engine = build_engine(

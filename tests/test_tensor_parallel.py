@@ -111,11 +111,10 @@ FAMILY_FEATURES = dict(
 )
 
 
-def test_family_features_split_over_4_devices():
+def test_family_features_split_over_4_devices(rng):
     """In float, so a wrong split shows at float rounding (the quantized split is the same code per linear)."""
     config = ModelConfig(**{**CONFIG.__dict__, **FAMILY_FEATURES})
     params = qoq_jax.init_params(config, seed=4)
-    rng = np.random.default_rng()
 
     def randomized(path, leaf):  # norms start at their identity, the rotation at I: make them matter
         name = jax.tree_util.keystr(path)
