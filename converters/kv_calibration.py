@@ -33,7 +33,7 @@ import optax
 from converters import equivalence
 from converters.hadamard import hadamard_matrix
 from qoq_jax.config import ModelConfig
-from qoq_jax.kv_cache import grouped_attention, prompt_attention
+from qoq_jax.kv_cache import FULL_ATTENTION, LayerAttention, grouped_attention, prompt_attention
 from qoq_jax.model import transform_qk
 from qoq_jax.quant import fake_quantize_kv
 
@@ -51,25 +51,25 @@ step of 0.1 instead of 0.05: 19 candidates instead of 39, for the CPU)."""
 @dataclasses.dataclass(frozen=True)
 class AttentionSample:
     """One layer's post-RoPE queries [N, T, Hq, D], keys and values [N, T, Hkv, D] (float32, before any q/k
-    transform) on N calibration rows, and their unquantized attention output."""
+    transform) on N calibration rows, their unquantized attention output, and the layer's `attention` (scale,
+    soft-cap, sliding window), which every error of this module computes as the model does."""
 
     query: jax.Array
     key: jax.Array
     value: jax.Array
     reference: jax.Array
+    attention: LayerAttention = dataclasses.field(default=FULL_ATTENTION, metadata=dict(static=True))
 
     @classmethod
-    def create(cls, query, key, value) -> "AttentionSample":
+    def create(cls, query, key, value, attention: LayerAttention = FULL_ATTENTION) -> "AttentionSample":
         query, key, value = (jnp.asarray(x, jnp.float32) for x in (query, key, value))
-        return cls(query, key, value, _attention(query, key, value))
+        return cls(query, key, value, _attention(query, key, value, attention), attention)
 
     def smoothed(self, lam_kv: np.ndarray) -> "AttentionSample":
         """The sample after SmoothAttention's q·λ, k/λ (the reference output does not change)."""
         lam = jnp.asarray(lam_kv, jnp.float32).reshape(self.key.shape[2:])
         groups = self.query.shape[2] // self.key.shape[2]
-        return dataclasses.replace(
-            self, query=self.query * jnp.repeat(lam, groups, axis=0), key=self.key / lam
-        )
+        return dataclasses.replace(self, query=self.query * jnp.repeat(lam, groups, axis=0), key=self.key / lam)
 
 
 @jax.tree_util.register_dataclass
@@ -90,8 +90,8 @@ class QKTransform:
         return transform_qk(q_nthd, k_nthd, self.key_transform, self.query_transform, self.key_offset)
 
 
-def _attention(q, k, v):
-    return prompt_attention(q, k, v, jnp.full((q.shape[0],), q.shape[1], jnp.int32))
+def _attention(q, k, v, attention: LayerAttention):
+    return prompt_attention(q, k, v, jnp.full((q.shape[0],), q.shape[1], jnp.int32), attention)
 
 
 @functools.partial(jax.jit, static_argnames=("bits",))
@@ -100,7 +100,7 @@ def attention_error(sample: AttentionSample, transform: QKTransform, bits: int, 
     q, k = transform.apply(sample.query, sample.key)
     k_hat = fake_quantize_kv(k, bits, k_clip)
     v_hat = fake_quantize_kv(sample.value, bits, v_clip)
-    out = _attention(q, k_hat, v_hat)
+    out = _attention(q, k_hat, v_hat, sample.attention)
     return jnp.sum((out - sample.reference) ** 2) / jnp.sum(sample.reference**2)
 
 
@@ -162,9 +162,11 @@ def _training_loss(learned, sample: AttentionSample, bits: int):
     q, k = transform.apply(sample.query, sample.key)
     length = k.shape[1]
     query_positions = jnp.arange(0, length, TRAINING_QUERY_STRIDE)
-    mask = query_positions[:, None] >= jnp.arange(length)[None, :]
+    offsets = query_positions[:, None] - jnp.arange(length)[None, :]
+    window = length if sample.attention.window is None else sample.attention.window
+    mask = (offsets >= 0) & (offsets < window)
     k_hat, v_hat = _ste_fake_quantize(k, bits), _ste_fake_quantize(sample.value, bits)
-    out = grouped_attention(q[:, query_positions], k_hat, v_hat, mask[None])
+    out = grouped_attention(q[:, query_positions], k_hat, v_hat, mask[None], sample.attention)
     reference = sample.reference[:, query_positions]
     return jnp.sum((out - reference) ** 2) / jnp.sum(reference**2)
 

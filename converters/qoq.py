@@ -1,7 +1,8 @@
 """QoQ calibration (../shared/spec/qoq-algorithm.md §1): equivalence transforms, then every decoder linear
 quantized with GPTQ, walking the layers once.
 
-Order: untie → fold norms → residual Hadamard → per-head Hadamard on v/o (model-wide, exact, data-free), then
+Order: untie → fold norms → residual Hadamard (models with post-norms: fold norms → online Hadamard of the block
+inputs) → per-head Hadamard on v/o (model-wide, exact, data-free), then
 per layer: one jitted pass over the calibration set collects |max| of post-RoPE q/k and of down_proj's input,
 the four input Hessians (q/k/v share one, gate/up share one) and a strided token sample; the layer is reordered
 (g128) and smoothed (SmoothAttention, SmoothLinear on down_proj), the down_proj Hessian follows the transforms
@@ -224,15 +225,19 @@ def quantize_model(
             quant.check_linear(in_features, out_features, f"{module}.{name}")
     weights = jax.tree.map(lambda a: np.asarray(a, np.float32), nnx.to_pure_dict(params.state))
     if recipe.rotate:
-        weights, config = equivalence.untie_embeddings(weights, config)
-        weights = equivalence.fold_norms(weights, config)
-        weights = equivalence.rotate_residual(weights, config)
+        if config.post_norms:  # the residual stream cannot rotate through post-norms: the block inputs rotate online
+            weights = equivalence.fold_norms(weights, config)
+            weights, config = equivalence.rotate_block_inputs(weights, config)
+        else:
+            weights, config = equivalence.untie_embeddings(weights, config)
+            weights = equivalence.fold_norms(weights, config)
+            weights = equivalence.rotate_residual(weights, config)
         weights = equivalence.rotate_value_heads(weights, config)
     float_model = assemble_params(config, _flatten(weights), dtype=jnp.float32).model()
 
     tokens = jnp.asarray(calibration_tokens, jnp.int32)
     if recipe.needs_statistics:
-        hidden = jnp.take(float_model.embed_tokens[...], tokens, axis=0)
+        hidden = float_model.embed(tokens, ())
         sample_rows, sample_starts = _sample_blocks(*tokens.shape)
         kv_rows = _kv_rows(recipe, tokens.shape[0])
     bar = tqdm(total=config.num_layers * (2 + len(_LINEARS_BY_INPUT)), desc=f"QoQ {recipe.name}", disable=not progress)
@@ -245,7 +250,8 @@ def quantize_model(
             attention_sample = None
             if recipe.smooth_attention_search:
                 attention_sample = kv_calibration.AttentionSample.create(
-                    *_attention_inputs(layer_graph, layer_state, hidden[kv_rows])[:3]
+                    *_attention_inputs(layer_graph, layer_state, hidden[kv_rows])[:3],
+                    float_model.layers[index].self_attn.layer_attention,
                 )
             hidden, stats = _calibration_pass(
                 layer_graph, layer_state, hidden, sample_rows, sample_starts, config=config, batch_size=batch_size
@@ -324,7 +330,8 @@ def calibrate_kv(
     for index in tqdm(range(config.num_layers), desc=f"KV {recipe.name}", disable=not progress):
         layer_graph, layer_state = nnx.split(model.layers[index])
         *qkv, hidden = _attention_inputs(layer_graph, layer_state, hidden)
-        transform, record = _calibrate_kv_layer(kv_calibration.AttentionSample.create(*qkv), recipe)
+        sample = kv_calibration.AttentionSample.create(*qkv, model.layers[index].self_attn.layer_attention)
+        transform, record = _calibrate_kv_layer(sample, recipe)
         if recipe.qk_transform:
             attention = weights["layers"][index]["self_attn"]
             attention.update({name: np.asarray(value) for name, value in dataclasses.asdict(transform).items()})
