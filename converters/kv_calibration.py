@@ -9,7 +9,7 @@ shape what is written to the pages without changing the float model (`QuantForma
 * rotation: k ← k·H, q ← q·H (H the head_dim Hadamard matrix), which spreads outlier channels over the head.
 * learned transform: k ← (k − μ)·A, q ← q·A⁻ᵀ, with A (started at H) and μ trained by Adam (optax) on the
   layer's attention-output error with K and V fake-quantized (straight-through rounding), OmniQuant-style;
-  the loss scores every `TRAINING_QUERY_STRIDE`-th query to keep a step cheap.
+  the loss scores every `query_stride`-th query (over all keys) to keep a step cheap.
 * SmoothAttention strength per layer: (α, β) of λ = Kmax^α / Qmax^β chosen from a grid by the same error
   (on the float model, before the weights are quantized, since λ is folded into W_q and W_k).
 * clip ratios per layer for K and V (`quantize_kv`'s `clip`), chosen from a grid by the same error.
@@ -94,14 +94,28 @@ def _attention(q, k, v, attention: LayerAttention):
     return prompt_attention(q, k, v, jnp.full((q.shape[0],), q.shape[1], jnp.int32), attention)
 
 
-@functools.partial(jax.jit, static_argnames=("bits",))
-def attention_error(sample: AttentionSample, transform: QKTransform, bits: int, k_clip=1.0, v_clip=1.0):
-    """Relative squared error of the attention output when the pages hold `bits`-bit K and V."""
-    q, k = transform.apply(sample.query, sample.key)
-    k_hat = fake_quantize_kv(k, bits, k_clip)
-    v_hat = fake_quantize_kv(sample.value, bits, v_clip)
-    out = _attention(q, k_hat, v_hat, sample.attention)
-    return jnp.sum((out - sample.reference) ** 2) / jnp.sum(sample.reference**2)
+def _scored_error(sample: AttentionSample, transform: QKTransform, quantize, query_stride: int):
+    """Relative squared attention error of every `query_stride`-th query (the last one included) over all keys,
+    with K and V after `quantize(x, clip_index)`: 0 for K, 1 for V."""
+    length = sample.key.shape[1]
+    positions = jnp.arange(query_stride - 1, length, query_stride)
+    q, k = transform.apply(sample.query[:, positions], sample.key)
+    offsets = positions[:, None] - jnp.arange(length)[None, :]
+    window = length if sample.attention.window is None else sample.attention.window
+    mask = (offsets >= 0) & (offsets < window)
+    out = grouped_attention(q, quantize(k, 0), quantize(sample.value, 1), mask[None], sample.attention)
+    reference = sample.reference[:, positions]
+    return jnp.sum((out - reference) ** 2) / jnp.sum(reference**2)
+
+
+@functools.partial(jax.jit, static_argnames=("bits", "query_stride"))
+def attention_error(
+    sample: AttentionSample, transform: QKTransform, bits: int, k_clip=1.0, v_clip=1.0, query_stride: int = 1
+):
+    """Relative squared error of the attention output when the pages hold `bits`-bit K and V (every query, or
+    every `query_stride`-th)."""
+    clips = (k_clip, v_clip)
+    return _scored_error(sample, transform, lambda x, i: fake_quantize_kv(x, bits, clips[i]), query_stride)
 
 
 def initial_transform(sample: AttentionSample, *, rotate: bool, center: bool) -> QKTransform:
@@ -152,31 +166,28 @@ def _ste_fake_quantize(x, bits: int):
     return codes * scale + vmin
 
 
-TRAINING_QUERY_STRIDE = 4
-"""Training scores every 4th query position (over all keys): a quarter of the attention's cost per step."""
+SEARCH_QUERY_STRIDE = 4
+"""The clip search scores every 4th query position (over all keys): a quarter of the attention's cost."""
 
 
-def _training_loss(learned, sample: AttentionSample, bits: int):
+def _training_loss(learned, sample: AttentionSample, bits: int, query_stride: int):
     matrix, offset = learned
     transform = QKTransform(matrix, jnp.swapaxes(jnp.linalg.inv(matrix), -1, -2), offset)
-    q, k = transform.apply(sample.query, sample.key)
-    length = k.shape[1]
-    query_positions = jnp.arange(0, length, TRAINING_QUERY_STRIDE)
-    offsets = query_positions[:, None] - jnp.arange(length)[None, :]
-    window = length if sample.attention.window is None else sample.attention.window
-    mask = (offsets >= 0) & (offsets < window)
-    k_hat, v_hat = _ste_fake_quantize(k, bits), _ste_fake_quantize(sample.value, bits)
-    out = grouped_attention(q[:, query_positions], k_hat, v_hat, mask[None], sample.attention)
-    reference = sample.reference[:, query_positions]
-    return jnp.sum((out - reference) ** 2) / jnp.sum(reference**2)
+    return _scored_error(sample, transform, lambda x, _: _ste_fake_quantize(x, bits), query_stride)
 
 
 def learn_transform(
-    sample: AttentionSample, start: QKTransform, *, bits: int, steps: int, learning_rate: float
+    sample: AttentionSample,
+    start: QKTransform,
+    *,
+    bits: int,
+    steps: int,
+    learning_rate: float,
+    query_stride: int,
 ) -> QKTransform:
     """A and μ refined from `start` by Adam on one calibration row per step (rows in turn, so the result
     depends only on the sample); A⁻ᵀ is taken in float64. Keeps `start` if training did not lower the error."""
-    learned = _train((start.key_transform, start.key_offset), sample, bits, steps, learning_rate)
+    learned = _train((start.key_transform, start.key_offset), sample, bits, steps, learning_rate, query_stride)
     matrix = np.asarray(learned[0], np.float64)
     inverse_t = np.swapaxes(np.linalg.inv(matrix), -1, -2)
     result = QKTransform(learned[0], jnp.asarray(inverse_t, jnp.float32), learned[1])
@@ -185,8 +196,8 @@ def learn_transform(
     return result
 
 
-@functools.partial(jax.jit, static_argnums=(2, 3, 4))
-def _train(learned, sample: AttentionSample, bits: int, steps: int, learning_rate: float):
+@functools.partial(jax.jit, static_argnums=(2, 3, 4, 5))
+def _train(learned, sample: AttentionSample, bits: int, steps: int, learning_rate: float, query_stride: int):
     """`steps` Adam steps in one compiled loop (one compilation per layer shape, not per layer)."""
     optimizer = optax.adam(learning_rate)
     rows = sample.query.shape[0]
@@ -195,7 +206,7 @@ def _train(learned, sample: AttentionSample, bits: int, steps: int, learning_rat
         learned, state = carry
         row = index % rows
         one = jax.tree.map(lambda x: jax.lax.dynamic_slice_in_dim(x, row, 1), sample)
-        grads = jax.grad(_training_loss)(learned, one, bits)
+        grads = jax.grad(_training_loss)(learned, one, bits, query_stride)
         updates, state = optimizer.update(grads, state, learned)
         return optax.apply_updates(learned, updates), state
 
@@ -203,9 +214,21 @@ def _train(learned, sample: AttentionSample, bits: int, steps: int, learning_rat
 
 
 def search_clip(sample: AttentionSample, transform: QKTransform, bits: int):
-    """Per-layer clip ratios: K's first (V at full range), then V's given K's; returns (k, v, error)."""
-    k_errors = [float(attention_error(sample, transform, bits, r, 1.0)) for r in CLIP_RATIOS]
+    """Per-layer clip ratios: K's first (V at full range), then V's given K's, each grid scored in one vectorised
+    call on every `SEARCH_QUERY_STRIDE`-th query; returns (k, v, error of the chosen pair on every query)."""
+    ratios = jnp.asarray(CLIP_RATIOS, jnp.float32)
+    k_errors = _clip_errors(sample, transform, bits, ratios, jnp.float32(1.0), vary_key=True)
     k_clip = CLIP_RATIOS[int(np.argmin(k_errors))]
-    v_errors = [float(attention_error(sample, transform, bits, k_clip, r)) for r in CLIP_RATIOS]
-    v_index = int(np.argmin(v_errors))
-    return k_clip, CLIP_RATIOS[v_index], v_errors[v_index]
+    v_errors = _clip_errors(sample, transform, bits, jnp.float32(k_clip), ratios, vary_key=False)
+    v_clip = CLIP_RATIOS[int(np.argmin(v_errors))]
+    return k_clip, v_clip, float(attention_error(sample, transform, bits, k_clip, v_clip))
+
+
+@functools.partial(jax.jit, static_argnames=("bits", "vary_key"))
+def _clip_errors(sample, transform, bits: int, k_clips, v_clips, *, vary_key: bool):
+    """The strided attention error for each K ratio (V's fixed) or each V ratio (K's fixed)."""
+
+    def error(k_clip, v_clip):
+        return attention_error(sample, transform, bits, k_clip, v_clip, SEARCH_QUERY_STRIDE)
+
+    return jax.vmap(error, in_axes=(0, None) if vary_key else (None, 0))(k_clips, v_clips)

@@ -92,8 +92,11 @@ class Recipe:
     center_keys: bool = False  # k ← k − μ after RoPE (softmax-invariant)
     rotate_qk: bool = False  # online per-head Hadamard on q and k after RoPE
     learn_qk: bool = False  # A and μ of k ← (k − μ)·A, q ← q·A⁻ᵀ trained with Adam from the above
-    learn_qk_steps: int = 100
-    learn_qk_rate: float = 2e-3
+    # Adam steps, rate and the training loss's query stride: cheap enough for the CLI's default calibration (see
+    # README for the slower setting that lowers the attention error a little more).
+    learn_qk_steps: int = 40
+    learn_qk_rate: float = 5e-3
+    learn_qk_query_stride: int = 8
     kv_clip_search: bool = False  # per-layer K and V clip ratios
     kv8_layers: int = 0  # this many layers, those with the largest 4-bit attention error, get KV8 pages
     kv_rows: int = 4
@@ -370,7 +373,12 @@ def _calibrate_kv_layer(sample, recipe: Recipe):
         if recipe.learn_qk:
             record["error_before_learning"] = round(float(kv_calibration.attention_error(sample, transform, bits)), 6)
             transform = kv_calibration.learn_transform(
-                sample, transform, bits=bits, steps=recipe.learn_qk_steps, learning_rate=recipe.learn_qk_rate
+                sample,
+                transform,
+                bits=bits,
+                steps=recipe.learn_qk_steps,
+                learning_rate=recipe.learn_qk_rate,
+                query_stride=recipe.learn_qk_query_stride,
             )
     k_clip, v_clip = 1.0, 1.0
     if recipe.kv_clip_search:

@@ -19,7 +19,7 @@ from converters import kv_calibration
 from converters.hadamard import hadamard_matrix
 from converters.qoq import RECIPES, quantize_model
 from pallas_kernels import paged_attention
-from qoq_jax.kv_cache import NoKVCache, PagedKVCache, kv_bytes_per_page, kv_bytes_per_token
+from qoq_jax.kv_cache import LayerAttention, NoKVCache, PagedKVCache, kv_bytes_per_page, kv_bytes_per_token
 from qoq_jax.quant import QuantFormat, dequantize_kv, quantize_kv
 
 TOLERANCE = 1e-4
@@ -33,8 +33,12 @@ def _config(head_dim: int) -> qoq_jax.ModelConfig:
 def _random_transform(rng, num_kv_heads: int, head_dim: int):
     """A Hadamard times a random well-conditioned matrix (what learning makes of it), its A⁻ᵀ and an offset."""
     hadamard = hadamard_matrix(head_dim)
-    matrix = np.stack([hadamard @ (np.eye(head_dim) + 0.2 * rng.normal(size=(head_dim, head_dim)) / np.sqrt(head_dim))
-                       for _ in range(num_kv_heads)])
+    matrix = np.stack(
+        [
+            hadamard @ (np.eye(head_dim) + 0.2 * rng.normal(size=(head_dim, head_dim)) / np.sqrt(head_dim))
+            for _ in range(num_kv_heads)
+        ]
+    )
     inverse_t = np.swapaxes(np.linalg.inv(matrix), -1, -2)
     offset = rng.normal(0, 2.0, (num_kv_heads, head_dim))
     return (jnp.asarray(a, jnp.float32) for a in (matrix, inverse_t, offset))
@@ -86,9 +90,7 @@ def test_every_way_into_the_cache_gives_forward_with_every_kv_option(rng):
     round trip of its own K/V), a chunk continuing it over the pages (the extend path) and decode steps token by
     token (each over pages that hold its own quantized key) all give the logits of `forward`, which attends over
     the same quantization round trip: every path reads K/V exactly as the pages hold them, clip included."""
-    quant = QuantFormat(
-        "w8a8", kv_bits=4, layer_kv_bits=(8, 4), kv_clip=((0.9, 0.95), (1.0, 0.85)), qk_transform=True
-    )
+    quant = QuantFormat("w8a8", kv_bits=4, layer_kv_bits=(8, 4), kv_clip=((0.9, 0.95), (1.0, 0.85)), qk_transform=True)
     params = _quantized_with_transform(rng, quant)
     tokens = jnp.asarray(rng.integers(3, params.config.vocab_size, (2, 14)), jnp.int32)
     reference = np.asarray(qoq_jax.forward(params, tokens))
@@ -120,8 +122,9 @@ def test_rotated_keys_in_the_pages_read_by_kernel_and_reference(head_dim, rng):
     attention = params.model().layers[0].self_attn
     batch, length, groups = 2, 21, config.num_groups
     q = jnp.asarray(rng.normal(size=(batch, 1, config.num_heads, head_dim)), jnp.float32)
-    k, v = (jnp.asarray(rng.normal(size=(batch, length, config.num_kv_heads, head_dim)) * 3, jnp.float32)
-            for _ in range(2))
+    k, v = (
+        jnp.asarray(rng.normal(size=(batch, length, config.num_kv_heads, head_dim)) * 3, jnp.float32) for _ in range(2)
+    )
     k = k + jnp.asarray(rng.normal(0, 5, head_dim), jnp.float32)  # a per-channel offset for μ to remove
     q_t, _ = attention.transform_qk(q, k[:, :1])
     _, k_t = attention.transform_qk(jnp.zeros((batch, length, config.num_heads, head_dim)), k)
@@ -172,7 +175,7 @@ def test_centring_rotation_and_learning_each_lower_the_kv4_error(rng):
     sample = _sample_with_outliers(rng)
     centred = kv_calibration.initial_transform(sample, rotate=False, center=True)
     rotated = kv_calibration.initial_transform(sample, rotate=True, center=True)
-    learned = kv_calibration.learn_transform(sample, rotated, bits=4, steps=60, learning_rate=2e-3)
+    learned = kv_calibration.learn_transform(sample, rotated, bits=4, steps=60, learning_rate=2e-3, query_stride=4)
     errors = [_kv4_error(sample, t) for t in (centred, rotated, learned)]
     assert errors[0] > errors[1] > errors[2], errors
     # The learned pair stays exact in float: A⁻ᵀ is A's inverse transpose.
@@ -181,15 +184,34 @@ def test_centring_rotation_and_learning_each_lower_the_kv4_error(rng):
 
 
 def test_clip_search_returns_the_grid_minimum(rng):
+    """Each grid is scored on every SEARCH_QUERY_STRIDE-th query (one vectorised call); the returned error is the
+    chosen pair's on every query."""
     sample = _sample_with_outliers(rng)
     transform = kv_calibration.initial_transform(sample, rotate=True, center=True)
     k_clip, v_clip, error = kv_calibration.search_clip(sample, transform, 4)
-    ratios = kv_calibration.CLIP_RATIOS
-    k_errors = [float(kv_calibration.attention_error(sample, transform, 4, r, 1.0)) for r in ratios]
-    assert k_clip == ratios[int(np.argmin(k_errors))]
-    v_errors = [float(kv_calibration.attention_error(sample, transform, 4, k_clip, r)) for r in ratios]
-    assert v_clip == ratios[int(np.argmin(v_errors))] and error == pytest.approx(min(v_errors))
-    assert error <= float(kv_calibration.attention_error(sample, transform, 4))
+    ratios, stride = kv_calibration.CLIP_RATIOS, kv_calibration.SEARCH_QUERY_STRIDE
+
+    def strided(k, v):
+        return float(kv_calibration.attention_error(sample, transform, 4, k, v, query_stride=stride))
+
+    assert k_clip == ratios[int(np.argmin([strided(r, 1.0) for r in ratios]))]
+    assert v_clip == ratios[int(np.argmin([strided(k_clip, r) for r in ratios]))]
+    assert error == pytest.approx(float(kv_calibration.attention_error(sample, transform, 4, k_clip, v_clip)))
+    assert strided(k_clip, v_clip) <= strided(1.0, 1.0)
+
+
+@pytest.mark.parametrize("query_stride", [1, 4])
+def test_calibration_error_attends_as_the_layer_does(rng, query_stride):
+    """The calibration's attention (strided queries, the layer's window, soft-cap and scale) is the model's: with
+    16-bit pages its error against the layer's own prompt attention is zero to float rounding, while the same
+    queries scored without the window differ."""
+    local = LayerAttention(scale=0.2, softcap=5.0, window=7)
+    sample = _sample_with_outliers(rng)
+    windowed = kv_calibration.AttentionSample.create(sample.query, sample.key, sample.value, local)
+    identity = kv_calibration.QKTransform.identity(*sample.key.shape[2:])
+    assert float(kv_calibration.attention_error(windowed, identity, 16, query_stride=query_stride)) < 1e-10
+    unwindowed = dataclasses.replace(windowed, attention=dataclasses.replace(local, window=None))
+    assert float(kv_calibration.attention_error(unwindowed, identity, 16, query_stride=query_stride)) > 1e-3
 
 
 KV_RECIPE = dataclasses.replace(
@@ -245,8 +267,11 @@ def test_checkpoint_keeps_the_kv_options_and_old_ones_still_load(kv_quantized, t
 
     plain = qoq_jax.init_params(quantized.config, dtype="float32", quant=QuantFormat("w4a8-g128", group_size=64))
     old = qoq_jax.save_checkpoint(plain, tmp_path / "old")
-    assert json.loads((old / "qoq.json").read_text())["quant"] == {"weights": "w4a8-g128", "kv_bits": 4,
-                                                                   "group_size": 64}
+    assert json.loads((old / "qoq.json").read_text())["quant"] == {
+        "weights": "w4a8-g128",
+        "kv_bits": 4,
+        "group_size": 64,
+    }
     assert qoq_jax.load(old).quant == plain.quant
 
     metadata = json.loads((path / "qoq.json").read_text())
