@@ -5,7 +5,8 @@ channels, so each token's 16 levels are spent on a range that most of its channe
 shape what is written to the pages without changing the float model (`QuantFormat.qk_transform`):
 
 * centring: k ← k − μ (μ the calibration mean of the layer's post-RoPE keys). q·k drops only q·μ, the same for
-  every key of a query, which softmax ignores.
+  every key of a query, which softmax ignores. Not in soft-capped layers (Gemma 2): tanh does not ignore it, so
+  there μ stays 0 (rotation and the learned A are exact there too: q·k does not change at all).
 * rotation: k ← k·H, q ← q·H (H the head_dim Hadamard matrix), which spreads outlier channels over the head.
 * learned transform: k ← (k − μ)·A, q ← q·A⁻ᵀ, with A (started at H) and μ trained by Adam (optax) on the
   layer's attention-output error with K and V fake-quantized (straight-through rounding), OmniQuant-style;
@@ -119,14 +120,14 @@ def attention_error(
 
 
 def initial_transform(sample: AttentionSample, *, rotate: bool, center: bool) -> QKTransform:
-    """Hadamard (or identity) A with μ the sample's mean key (or 0)."""
+    """Hadamard (or identity) A with μ the sample's mean key (or 0; always 0 in a soft-capped layer)."""
     num_kv_heads, head_dim = sample.key.shape[2:]
     transform = QKTransform.identity(num_kv_heads, head_dim)
     if rotate:
         hadamard = jnp.asarray(hadamard_matrix(head_dim), jnp.float32)  # orthonormal: A⁻ᵀ = A
         rotation = jnp.broadcast_to(hadamard, (num_kv_heads, head_dim, head_dim))
         transform = dataclasses.replace(transform, key_transform=rotation, query_transform=rotation)
-    if center:
+    if center and sample.attention.softcap is None:
         transform = dataclasses.replace(transform, key_offset=jnp.mean(sample.key, axis=(0, 1)))
     return transform
 
@@ -172,6 +173,8 @@ SEARCH_QUERY_STRIDE = 4
 
 def _training_loss(learned, sample: AttentionSample, bits: int, query_stride: int):
     matrix, offset = learned
+    if sample.attention.softcap is not None:  # μ stays as it started (0): soft-capping does not drop q·μ
+        offset = jax.lax.stop_gradient(offset)
     transform = QKTransform(matrix, jnp.swapaxes(jnp.linalg.inv(matrix), -1, -2), offset)
     return _scored_error(sample, transform, lambda x, _: _ste_fake_quantize(x, bits), query_stride)
 

@@ -214,6 +214,23 @@ def test_calibration_error_attends_as_the_layer_does(rng, query_stride):
     assert float(kv_calibration.attention_error(unwindowed, identity, 16, query_stride=query_stride)) > 1e-3
 
 
+def test_soft_capped_layers_are_not_centred_and_keep_their_attention(rng):
+    """Soft-capping (Gemma 2) does not drop the per-query constant q·μ: its layers get no key offset, before or
+    after learning, and their transformed attention with 16-bit pages equals the untransformed one."""
+    sample = _sample_with_outliers(rng)
+    capped = kv_calibration.AttentionSample.create(
+        sample.query * 3, sample.key, sample.value, LayerAttention(softcap=2.0)
+    )
+    start = kv_calibration.initial_transform(capped, rotate=True, center=True)
+    learned = kv_calibration.learn_transform(capped, start, bits=4, steps=20, learning_rate=5e-3, query_stride=4)
+    for transform in (start, learned):
+        np.testing.assert_array_equal(np.asarray(transform.key_offset), 0.0)
+        assert float(kv_calibration.attention_error(capped, transform, 16)) < 1e-10
+    offset = kv_calibration.initial_transform(sample, rotate=True, center=True).key_offset
+    centred = dataclasses.replace(start, key_offset=offset)  # what centring would do: the output moves
+    assert float(kv_calibration.attention_error(capped, centred, 16)) > 1e-4
+
+
 KV_RECIPE = dataclasses.replace(
     RECIPES["g128"],
     name="g128-kv",
