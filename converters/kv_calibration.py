@@ -41,6 +41,10 @@ from qoq_jax.quant import fake_quantize_kv
 CLIP_RATIOS = (1.0, 0.98, 0.96, 0.94, 0.92, 0.9, 0.88, 0.86, 0.84, 0.82, 0.8)
 """Candidate clip ratios of the KV search, full range first (a tie keeps it)."""
 
+SEARCH_QUERY_STRIDE = 4
+"""The clip search scores every 4th query position (over all keys): a quarter of the attention's cost."""
+
+
 SMOOTHING_GRID = ((0.0, 0.0),) + tuple(
     (a, b) for a in np.round(np.arange(0.1, 1.0, 0.1), 2).tolist() for b in (0.0, round(1.0 - a, 2))
 )
@@ -165,10 +169,6 @@ def _ste_fake_quantize(x, bits: int):
     y = (x - vmin) / scale
     codes = y + jax.lax.stop_gradient(jnp.clip(jnp.round(y), 0, levels) - y)
     return codes * scale + vmin
-
-
-SEARCH_QUERY_STRIDE = 4
-"""The clip search scores every 4th query position (over all keys): a quarter of the attention's cost."""
 
 
 def _training_loss(learned, sample: AttentionSample, bits: int, query_stride: int):
