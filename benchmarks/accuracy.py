@@ -60,6 +60,7 @@ ROWS: dict[str, tuple[str, str, Recipe | None]] = {  # name → (method, precisi
     "rtn-w4a16-progressive": ("RTN", "W4A16 g128, QoQ's progressive format", RECIPES["rtn-w4a16-progressive"]),
     "rtn-w4a8kv4-g128": ("RTN", "W4A8KV4 g128", RECIPES["rtn-w4a8kv4-g128"]),
     "g128": ("QoQ (this library's default)", "W4A8KV4 g128", RECIPES["g128"]),
+    "g128-thorough": ("QoQ, longer q/k training", "W4A8KV4 g128", RECIPES["g128-thorough"]),
     "g128-qserve": ("QoQ as QServe", "W4A8KV4 g128", _QSERVE),
     "gchn": ("QoQ", "W4A8KV4 per-channel", RECIPES["gchn"]),
     **{

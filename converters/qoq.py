@@ -165,6 +165,15 @@ _KV_STAGES = {"center_keys": True, "rotate_qk": True, "learn_qk": True, "kv_clip
 
 RECIPES = {
     "g128": Recipe("g128", Int4GroupWeight.format_name, reorder=True, **_KV_STAGES),
+    "g128-thorough": Recipe(
+        "g128-thorough",
+        Int4GroupWeight.format_name,
+        reorder=True,
+        **_KV_STAGES,
+        learn_qk_steps=100,
+        learn_qk_rate=2e-3,
+        learn_qk_query_stride=4,
+    ),
     "g128-qserve": Recipe("g128-qserve", Int4GroupWeight.format_name, reorder=True),
     "gchn": Recipe(
         "gchn", Int4ChannelWeight.format_name, smooth_linear_alpha=0.1, smooth_linear_beta=0.9, clip_search=True
@@ -178,6 +187,7 @@ RECIPES = {
 """QoQ's two recipes (defaults of qoq-g128.yaml / qoq-gchn.yaml; SmoothAttention is the manual λ = √max|K|
 for both) and the baselines of the accuracy table. `g128` adds this library's KV4 stages (centred, rotated and
 learned q/k transform, KV clip search: `converters.kv_calibration`), measured in benchmarks/accuracy.py;
+`g128-thorough` trains the q/k transform longer (about 3× the KV stages' time, a lower attention error);
 `g128-qserve` is the reference recipe without them."""
 
 
