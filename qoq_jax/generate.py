@@ -133,6 +133,7 @@ class Continuation:
         self.finish_reason: str | None = None
         self._tokenizer = tokenizer if (is_text or self.stop) else None
         self._stream = None if self._tokenizer is None else DecodeStream(skip_special_tokens=True)
+        self._backend = None if self._tokenizer is None else self._tokenizer.backend_tokenizer
         self._pieces: list[str] = []
         self._window = max((len(s) for s in self.stop), default=1) - 1  # chars a stop string can reach back
         self._tail = ""  # the last `_window` characters of the text
@@ -146,10 +147,10 @@ class Continuation:
         if token in self.stop_ids:
             self.finish_reason = "stop"
             return ""
-        self.tokens.append(int(token))
+        self.tokens.append(token)
         piece = ""
         if self._stream is not None:
-            piece = self._stream.step(self._tokenizer.backend_tokenizer, int(token)) or ""
+            piece = self._stream.step(self._backend, token) or ""
             self._held = not piece
             if piece and self.stop and self._cut_at_stop_string(piece):
                 return ""  # finished: `text` holds the text cut before the stop string
@@ -162,15 +163,19 @@ class Continuation:
         for token in tokens:
             if self.finish_reason is not None:
                 return
-            self.append(token)
+            self.append(int(token))
 
     def _cut_at_stop_string(self, piece: str) -> bool:
         window = self._tail + piece
-        hits = [i for i in (window.find(s) for s in self.stop) if i >= 0]
-        if not hits:
+        first = -1
+        for stop in self.stop:
+            at = window.find(stop)
+            if at >= 0 and (first < 0 or at < first):
+                first = at
+        if first < 0:
             self._tail = window[len(window) - self._window :] if self._window else ""
             return False
-        cut = min(hits) - len(self._tail)  # where the stop string starts, relative to this piece (may be < 0)
+        cut = first - len(self._tail)  # where the stop string starts, relative to this piece (may be < 0)
         if cut < 0:  # it began in text already appended: shorten that
             text = "".join(self._pieces)
             self._pieces = [text[: len(text) + cut]]

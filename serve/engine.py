@@ -28,6 +28,7 @@ import itertools
 import logging
 import os
 import threading
+import time
 from collections.abc import AsyncIterator
 
 import jax
@@ -55,6 +56,18 @@ _DEFAULT_PROMPT_TOKENS_PER_STEP = 512
 _MAX_CONSECUTIVE_FAILURES = 3
 
 
+@dataclasses.dataclass
+class StepTimes:
+    """Host seconds spent in each part of `step()` since the engine started: planning (inbox and scheduler),
+    preparing and dispatching the device call, waiting for the previous step's tokens, and output processing."""
+
+    steps: int = 0
+    schedule: float = 0.0
+    prepare: float = 0.0
+    wait: float = 0.0
+    outputs: float = 0.0
+
+
 @dataclasses.dataclass(frozen=True)
 class EngineConfig:
     """Capacity, budget and shapes; None means "size it from the KV memory budget" (see `build_engine`)."""
@@ -70,6 +83,7 @@ class EngineConfig:
     max_waiting: int = 4096
     prefix_caching: bool = True
     warmup: str | bool = "cover"  # "all" programs before serving, a "cover"ing set, or "none"
+    compile_in_background: bool = True  # a step's own program, while a larger one runs it
     compile_threads: int | None = None  # warm-up compilations at once (default: half the host's cores)
 
     def __post_init__(self):
@@ -127,7 +141,7 @@ class Engine:
         )
         self.runner = ModelRunner(
             params, num_pages=config.num_pages, page_size=config.page_size, pages_per_seq=self.pages_per_seq,
-            **scheduling,
+            compile_in_background=config.compile_in_background, **scheduling,
         )  # fmt: skip
         self.outputs = OutputProcessor(self.tokenizer, eos_ids(params))
         self._in_flight: InFlightStep | None = None
@@ -140,6 +154,7 @@ class Engine:
         self._failures_in_a_row = 0
         self.work_available = threading.Event()
         self._counters = collections.Counter()
+        self.step_times = StepTimes()
         self.warmup()
 
     def _num_pages(self, config: EngineConfig) -> int:
@@ -241,14 +256,17 @@ class Engine:
 
     def step(self) -> list[RequestOutput]:
         """Plans and dispatches the next step, then turns the previous step's tokens into outputs."""
+        times, started = self.step_times, time.perf_counter()
         outputs = self._take_inbox()
         scheduled = self.scheduler.schedule()
-        launched = None
+        planned = time.perf_counter()
+        launched = refused = None
         if not scheduled.empty:
             try:
                 launched = self.runner.dispatch(scheduled)
-            except Exception as error:  # noqa: BLE001 - contained: see _recover
-                outputs += self._recover([scheduled], error, ran=False)
+            except Exception as error:  # noqa: BLE001 - contained: see _recover, after the step before it
+                refused = error
+        dispatched = waited = time.perf_counter()
         previous, self._in_flight = self._in_flight, None
         if previous is not None:
             try:
@@ -258,8 +276,17 @@ class Engine:
                 launched = None  # it ran on the failed step's outputs
                 outputs += self._recover(dropped, error, ran=True)
             else:
+                waited = time.perf_counter()
                 outputs += self._process(previous, result)
+        if refused is not None:
+            outputs += self._recover([scheduled], refused, ran=False)
         self._in_flight = launched
+        ended = time.perf_counter()
+        times.steps += 1
+        times.schedule += planned - started
+        times.prepare += dispatched - planned
+        times.wait += waited - dispatched
+        times.outputs += ended - waited
         return outputs
 
     def _take_inbox(self) -> list[RequestOutput]:

@@ -51,13 +51,14 @@ class OutputProcessor:
         piece = continuation.append(token)
         if continuation.finish_reason is not None:
             return self.finish(request, state, continuation.finish_reason)
-        state.unsent += piece
-        ready = len(state.unsent) - state.holdback
-        text = ""
-        if ready > 0:
-            text, state.unsent = state.unsent[:ready], state.unsent[ready:]
-            state.sent_chars += ready
-        return self._output(request, state, text, None)
+        if state.holdback:
+            state.unsent += piece
+            ready = len(state.unsent) - state.holdback
+            piece = ""
+            if ready > 0:
+                piece, state.unsent = state.unsent[:ready], state.unsent[ready:]
+        state.sent_chars += len(piece)
+        return self._output(request, state, piece, None)
 
     def finish(self, request: Request, state: OutputState, reason: str, error: str | None = None) -> RequestOutput:
         """The last output: whatever was held back (cut before a stop string) and the finish reason."""

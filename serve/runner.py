@@ -142,6 +142,7 @@ class ModelRunner:
         max_num_seqs: int,
         max_prefill_rows: int,
         prefill_row_tokens: int,
+        compile_in_background: bool = True,
     ):
         self.params = params
         self.num_pages, self.page_size, self.pages_per_seq = num_pages, page_size, pages_per_seq
@@ -155,7 +156,7 @@ class ModelRunner:
         self.max_table_updates = max_num_seqs + max_prefill_rows * (pages_per_seq + 1)
         self.num_dispatched = 0
         self._build_state()
-        self._programs = _Programs(self._compile, row_tokens=prefill_row_tokens)
+        self._programs = _Programs(self._compile, row_tokens=prefill_row_tokens, background=compile_in_background)
 
     def _build_state(self) -> None:
         """A fresh (empty) pool and batch: at start, and after a failure that lost the donated ones."""
@@ -195,6 +196,10 @@ class ModelRunner:
     @property
     def num_compiled(self) -> int:
         return self._programs.num_compiled
+
+    def wait_for_compilations(self) -> None:
+        """Blocks until the programs queued for background compilation are ready (benchmarks, tests)."""
+        self._programs.wait()
 
     # --- compilation ----------------------------------------------------------------------------------------
 
@@ -334,11 +339,12 @@ class _Programs:
     """Compiled step programs by shape. A step whose own program is not ready runs in the cheapest ready one
     that covers it, and its own is compiled in the background; with none ready it is compiled at once."""
 
-    def __init__(self, compile_fn, *, row_tokens: int):
+    def __init__(self, compile_fn, *, row_tokens: int, background: bool):
         self._compile = compile_fn
         self._row_tokens = row_tokens
+        self._in_background = background
         self._ready: dict[StepShape, object] = {}
-        self._queued: set[StepShape] = set()
+        self._queued: dict[StepShape, concurrent.futures.Future] = {}
         self._lock = threading.Lock()
         self._background = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="qoq-jax-compile")
 
@@ -359,9 +365,8 @@ class _Programs:
             return shape, program
         with self._lock:
             covering = [s for s in self._ready if s.covers(shape)]
-            if shape not in self._queued and covering:
-                self._queued.add(shape)
-                self._background.submit(self._compile_in_background, shape)
+            if shape not in self._queued and covering and self._in_background:
+                self._queued[shape] = self._background.submit(self._compile_in_background, shape)
         if not covering:
             log.info("compiling the engine step for %s while serving", shape)
             program = self._compile(shape)
@@ -370,6 +375,10 @@ class _Programs:
             return shape, program
         best = min(covering, key=lambda s: s.cost(self._row_tokens))
         return best, self._ready[best]
+
+    def wait(self) -> None:
+        """Until the background compilations queued so far are done."""
+        concurrent.futures.wait(list(self._queued.values()))
 
     def _compile_in_background(self, shape: StepShape) -> None:
         try:
