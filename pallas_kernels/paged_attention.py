@@ -30,6 +30,13 @@ the Triton lowering has no scalar prefetch. It walks `pages_per_block` pages per
 the table, with an online softmax; pages past the sequence's length are never visited and the partial last
 page is masked. Each split writes its normalized partial output with its (max, sum), and `_combine_splits`
 merges the splits in float32. `paged_decode_attention_reference` is the same attention in plain jnp.
+
+Masking (both kernels here and in `paged_prefill_attention`, which shares the step helpers below)
+------------------------------------------------------------------------------------------------
+A token counts only if it is within the row's length and its block-table entry is a real page (0 ≤ id <
+num_pages); an out-of-range id, such as a padding row's `num_pages`, holds nothing. Whatever a skipped slot holds
+(a reused page's stale tokens, NaN) cannot reach the output: logits are replaced by the mask value, and the
+values, scales and zeros of unreadable tokens are zeroed before they meet the probabilities.
 """
 
 from __future__ import annotations
@@ -136,66 +143,126 @@ def _per_token(ref, pages):
     return values.reshape(values.shape[0] * values.shape[1]).astype(jnp.float32)
 
 
-def _decode_kernel(tables_ref, lengths_ref, q_ref, k_ref, v_ref, *refs, bits, page_size, pages_per_block, sm_scale):
-    if bits == 16:
-        o_ref, max_ref, sum_ref = refs
+def _step_pages(tables_ref, first_slot, pages_per_block, page_size, num_pages):
+    """One step's page ids from the block table (an out-of-range id, the padding rows' `num_pages`, loads page 0)
+    and which of its tokens lie on a real page [pages_per_block · page_size]."""
+    pages = tables_ref[pl.ds(first_slot, pages_per_block)]
+    on_page = (pages >= 0) & (pages < num_pages)
+    tokens_on_page = jnp.broadcast_to(on_page[:, None], (pages_per_block, page_size))
+    return jnp.where(on_page, pages, 0), tokens_on_page.reshape(pages_per_block * page_size)
+
+
+def _query_groups(q_ref, bits):
+    """The query tile [rows, D] as the channel groups the codes split into, and (below 16 bits) each row's
+    float32 sum, the factor of the zero term."""
+    half = q_ref.shape[1] // 2
+    groups = [q_ref[:, pl.ds(0, half)], q_ref[:, pl.ds(half, half)]] if bits == 4 else [q_ref[...]]
+    q_sum = sum(jnp.sum(g.astype(jnp.float32), axis=1) for g in groups) if bits < 16 else None
+    return groups, q_sum
+
+
+def _initial_carry(q_groups):
+    """Online-softmax state (row max, row sum, one float32 accumulator per channel group) before any token."""
+    rows = q_groups[0].shape[0]
+    return (
+        jnp.full((rows,), _MASK_VALUE, jnp.float32),
+        jnp.zeros((rows,), jnp.float32),
+        *[jnp.zeros((rows, g.shape[1]), jnp.float32) for g in q_groups],
+    )
+
+
+def _attend_step(carry, q_groups, q_sum, pool_refs, pages, readable, visible, *, bits, sm_scale):
+    """One online-softmax step over the tokens of the gathered `pages`.
+
+    `visible` [rows, tokens] says which query row sees which token; `readable` [tokens] which tokens hold data
+    at all. Everything else counts exactly 0, whatever the pool holds there (a reused page's stale slots,
+    another row's NaN): masked logits are replaced, and values, scales and zeros of unreadable tokens are
+    zeroed before they meet the probabilities."""
+    k_ref, v_ref, *scale_refs = pool_refs
+    m_prev, l_prev, *acc = carry
+    dtype = q_groups[0].dtype
+    k_groups = _load_channel_groups(k_ref, pages, bits, dtype)
+    logits = sum(jnp.dot(qg, kg.T, preferred_element_type=jnp.float32) for qg, kg in zip(q_groups, k_groups))
+    if bits < 16:
+        k_scale_ref, k_zero_ref, v_scale_ref, v_zero_ref = scale_refs
+        logits = _per_token(k_scale_ref, pages)[None, :] * logits
+        logits -= q_sum[:, None] * _per_token(k_zero_ref, pages)[None, :]
+    logits = jnp.where(visible, logits * sm_scale, _MASK_VALUE)
+    m_next = jnp.maximum(m_prev, jnp.max(logits, axis=1))
+    correction = jnp.exp(m_prev - m_next)
+    probs = jnp.where(visible, jnp.exp(logits - m_next[:, None]), 0.0)
+    l_next = correction * l_prev + jnp.sum(probs, axis=1)
+    v_groups = _load_channel_groups(v_ref, pages, bits, dtype)
+    if bits < 16:
+        v_scale = jnp.where(readable, _per_token(v_scale_ref, pages), 0.0)
+        v_zero = jnp.where(readable, _per_token(v_zero_ref, pages), 0.0)
+        weights = (probs * v_scale[None, :]).astype(dtype)
+        zero_term = jnp.sum(probs * v_zero[None, :], axis=1)[:, None]
     else:
-        k_scale_ref, k_zero_ref, v_scale_ref, v_zero_ref, o_ref, max_ref, sum_ref = refs
-    rows, head_dim = q_ref.shape
+        v_groups = [jnp.where(readable[:, None], vg, jnp.zeros_like(vg)) for vg in v_groups]
+        weights, zero_term = probs.astype(dtype), 0.0
+    acc = [
+        correction[:, None] * a + jnp.dot(weights, vg, preferred_element_type=jnp.float32) - zero_term
+        for a, vg in zip(acc, v_groups)
+    ]
+    return (m_next, l_next, *acc)
+
+
+def _store_normalized(o_ref, carry, bits):
+    """Writes acc / row sum into o_ref [rows, D] in its dtype (rows that saw no token get zeros)."""
+    _, row_sum, *acc = carry
+    inverse = jnp.where(row_sum > 0, 1.0 / jnp.where(row_sum > 0, row_sum, 1.0), 0.0)[:, None]
+    if bits == 4:
+        half = o_ref.shape[1] // 2
+        o_ref[:, pl.ds(0, half)] = (acc[0] * inverse).astype(o_ref.dtype)
+        o_ref[:, pl.ds(half, half)] = (acc[1] * inverse).astype(o_ref.dtype)
+    else:
+        o_ref[...] = (acc[0] * inverse).astype(o_ref.dtype)
+
+
+def _decode_kernel(tables_ref, lengths_ref, q_ref, k_ref, v_ref, *refs, bits, page_size, pages_per_block, sm_scale):
+    *scale_refs, o_ref, max_ref, sum_ref = refs
+    rows = q_ref.shape[0]
     pages_per_split = tables_ref.shape[0]
     block_tokens = pages_per_block * page_size
     length = lengths_ref[0]
     first_page = pl.program_id(2) * pages_per_split
     end_page = jnp.minimum(pl.cdiv(length, page_size), first_page + pages_per_split)
     num_steps = pl.cdiv(end_page - first_page, pages_per_block)
-
-    half = head_dim // 2
-    q_groups = [q_ref[:, pl.ds(0, half)], q_ref[:, pl.ds(half, half)]] if bits == 4 else [q_ref[...]]
-    dtype = q_groups[0].dtype
-    if bits < 16:
-        q_sum = sum(jnp.sum(g.astype(jnp.float32), axis=1) for g in q_groups)
+    q_groups, q_sum = _query_groups(q_ref, bits)
+    pool_refs = (k_ref, v_ref, *scale_refs)
 
     def step(i, carry):
-        m_prev, l_prev, *acc = carry
-        pages = tables_ref[pl.ds(i * pages_per_block, pages_per_block)]
-        k_groups = _load_channel_groups(k_ref, pages, bits, dtype)
-        logits = sum(jnp.dot(qg, kg.T, preferred_element_type=jnp.float32) for qg, kg in zip(q_groups, k_groups))
-        if bits < 16:
-            logits = _per_token(k_scale_ref, pages)[None, :] * logits
-            logits -= q_sum[:, None] * _per_token(k_zero_ref, pages)[None, :]
+        pages, on_page = _step_pages(tables_ref, i * pages_per_block, pages_per_block, page_size, k_ref.shape[0])
         tokens = (first_page + i * pages_per_block) * page_size + jnp.arange(block_tokens)
-        valid = jnp.broadcast_to((tokens < length)[None, :], (rows, block_tokens))
-        logits = jnp.where(valid, logits * sm_scale, _MASK_VALUE)
-        m_next = jnp.maximum(m_prev, jnp.max(logits, axis=1))
-        correction = jnp.exp(m_prev - m_next)
-        probs = jnp.where(valid, jnp.exp(logits - m_next[:, None]), 0.0)
-        l_next = correction * l_prev + jnp.sum(probs, axis=1)
-        v_groups = _load_channel_groups(v_ref, pages, bits, dtype)
-        if bits < 16:
-            weights = (probs * _per_token(v_scale_ref, pages)[None, :]).astype(dtype)
-            zero_term = jnp.sum(probs * _per_token(v_zero_ref, pages)[None, :], axis=1)[:, None]
-        else:
-            weights, zero_term = probs.astype(dtype), 0.0
-        acc = [
-            correction[:, None] * a + jnp.dot(weights, vg, preferred_element_type=jnp.float32) - zero_term
-            for a, vg in zip(acc, v_groups)
-        ]
-        return (m_next, l_next, *acc)
+        readable = (tokens < length) & on_page
+        visible = jnp.broadcast_to(readable[None, :], (rows, block_tokens))
+        return _attend_step(carry, q_groups, q_sum, pool_refs, pages, readable, visible, bits=bits, sm_scale=sm_scale)
 
-    init = (
-        jnp.full((rows,), _MASK_VALUE, jnp.float32),
-        jnp.zeros((rows,), jnp.float32),
-        *[jnp.zeros((rows, g.shape[1]), jnp.float32) for g in q_groups],
-    )
-    row_max, row_sum, *acc = jax.lax.fori_loop(0, num_steps, step, init)
-    inverse = jnp.where(row_sum > 0, 1.0 / jnp.where(row_sum > 0, row_sum, 1.0), 0.0)[:, None]
-    if bits == 4:
-        o_ref[:, pl.ds(0, half)] = acc[0] * inverse
-        o_ref[:, pl.ds(half, half)] = acc[1] * inverse
-    else:
-        o_ref[...] = acc[0] * inverse
-    max_ref[...] = row_max
-    sum_ref[...] = row_sum
+    carry = jax.lax.fori_loop(0, num_steps, step, _initial_carry(q_groups))
+    _store_normalized(o_ref, carry, bits)
+    max_ref[...] = carry[0]
+    sum_ref[...] = carry[1]
+
+
+def _pool_specs_and_operands(k_codes, v_codes, scales, bits):
+    """BlockSpecs and operands of the K/V pools (and their scales and zeros below 16 bits) for a grid whose
+    second axis is the KV head: each program sees its head's whole pool and gathers pages from it."""
+    num_pages, page_size, width = k_codes.shape[1:]
+    pool_spec = pl.BlockSpec((None, num_pages, page_size, width), lambda b, h, i: (h, 0, 0, 0))
+    scale_spec = pl.BlockSpec((None, num_pages, page_size), lambda b, h, i: (h, 0, 0))
+    specs, operands = [pool_spec, pool_spec], [k_codes, v_codes]
+    if bits < 16:
+        specs += [scale_spec] * 4
+        operands += [scales[name] for name in ("k_scale", "k_zero", "v_scale", "v_zero")]
+    return specs, operands
+
+
+def _padded_tables(block_tables, multiple, num_pages):
+    """Tables [B, pages] padded on the right to a multiple of `multiple` slots with `num_pages` (no page)."""
+    width = -(-block_tables.shape[1] // multiple) * multiple
+    padding = ((0, 0), (0, width - block_tables.shape[1]))
+    return jnp.pad(block_tables.astype(jnp.int32), padding, constant_values=num_pages)
 
 
 @functools.partial(jax.jit, static_argnames=("bits", "sm_scale", "block_sizes", "interpret"))
@@ -218,8 +285,9 @@ def paged_decode_attention(
     """Attention of one query per sequence, q [B, Hq, D], over the first `lengths[b]` tokens of its pages.
 
     k_codes / v_codes and their fp16 scale / zero are page pools in the layout above; block_tables [B, pages]
-    int32 maps each sequence's page slots to pool pages (entries past its length are never read; out-of-range
-    entries are clamped; lengths past the table are cut to it). A sequence of length 0 gets zeros. Returns
+    int32 maps each sequence's page slots to pool pages. Entries past ceil(length / page_size) never affect the
+    result, whatever they hold; a token on an out-of-range page id (a padding row's `num_pages`) counts as
+    absent; lengths past the table are cut to it. A sequence with no token gets zeros. Returns
     [B, Hq, D] in q's dtype. page_size and D must be powers of two (Triton loads), page_size ≥ 8 and D ≥ 32
     (`kernel_supports`).
     """
@@ -239,25 +307,18 @@ def paged_decode_attention(
     q_grouped = jnp.pad(q_grouped, ((0, 0), (0, 0), (0, rows - group), (0, 0)))
 
     splits, per_block = blocks.num_splits, blocks.pages_per_block
-    pages_per_split = -(-block_tables.shape[1] // (splits * per_block)) * per_block
-    tables = jnp.clip(block_tables.astype(jnp.int32), 0, num_pages - 1)
-    lengths = jnp.minimum(lengths.astype(jnp.int32), tables.shape[1] * page_size)  # never into the padding below
-    tables = jnp.pad(tables, ((0, 0), (0, splits * pages_per_split - tables.shape[1])))
-    tables = tables.reshape(batch, splits, pages_per_split)
+    lengths = jnp.minimum(lengths.astype(jnp.int32), block_tables.shape[1] * page_size)  # never into the padding
+    tables = _padded_tables(block_tables, splits * per_block, num_pages).reshape(batch, splits, -1)
+    pages_per_split = tables.shape[2]
 
-    pool_spec = pl.BlockSpec((None, num_pages, page_size, k_codes.shape[-1]), lambda b, h, s: (h, 0, 0, 0))
-    scale_spec = pl.BlockSpec((None, num_pages, page_size), lambda b, h, s: (h, 0, 0))
+    pool_specs, pool_operands = _pool_specs_and_operands(k_codes, v_codes, scales, bits)
     in_specs = [
         pl.BlockSpec((None, None, pages_per_split), lambda b, h, s: (b, s, 0)),
         pl.BlockSpec((1,), lambda b, h, s: (b,)),
         pl.BlockSpec((None, None, rows, head_dim), lambda b, h, s: (b, h, 0, 0)),
-        pool_spec,
-        pool_spec,
+        *pool_specs,
     ]
-    operands = [tables, lengths, q_grouped, k_codes, v_codes]
-    if bits < 16:
-        in_specs += [scale_spec] * 4
-        operands += [k_scale, k_zero, v_scale, v_zero]
+    operands = [tables, lengths, q_grouped, *pool_operands]
     partial_shape = (batch, splits, num_kv_heads, rows)
     kernel = functools.partial(
         _decode_kernel,
@@ -296,21 +357,41 @@ def _combine_splits(out, row_max, row_sum):
     return merged / jnp.where(total > 0, total, 1.0)[..., None]
 
 
-def gather_kv(codes, scale, zero, block_tables, *, bits: int) -> jax.Array:
-    """Each sequence's pages read back as float32 [B, Hkv, pages·page_size, D], dequantized."""
-    pages = codes[:, block_tables]  # [Hkv, B, pages, page_size, width]
-    pages = jnp.moveaxis(pages, 0, 1)
-    batch, num_kv_heads, num_slots, page_size, _ = pages.shape
+def readable_tokens(block_tables, lengths, page_size: int, num_pages: int) -> jax.Array:
+    """[B, slots·page_size] bool: the tokens a row's pages hold, its first lengths[b] that lie on real pages."""
+    on_page = (block_tables >= 0) & (block_tables < num_pages)
+    tokens = jnp.repeat(on_page, page_size, axis=1)
+    return tokens & (jnp.arange(tokens.shape[1])[None, :] < lengths[:, None])
+
+
+def gather_kv(codes, scale, zero, block_tables, lengths, *, bits: int) -> jax.Array:
+    """The first lengths[b] tokens of each row's pages read back dequantized, float32 [B, Hkv, slots·page_size, D];
+    every other slot (past the length, on an out-of-range page id) reads 0, whatever the pool holds there."""
+    num_pages, page_size = codes.shape[1:3]
+    tables = jnp.clip(block_tables.astype(jnp.int32), 0, num_pages - 1)
+    pages = jnp.moveaxis(codes[:, tables], 0, 1)  # [B, Hkv, slots, page_size, width]
+    batch, num_kv_heads, num_slots = pages.shape[:3]
     pages = pages.reshape(batch, num_kv_heads, num_slots * page_size, -1)
-    if bits == 16:
-        return pages.astype(jnp.float32)
     if bits == 4:
         pages = unpack_kv_codes(pages)
+    values = pages.astype(jnp.float32)
+    if bits < 16:
 
-    def per_token(x):
-        return jnp.moveaxis(x[:, block_tables], 0, 1).reshape(batch, num_kv_heads, -1, 1).astype(jnp.float32)
+        def per_token(x):
+            return jnp.moveaxis(x[:, tables], 0, 1).reshape(batch, num_kv_heads, -1, 1).astype(jnp.float32)
 
-    return pages.astype(jnp.float32) * per_token(scale) - per_token(zero)
+        values = values * per_token(scale) - per_token(zero)
+    readable = readable_tokens(block_tables, lengths, page_size, num_pages)
+    return jnp.where(readable[:, None, :, None], values, 0.0)
+
+
+def attend_gathered(q_btkgd, keys_bksd, values_bksd, visible_bts, sm_scale: float) -> jax.Array:
+    """GQA attention in float32 of queries [B, T, Hkv, G, D] over gathered keys and values [B, Hkv, S, D]:
+    query t of row b sees key s where visible[b, t, s]; a query that sees none gets zeros. [B, T, Hkv, G, D]."""
+    logits = jnp.einsum("btkgd,bksd->bkgts", q_btkgd.astype(jnp.float32), keys_bksd) * sm_scale
+    visible = visible_bts[:, None, None]
+    probs = jnp.where(visible, jax.nn.softmax(jnp.where(visible, logits, _MASK_VALUE), axis=-1), 0.0)
+    return jnp.einsum("bkgts,bksd->btkgd", probs, values_bksd)
 
 
 @functools.partial(jax.jit, static_argnames=("bits", "sm_scale"))
@@ -328,18 +409,15 @@ def paged_decode_attention_reference(
     bits: int,
     sm_scale: float | None = None,
 ) -> jax.Array:
-    """`paged_decode_attention` in plain jnp: gather and dequantize every page, then masked float32 softmax."""
+    """`paged_decode_attention` in plain jnp: gather and dequantize the row's pages (as wide as the table passed),
+    then a masked float32 softmax."""
     scales = dict(k_scale=k_scale, k_zero=k_zero, v_scale=v_scale, v_zero=v_zero)
-    batch, num_heads, head_dim, num_kv_heads, num_pages, _ = _check_pools(
+    batch, num_heads, head_dim, num_kv_heads, num_pages, page_size = _check_pools(
         q, k_codes, v_codes, block_tables, lengths, scales, bits
     )
-    tables = jnp.clip(block_tables.astype(jnp.int32), 0, num_pages - 1)
-    keys = gather_kv(k_codes, k_scale, k_zero, tables, bits=bits)
-    values = gather_kv(v_codes, v_scale, v_zero, tables, bits=bits)
-    q_grouped = q.astype(jnp.float32).reshape(batch, num_kv_heads, num_heads // num_kv_heads, head_dim)
-    logits = jnp.einsum("bkgd,bksd->bkgs", q_grouped, keys) * (head_dim**-0.5 if sm_scale is None else sm_scale)
-    valid = jnp.arange(keys.shape[2])[None, :] < lengths[:, None]
-    logits = jnp.where(valid[:, None, None, :], logits, _MASK_VALUE)
-    probs = jnp.where(valid[:, None, None, :], jax.nn.softmax(logits, axis=-1), 0.0)
-    out = jnp.einsum("bkgs,bksd->bkgd", probs, values)
+    keys = gather_kv(k_codes, k_scale, k_zero, block_tables, lengths, bits=bits)
+    values = gather_kv(v_codes, v_scale, v_zero, block_tables, lengths, bits=bits)
+    visible = readable_tokens(block_tables, lengths, page_size, num_pages)[:, None, :]
+    q_grouped = q.reshape(batch, 1, num_kv_heads, num_heads // num_kv_heads, head_dim)
+    out = attend_gathered(q_grouped, keys, values, visible, head_dim**-0.5 if sm_scale is None else sm_scale)
     return out.reshape(batch, num_heads, head_dim).astype(q.dtype)

@@ -1,28 +1,37 @@
 """The KV cache the model attends through: paged pools of KV4 / KV8 / KV16 pages, and its memory budget.
 
 The model calls `cache.attend(layer, q, k, v, positions, valid)` once per layer with post-RoPE queries, keys and
-values (SmoothAttention is folded into the q/k weights), so how K/V are stored and read is the cache's business:
+values (SmoothAttention is folded into the q/k weights), so how K/V are stored and read is the cache's business.
+Every attention reads keys and values exactly as the cache holds them (the quantize → dequantize round trip at
+KV4/KV8), so one-shot prefill, chunked prefill, a prefix-cache hit, a recompute and `forward` agree:
 
 * `PagedKVCache` (prefill, decode, generation): per layer a K and a V `KVPool` of pages in the layout of
   `pallas_kernels.paged_attention`, shared by all sequences through block tables. Every token is quantized
-  per KV head on write. A prompt attends over its own unquantized q/k/v (as QServe does); a decode step
-  attends over the pages with the Pallas decode kernel on GPU and its jnp reference elsewhere.
+  per KV head on write. Prompts with nothing cached attend over their own round-tripped K/V (cuDNN flash
+  attention on GPU); chunks continuing cached sequences attend over the pages with the Pallas prefill kernel;
+  a decode step attends over the pages with the Pallas decode kernel (the jnp references off GPU).
 * `NoKVCache` (`forward`, calibration): attention within the chunk, storing nothing.
 
-Caches are pytrees updated functionally; the step functions donate them so XLA writes the pages in place.
+`attention_implementations` says which of these runs for a model, and why where it falls back (each fallback is
+logged once at warning level). Caches are pytrees updated functionally; the step functions donate them so XLA
+writes the pages in place.
 """
 
 from __future__ import annotations
 
 import abc
 import dataclasses
+import functools
+import logging
 
 import jax
 import jax.numpy as jnp
 
-from pallas_kernels import paged_attention
+from pallas_kernels import paged_attention, paged_prefill_attention
 from qoq_jax.config import ModelConfig
 from qoq_jax.quant import fake_quantize_kv, quantize_kv, use_pallas
+
+log = logging.getLogger(__name__)
 
 DEFAULT_PAGE_SIZE = 64
 _SCALE_ZERO_BYTES = 4  # fp16 scale + fp16 zero per token per KV head
@@ -41,36 +50,43 @@ class NoKVCache(KVCache):
     """Attention within one chunk of right-padded tokens starting at position 0; nothing is kept.
 
     With kv_bits < 16 the chunk's K/V pass through their quantization round trip first, so `forward` (and
-    perplexity) measure what KV4/KV8 attention sees, the protocol of the QoQ paper's accuracy numbers."""
+    perplexity) measure what KV4/KV8 attention sees, the protocol of the QoQ paper's accuracy numbers, and agree
+    with `prefill` to float rounding."""
 
     kv_bits: int = dataclasses.field(default=16, metadata=dict(static=True))
+    kernel: str = dataclasses.field(default="auto", metadata=dict(static=True))
 
     def attend(self, layer, q_bthd, k_bthd, v_bthd, positions_bt, valid_bt):
-        k_bthd, v_bthd = (fake_quantize_kv(x, self.kv_bits) for x in (k_bthd, v_bthd))
-        return prompt_attention(q_bthd, k_bthd, v_bthd, jnp.sum(valid_bt, axis=1, dtype=jnp.int32)), self
+        return round_trip_attention(q_bthd, k_bthd, v_bthd, valid_bt, bits=self.kv_bits, kernel=self.kernel), self
 
 
-def prompt_attention(q_bthd, k_bthd, v_bthd, lengths_b) -> jax.Array:
-    """Causal GQA attention of right-padded prompts starting at position 0 (rows past a length give zeros).
+def round_trip_attention(q_bthd, k_bthd, v_bthd, valid_bt, *, bits: int, kernel: str) -> jax.Array:
+    """Causal attention of right-padded prompts starting at position 0 over their own keys and values as
+    `bits`-bit pages hold them (`quantize_kv` then dequantized, in the model dtype): what a later chunk or decode
+    step reads back from the pages."""
+    k_bthd, v_bthd = (fake_quantize_kv(x, bits) for x in (k_bthd, v_bthd))
+    return prompt_attention(q_bthd, k_bthd, v_bthd, jnp.sum(valid_bt, axis=1, dtype=jnp.int32), kernel=kernel)
 
-    cuDNN flash attention on GPU for fp16/bf16; plain XLA otherwise and wherever cuDNN refuses the shapes
-    (jax's own XLA path asks for fp16 dot algorithms the CPU lacks)."""
-    if jax.default_backend() == "gpu" and q_bthd.dtype in (jnp.bfloat16, jnp.float16):
-        try:
-            return jax.nn.dot_product_attention(
-                q_bthd,
-                k_bthd,
-                v_bthd,
-                is_causal=True,
-                query_seq_lengths=lengths_b,
-                key_value_seq_lengths=lengths_b,
-                implementation="cudnn",
-            )
-        except (NotImplementedError, RuntimeError, ValueError):
-            pass
-    positions = jnp.arange(q_bthd.shape[1])
-    causal = positions[None, :] <= positions[:, None]
+
+def prompt_attention(q_bthd, k_bthd, v_bthd, lengths_b, *, kernel: str = "auto") -> jax.Array:
+    """Causal GQA attention of right-padded prompts starting at position 0 (rows past a length give zeros):
+    cuDNN flash attention or XLA's, as `prefill_implementation` decides."""
+    _, length, num_heads, head_dim = q_bthd.shape
+    implementation, _ = prefill_implementation(num_heads, k_bthd.shape[2], head_dim, q_bthd.dtype, kernel)
+    positions = jnp.arange(length)
     valid_query = positions[None, :] < lengths_b[:, None]
+    if implementation == "cudnn":
+        out = jax.nn.dot_product_attention(
+            q_bthd,
+            k_bthd,
+            v_bthd,
+            is_causal=True,
+            query_seq_lengths=lengths_b,
+            key_value_seq_lengths=lengths_b,
+            implementation="cudnn",
+        )
+        return jnp.where(valid_query[:, :, None, None], out, jnp.zeros_like(out))  # padding rows: zeros, never NaN
+    causal = positions[None, :] <= positions[:, None]
     return grouped_attention(q_bthd, k_bthd, v_bthd, causal[None] & valid_query[:, :, None])
 
 
@@ -128,10 +144,6 @@ class KVPool:
             zero=self.zero.at[:, pages_bt, slots_bt].set(zero, mode="drop"),
         )
 
-    def read(self, block_tables) -> jax.Array:
-        """The values the pages of each row hold, dequantized: float32 [B, Hkv, pages·page_size, D]."""
-        return paged_attention.gather_kv(self.codes, self.scale, self.zero, block_tables, bits=self.bits)
-
 
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass
@@ -142,7 +154,12 @@ class PagedKVCache(KVCache):
     one token per row is a decode step. A longer call is a batch of prompts starting at position 0, or, with
     `continues_prefix`, chunks of prompts whose earlier tokens are already in the pages (chunked prefill, prefix
     caching): each chunk then also attends over its row's cached tokens before its first position. A serving
-    engine keeps the pools and swaps in the block tables of each step's rows."""
+    engine keeps the pools and swaps in the block tables of each step's rows.
+
+    Tables may be any width (an engine narrows them to the pages its step's longest row needs): attention reads
+    a row's pages only up to the ones its length needs, and a token at a position past the table is not stored.
+    An entry `num_pages` (out of range) is no page: writes to it are dropped and it holds no token, so a padding
+    row (table filled with `num_pages`, length 0) writes nothing, reads nothing and gets finite outputs."""
 
     keys: tuple[KVPool, ...]
     values: tuple[KVPool, ...]
@@ -202,42 +219,115 @@ class PagedKVCache(KVCache):
         keys[layer] = keys[layer].write(pages, slots, k_bthd)
         values[layer] = values[layer].write(pages, slots, v_bthd)
         cache = dataclasses.replace(self, keys=tuple(keys), values=tuple(values))
-        if q_bthd.shape[1] > 1 and self.continues_prefix:
-            return cache.chunk_attention(layer, q_bthd, k_bthd, v_bthd, positions_bt, valid_bt), cache
-        if q_bthd.shape[1] > 1:
-            return prompt_attention(q_bthd, k_bthd, v_bthd, jnp.sum(valid_bt, axis=1, dtype=jnp.int32)), cache
-        lengths = jnp.where(valid_bt[:, 0], positions_bt[:, 0] + 1, 0)
-        return cache.decode_attention(layer, q_bthd[:, 0], lengths)[:, None], cache
+        if q_bthd.shape[1] == 1:
+            lengths = jnp.where(valid_bt[:, 0], positions_bt[:, 0] + 1, 0)
+            return cache.decode_attention(layer, q_bthd[:, 0], lengths)[:, None], cache
+        if self.continues_prefix:
+            lengths = jnp.sum(valid_bt, axis=1, dtype=jnp.int32)
+            return cache.extend_attention(layer, q_bthd, positions_bt[:, 0], lengths), cache
+        bits = self.keys[layer].bits
+        return round_trip_attention(q_bthd, k_bthd, v_bthd, valid_bt, bits=bits, kernel=self.kernel), cache
 
-    def chunk_attention(self, layer: int, q_bthd, k_bthd, v_bthd, positions_bt, valid_bt) -> jax.Array:
-        """Causal attention of chunks starting at positions[:, 0]: over the row's cached tokens before the chunk
-        (read back from the pages, as decode sees them) and the chunk's own unquantized keys and values."""
-        dtype = k_bthd.dtype
-        cached_k, cached_v = (
-            jnp.swapaxes(pool.read(self.block_tables), 1, 2).astype(dtype)
-            for pool in (self.keys[layer], self.values[layer])
-        )
-        starts = positions_bt[:, :1]
-        cached = jnp.arange(cached_k.shape[1])[None, :] < starts  # [B, S]
-        chunk = jnp.arange(q_bthd.shape[1])
-        causal = (chunk[None, :] <= chunk[:, None])[None] & valid_bt[:, None, :]  # [B, T, T]
-        mask = jnp.concatenate([jnp.broadcast_to(cached[:, None, :], (*valid_bt.shape, cached.shape[1])), causal], 2)
-        keys = jnp.concatenate([cached_k, k_bthd], axis=1)
-        values = jnp.concatenate([cached_v, v_bthd], axis=1)
-        return grouped_attention(q_bthd, keys, values, mask & valid_bt[:, :, None])
+    def extend_attention(self, layer: int, q_bthd, starts_b, lengths_b) -> jax.Array:
+        """Causal attention of chunks [B, T, Hq, D] at positions starts..starts+lengths−1 over their rows' pages,
+        which already hold the chunks: the cached prefix and the chunk read back exactly as decode sees them."""
+        prefill = paged_prefill_attention
+        kernels = prefill.paged_prefill_attention, prefill.paged_prefill_attention_reference
+        return self._over_pages(layer, q_bthd, kernels, starts_b, lengths_b)
 
     def decode_attention(self, layer: int, q_bhd, lengths_b) -> jax.Array:
-        """One query per row [B, Hq, D] over the first lengths[b] tokens of its pages. "auto" takes the jnp
-        reference for shapes the kernel cannot load (e.g. head_dim 24); "pallas" insists (and raises)."""
+        """One query per row [B, Hq, D] over the first lengths[b] tokens of its pages."""
+        kernels = paged_attention.paged_decode_attention, paged_attention.paged_decode_attention_reference
+        return self._over_pages(layer, q_bhd, kernels, lengths_b)
+
+    def _over_pages(self, layer: int, q, kernels, *row_arrays) -> jax.Array:
+        """Runs the (Pallas kernel, jnp reference) pair's choice over a layer's pools and the block tables."""
+        implementation, _ = paged_implementation(self.kernel, self.page_size, q.shape[-1])
+        attention = kernels[0] if implementation == "pallas" else kernels[1]
         k, v = self.keys[layer], self.values[layer]
-        supported = paged_attention.kernel_supports(self.page_size, q_bhd.shape[-1])
-        if use_pallas(self.kernel) and (supported or self.kernel == "pallas"):
-            attention = paged_attention.paged_decode_attention
-        else:
-            attention = paged_attention.paged_decode_attention_reference
-        return attention(
-            q_bhd, k.codes, v.codes, self.block_tables, lengths_b, k.scale, k.zero, v.scale, v.zero, bits=k.bits
+        pools = (k.codes, v.codes, self.block_tables, *row_arrays, k.scale, k.zero, v.scale, v.zero)
+        return attention(q, *pools, bits=k.bits)
+
+
+@dataclasses.dataclass(frozen=True)
+class AttentionImplementations:
+    """What runs each attention of a model on this backend (for an engine's start-up line and metrics), and
+    why, where one is a fallback from the fast path."""
+
+    decode: str  # one query per row over the pages: "pallas" (paged_decode_attention) or "reference" (jnp)
+    extend: str  # prompt chunks over cached pages: "pallas" (paged_prefill_attention) or "reference" (jnp)
+    prefill: str  # prompts with nothing cached, and `forward`: "cudnn" (flash attention) or "xla"
+    fallbacks: tuple[str, ...] = ()
+
+    def describe(self) -> str:
+        return f"decode={self.decode} extend={self.extend} prefill={self.prefill}"
+
+
+def attention_implementations(config: ModelConfig, *, page_size: int, dtype, kernel: str = "auto"):
+    """The implementations `PagedKVCache` and `NoKVCache` pick for this model, page size, dtype and kernel choice
+    (a model's `params.kernel`) on the default backend: the same functions decide both, so this is what runs."""
+    paged, paged_reason = paged_implementation(kernel, page_size, config.head_dim)
+    prefill, prefill_reason = prefill_implementation(
+        config.num_heads, config.num_kv_heads, config.head_dim, jnp.dtype(dtype), kernel
+    )
+    reasons = tuple(reason for reason in (paged_reason, prefill_reason) if reason)
+    return AttentionImplementations(decode=paged, extend=paged, prefill=prefill, fallbacks=reasons)
+
+
+@functools.cache
+def paged_implementation(kernel: str, page_size: int, head_dim: int) -> tuple[str, str | None]:
+    """Decode and extend attention over the pages: ("pallas" | "reference", why it fell back or None).
+
+    "auto" takes the Pallas kernels on GPU where they can load the shapes and otherwise the jnp reference, with
+    a warning (logged once); "pallas" insists (the kernels raise on shapes they cannot take); "reference" is the
+    user's choice, no fallback."""
+    if not use_pallas(kernel):
+        return "reference", None
+    if kernel == "pallas" or paged_attention.kernel_supports(page_size, head_dim):
+        return "pallas", None
+    reason = (
+        f"paged attention runs the jnp reference on {jax.default_backend()}: the Pallas kernels need a "
+        f"power-of-two page_size ≥ 8 and head_dim ≥ 32, got page_size {page_size} and head_dim {head_dim}"
+    )
+    log.warning(reason)
+    return "reference", reason
+
+
+@functools.cache
+def prefill_implementation(num_heads: int, num_kv_heads: int, head_dim: int, dtype, kernel: str):
+    """Attention of prompts with nothing cached: ("cudnn" | "xla", why it fell back or None).
+
+    cuDNN flash attention on GPU when cuDNN takes the shapes and dtype, decided once by tracing it on abstract
+    inputs (its own checks: fp16/bf16, head_dim); otherwise XLA's attention with a warning (logged once). Off
+    GPU, and with kernel="reference" (no vendor or Pallas kernels at all), XLA's attention is the choice, not a
+    fallback."""
+    if kernel == "reference" or jax.default_backend() != "gpu":
+        return "xla", None
+    dtype = jnp.dtype(dtype)
+    if dtype not in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)):
+        refusal = f"cuDNN flash attention needs float16 or bfloat16, the model computes in {dtype}"
+    else:
+        refusal = _cudnn_refusal(num_heads, num_kv_heads, head_dim, dtype)
+    if refusal is None:
+        return "cudnn", None
+    reason = f"prefill attention runs XLA's attention instead of cuDNN's: {refusal}"
+    log.warning(reason)
+    return "xla", reason
+
+
+def _cudnn_refusal(num_heads: int, num_kv_heads: int, head_dim: int, dtype) -> str | None:
+    """Why cuDNN refuses causal attention of these heads (its trace-time checks), or None."""
+    q = jax.ShapeDtypeStruct((1, 64, num_heads, head_dim), dtype)
+    kv = jax.ShapeDtypeStruct((1, 64, num_kv_heads, head_dim), dtype)
+    lengths = jax.ShapeDtypeStruct((1,), jnp.int32)
+    attention = functools.partial(jax.nn.dot_product_attention, is_causal=True, implementation="cudnn")
+    try:
+        jax.eval_shape(
+            lambda q, k, v, n: attention(q, k, v, query_seq_lengths=n, key_value_seq_lengths=n), q, kv, kv, lengths
         )
+    except (NotImplementedError, RuntimeError, ValueError, TypeError) as error:
+        return f"{type(error).__name__}: {error}"
+    return None
 
 
 def kv_bytes_per_token(config: ModelConfig, kv_bits: int, dtype, *, kv_shards: int = 1) -> int:

@@ -31,12 +31,13 @@ class DecodeState:
 @jax.jit
 def forward(params: Params, token_ids: jax.Array) -> jax.Array:
     """Logits [B, S, vocab] float32 of unpadded token ids [B, S]. Nothing is cached; at KV4/KV8 attention sees
-    the keys and values after their quantization round trip (see `NoKVCache`)."""
+    the keys and values after their quantization round trip (see `NoKVCache`), as `prefill` does."""
     batch, length = token_ids.shape
     _check_fits(params, length)
     positions = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), (batch, length))
     valid = jnp.ones((batch, length), bool)
-    logits, _ = _run_model(params, token_ids, positions, valid, NoKVCache(kv_bits=params.kv_bits))
+    cache = NoKVCache(kv_bits=params.kv_bits, kernel=params.kernel)
+    logits, _ = _run_model(params, token_ids, positions, valid, cache)
     return logits
 
 
@@ -58,12 +59,22 @@ def prefill(
     engine keeps them; donated), else into a fresh pool of `page_size`-token pages holding `max_length`
     (default T) tokens per row. With `start_positions` [B] (needs `cache`) the rows are chunks continuing
     sequences whose first start_positions[b] tokens are already in the cache (chunked prefill, a cached prefix):
-    they take positions start..start+length−1 and attend over those cached tokens too."""
+    they take positions start..start+length−1 and attend over those cached tokens too.
+
+    Every attention sees keys and values as the pages hold them (at KV4/KV8 after their quantization round
+    trip), so prefilling a prompt at once, in chunks, over a cached prefix or again after a preemption gives the
+    same logits to float rounding, and the logits of `forward`. Without `start_positions` the prompts attend over
+    their own round-tripped K/V (cuDNN flash attention on GPU); with it, over the pages (the Pallas prefill
+    kernel on GPU), whose block tables may be narrower than T as long as they cover each row's start + length:
+    tokens past a row's table are not stored. A row of length 0 (padding: give it a block-table row of
+    `num_pages`, so nothing is written) gets finite logits and a state length of its start."""
     batch, length = token_ids.shape
     if cache is None:
         if start_positions is not None:
             raise ValueError("start_positions continue sequences in a cache: pass the cache too")
         max_length = length if max_length is None else max_length
+        if max_length < length:
+            raise ValueError(f"max_length={max_length} is shorter than the {length}-token prompt block")
         _check_fits(params, max_length)
         cache = PagedKVCache.for_batch(
             params.config,
@@ -78,8 +89,6 @@ def prefill(
         raise ValueError("pass either max_length (for a fresh cache) or cache, not both")
     elif cache.block_tables.shape[0] != batch:
         raise ValueError(f"the cache has block tables for {cache.block_tables.shape[0]} rows; got {batch} prompts")
-    if cache.max_length < length:
-        raise ValueError(f"the cache holds {cache.max_length} tokens per row, shorter than the {length}-token prompts")
     lengths = jnp.full((batch,), length, jnp.int32) if lengths is None else lengths.astype(jnp.int32)
     starts = jnp.zeros((batch,), jnp.int32) if start_positions is None else start_positions.astype(jnp.int32)
     offsets = jnp.arange(length, dtype=jnp.int32)[None, :]
@@ -92,8 +101,9 @@ def prefill(
 
 @functools.partial(jax.jit, donate_argnames=("state",))
 def decode_step(params: Params, state: DecodeState, tokens: jax.Array) -> tuple[DecodeState, jax.Array]:
-    """Appends one token per row (tokens [B]) and returns the next-token logits [B, vocab]. Rows whose cache is
-    full (lengths == cache.max_length) write nothing."""
+    """Appends one token per row (tokens [B]) at position state.lengths[b] and returns the next-token logits
+    [B, vocab]. Rows whose cache is full (lengths == cache.max_length) write nothing; a padding row (length 0, a
+    block-table row of `num_pages`) writes nothing, attends over nothing and costs one page step."""
     positions = state.lengths[:, None]
     logits, cache = _run_model(params, tokens[:, None], positions, jnp.ones_like(positions, bool), state.cache)
     return DecodeState(cache=cache, lengths=state.lengths + 1), logits[:, 0]

@@ -18,6 +18,7 @@ from cuda_lowering import lower_for_cuda, lowering_test, triton_module_text
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
+from paged_pools import float64_softmax_attention, fresh_rng, make_pools, poison_unread, row_tokens, scribble_past
 
 from pallas_kernels.paged_attention import (
     DecodeAttentionBlockSizes,
@@ -27,30 +28,9 @@ from pallas_kernels.paged_attention import (
     paged_decode_attention_reference,
     unpack_kv_codes,
 )
-from qoq_jax.quant import quantize_kv
 
 ON_GPU = jax.default_backend() == "gpu"
 PAGE_SIZE = 8
-
-
-def _fresh_rng() -> tuple[np.random.Generator, int]:
-    seed = int(np.random.SeedSequence().entropy % 2**63)
-    return np.random.default_rng(seed), seed
-
-
-def make_pools(rng, bits, *, num_kv_heads, head_dim, num_pages, page_size=PAGE_SIZE, dtype=jnp.float32):
-    """K and V pools of random tokens quantized as the cache writes them: (codes, scale, zero) each. Keys get
-    an offset per channel and heads get different ranges, so zeros and scales vary as in a real model."""
-    pools = []
-    for offset in (rng.normal(0, 2, head_dim), np.zeros(head_dim)):
-        spread = rng.uniform(0.2, 3.0, (num_kv_heads, 1, 1, 1))
-        x = rng.normal(size=(num_kv_heads, num_pages, page_size, head_dim)) * spread + offset
-        if bits == 16:
-            pools.append((jnp.asarray(x, dtype), None, None))
-            continue
-        codes, scale, zero = quantize_kv(jnp.asarray(x, jnp.float32), bits)
-        pools.append((pack_kv_codes(codes) if bits == 4 else codes, scale, zero))
-    return pools
 
 
 def make_case(rng, bits, *, batch_lengths, num_heads, num_kv_heads, head_dim, dtype=jnp.float32, slack_pages=3):
@@ -59,7 +39,7 @@ def make_case(rng, bits, *, batch_lengths, num_heads, num_kv_heads, head_dim, dt
     pages_per_row = -(-max(batch_lengths) // PAGE_SIZE) + slack_pages
     num_pages = len(batch_lengths) * pages_per_row + 5
     (k, k_scale, k_zero), (v, v_scale, v_zero) = make_pools(
-        rng, bits, num_kv_heads=num_kv_heads, head_dim=head_dim, num_pages=num_pages, dtype=dtype
+        rng, bits, num_kv_heads=num_kv_heads, head_dim=head_dim, num_pages=num_pages, page_size=PAGE_SIZE, dtype=dtype
     )
     tables = rng.permutation(num_pages)[: len(batch_lengths) * pages_per_row].reshape(len(batch_lengths), -1)
     q = jnp.asarray(rng.normal(size=(len(batch_lengths), num_heads, head_dim)), dtype)
@@ -69,33 +49,12 @@ def make_case(rng, bits, *, batch_lengths, num_heads, num_kv_heads, head_dim, dt
 
 def float64_attention(q, k, v, tables, lengths, k_scale, k_zero, v_scale, v_zero, *, bits):
     """Independent float64 numpy attention over each row's dequantized pages."""
-
-    def dequantize(codes, scale, zero, b):
-        pages = np.asarray(codes)[:, np.asarray(tables)[b]]
-        if bits == 16:
-            return pages.astype(np.float64).reshape(pages.shape[0], -1, pages.shape[-1])
-        if bits == 4:
-            pages = np.concatenate([pages & 15, pages >> 4], axis=-1)
-        s = np.asarray(scale, np.float64)[:, np.asarray(tables)[b], :, None]
-        z = np.asarray(zero, np.float64)[:, np.asarray(tables)[b], :, None]
-        x = pages.astype(np.float64) * s - z
-        return x.reshape(x.shape[0], -1, x.shape[-1])
-
-    q = np.asarray(q, np.float64)
-    batch, num_heads, head_dim = q.shape
-    out = np.zeros_like(q)
-    for b in range(batch):
-        n = int(lengths[b])
-        keys = dequantize(k, k_scale, k_zero, b)[:, :n]
-        values = dequantize(v, v_scale, v_zero, b)[:, :n]
-        group = num_heads // keys.shape[0]
-        for h in range(num_heads):
-            if n == 0:
-                continue
-            logits = keys[h // group] @ q[b, h] / np.sqrt(head_dim)
-            weights = np.exp(logits - logits.max())
-            out[b, h] = weights @ values[h // group] / weights.sum()
-    return out
+    rows = []
+    for b, n in enumerate(np.asarray(lengths)):
+        keys = row_tokens(k, k_scale, k_zero, tables[b], bits=bits)[:, :n]
+        values = row_tokens(v, v_scale, v_zero, tables[b], bits=bits)[:, :n]
+        rows.append(float64_softmax_attention(np.asarray(q[b], np.float64), keys, values))
+    return np.stack(rows)
 
 
 # (head_dim, query heads, KV heads): GQA ratios 1, 3, 4 and 8 at both head dims.
@@ -117,7 +76,7 @@ class TestPagedDecodeAttention:
     @pytest.mark.parametrize("bits", [4, 8, 16])
     @pytest.mark.parametrize("head_dim, num_heads, num_kv_heads", HEAD_SHAPES)
     def test_kernel_matches_reference(self, bits, head_dim, num_heads, num_kv_heads):
-        rng, seed = _fresh_rng()
+        rng, seed = fresh_rng()
         lengths = list(LENGTHS) + [int(rng.integers(1, 6 * PAGE_SIZE))]
         args = make_case(
             rng, bits, batch_lengths=lengths, num_heads=num_heads, num_kv_heads=num_kv_heads, head_dim=head_dim
@@ -132,7 +91,7 @@ class TestPagedDecodeAttention:
     def test_splits_and_empty_rows(self, num_splits):
         """Any split count gives the same result; a row of length 0 gets zeros, not NaN; a length past the block
         table (7 pages here, padded to 8 for 4 splits) is cut to the table, never reading the padding."""
-        rng, seed = _fresh_rng()
+        rng, seed = fresh_rng()
         args = make_case(rng, 4, batch_lengths=[0, 3, 4 * PAGE_SIZE], num_heads=4, num_kv_heads=2, head_dim=64)
         args = args[:4] + (jnp.asarray([0, 3, 10**6], jnp.int32),) + args[5:]
         blocks = DecodeAttentionBlockSizes(pages_per_block=1, num_splits=num_splits)
@@ -141,9 +100,32 @@ class TestPagedDecodeAttention:
         np.testing.assert_allclose(actual, expected, rtol=2e-5, atol=2e-5, err_msg=f"seed {seed}")
         assert np.all(actual[0] == 0)
 
+    @pytest.mark.parametrize("bits", [4, 16])
+    def test_padding_rows_and_unread_slots_count_nothing(self, bits):
+        """Padding rows (length 0 or 1, their table filled with the out-of-range id num_pages) get zeros. Slots no
+        row's length reaches (the rest of a last page, unowned pages) may hold NaN, and table entries past a row's
+        pages may hold any id, without changing any row's output."""
+        rng, seed = fresh_rng()
+        lengths = [0, 1, 13, 3 * PAGE_SIZE, 2]
+        q, k, v, tables, lengths, *scales = make_case(
+            rng, bits, batch_lengths=lengths, num_heads=4, num_kv_heads=2, head_dim=64
+        )
+        num_pages = k.shape[1]
+        tables = tables.at[:2].set(num_pages)
+        expected = paged_decode_attention_reference(q, k, v, tables, lengths, *scales, bits=bits)
+        tables = scribble_past(tables, lengths, PAGE_SIZE, num_pages, rng)
+        k, k_scale, k_zero = poison_unread((k, *scales[:2]), tables, lengths, PAGE_SIZE)
+        v, v_scale, v_zero = poison_unread((v, *scales[2:]), tables, lengths, PAGE_SIZE)
+        args = (q, k, v, tables, lengths, k_scale, k_zero, v_scale, v_zero)
+        blocks = DecodeAttentionBlockSizes(pages_per_block=2, num_splits=2)
+        actual = np.asarray(paged_decode_attention(*args, bits=bits, block_sizes=blocks, interpret=self.INTERPRET))
+        np.testing.assert_allclose(actual, expected, rtol=2e-5, atol=2e-5, err_msg=f"seed {seed}")
+        np.testing.assert_array_equal(paged_decode_attention_reference(*args, bits=bits), expected)
+        assert np.all(actual[:2] == 0)
+
     def test_bfloat16_queries(self):
         """The model's dtype: codes and weights enter the dots as bf16, the softmax stays float32."""
-        rng, seed = _fresh_rng()
+        rng, seed = fresh_rng()
         args = make_case(
             rng, 4, batch_lengths=[2 * PAGE_SIZE + 5, 7], num_heads=8, num_kv_heads=2, head_dim=64, dtype=jnp.bfloat16
         )
@@ -161,13 +143,13 @@ class TestPagedDecodeAttentionInterpret(TestPagedDecodeAttention):
 def test_interpret_suite_is_not_skipped():
     """The CPU suite must really run the kernel tests (a misplaced skip would silently drop them)."""
     tests = [name for name in dir(TestPagedDecodeAttentionInterpret) if name.startswith("test_")]
-    assert TestPagedDecodeAttentionInterpret.INTERPRET and len(tests) == 3
+    assert TestPagedDecodeAttentionInterpret.INTERPRET and len(tests) == 4
 
 
 @pytest.mark.parametrize("bits", [4, 8, 16])
 @pytest.mark.parametrize("head_dim, num_heads, num_kv_heads", [(64, 6, 2), (128, 32, 8)])
 def test_reference_matches_float64(bits, head_dim, num_heads, num_kv_heads):
-    rng, seed = _fresh_rng()
+    rng, seed = fresh_rng()
     lengths = LENGTHS + [int(rng.integers(1, 8 * PAGE_SIZE))]
     args = make_case(
         rng, bits, batch_lengths=lengths, num_heads=num_heads, num_kv_heads=num_kv_heads, head_dim=head_dim
@@ -198,7 +180,7 @@ def test_packed_layout_pairs_channel_j_with_channel_j_plus_half():
 
 
 def test_refuses_malformed_inputs():
-    rng, _ = _fresh_rng()
+    rng, _ = fresh_rng()
     q, k, v, tables, lengths, *scales = make_case(rng, 4, batch_lengths=[5], num_heads=4, num_kv_heads=2, head_dim=64)
     with pytest.raises(ValueError, match="bits must be one of"):
         paged_decode_attention_reference(q, k, v, tables, lengths, *scales, bits=2)
