@@ -8,12 +8,14 @@
 outputs, so the host's work for step N (outputs, detokenizing, streaming, planning N+2) runs while the device
 computes N+1 (see `serve.scheduler` for what that means for stop rules and pages).
 
-Failures stay with the request that caused them. A step that raises is dropped and undone: when exactly one of
-its sequences has not yet been through a successful step, that request ends with an error (finish_reason
-"error") and the others are recomputed; when several are new, they become suspects, each admitted alone until
-the guilty one fails by itself; when none is, or the failure lost the device state, every running request is
-recomputed on a fresh pool (a restart, counted and logged). Only repeated failures with no request to blame stop
-the engine (`EngineDeadError`), which makes /health fail.
+Failures stay with the request that caused them. A step that raises is dropped and undone, and its sequences
+recomputed. When exactly one of them is new (in its first step), that request ends with an error (finish_reason
+"error"): inputs that fail, fail at once (so does a request failing alone). When several are new, they become suspects, each admitted later as the
+only new sequence of its step, so the guilty one fails alone. A failure with no new request (one that shows only
+later in a request's decoding) counts against every request in the step, and one in three such steps is ended.
+A failure while the step ran on the device, or one that lost the device state, also restarts the device state:
+a fresh pool, every running request recomputed (counted and logged). Four failed steps in a row, whoever was
+blamed, mean the device is gone: the engine stops (`EngineDeadError`), which makes /health fail.
 
 `AsyncEngine` runs the steps in a background thread and hands outputs to asyncio consumers, one wake-up of the
 event loop per step.
@@ -53,7 +55,8 @@ _CPU_KV_MEMORY_BYTES = 4 << 30  # the KV pool on a CPU without a budget (vLLM's 
 _MAX_DEFAULT_SEQS = 256  # QServe's and vLLM's large-batch operating point
 _TYPICAL_SEQUENCE = 2048  # tokens a sequence is assumed to reach when sizing max_num_seqs from the pool
 _DEFAULT_PROMPT_TOKENS_PER_STEP = 512
-_MAX_CONSECUTIVE_FAILURES = 3
+_MAX_CONSECUTIVE_FAILURES = 4  # steps failing in a row, whoever is blamed: the device is gone
+_FAILURES_TO_BLAME = 3  # failed steps a request was in, none with a single new request to blame
 
 
 @dataclasses.dataclass
@@ -327,7 +330,7 @@ class Engine:
     def _accept(self, seq: Sequence, epoch: int, num_computed: int, token: int | None, outputs: list) -> None:
         if seq.finished:
             return  # it stopped one step earlier: this row's token is past its end
-        seq.proven, seq.suspect = True, False
+        seq.proven = True
         try:
             self.scheduler.cache_prefix(seq, epoch, num_computed)
             if token is None:
@@ -358,30 +361,29 @@ class Engine:
     # --- failures ----------------------------------------------------------------------------------------------
 
     def _recover(self, dropped: list[SchedulerOutput], error: Exception, *, ran: bool) -> list[RequestOutput]:
-        """Undoes steps that failed (the first raised; any after it ran on its outputs) and decides who pays:
-        its one sequence not yet through a successful step, if there is exactly one."""
+        """Undoes steps that failed (the first raised; any after it ran on its outputs) and decides who pays (see
+        the module docstring)."""
         for scheduled in dropped:
             for seq in scheduled.decode:
                 seq.num_pending -= 1
             for chunk in scheduled.chunks:
                 chunk.seq.num_pending -= chunk.samples
-        failed = _sequences_of(dropped[0])
-        new = [s for s in failed if not s.finished and not s.proven]
-        outputs = []
-        if len(new) == 1:
-            log.warning("request %s failed in its step; the others go on: %r", new[0].request_id, error)
-            message = f"the request's step failed on the device: {type(error).__name__}: {error}"
-            outputs.append(self._end(new[0], "error", message))
+        failed = [s for s in _sequences_of(dropped[0]) if not s.finished]
+        new = [s for s in failed if not s.proven]
+        self._failures_in_a_row += 1
+        if self._failures_in_a_row >= _MAX_CONSECUTIVE_FAILURES:
+            raise EngineDeadError(f"{self._failures_in_a_row} steps in a row failed: {error!r}") from error
+        if len(new) == 1 or len(failed) == 1:
+            blamed = new or failed
         else:
-            self._failures_in_a_row += not new
-            if self._failures_in_a_row >= _MAX_CONSECUTIVE_FAILURES:
-                raise EngineDeadError(f"{self._failures_in_a_row} steps in a row failed: {error!r}") from error
-            log.warning(
-                "a step of %d requests failed (%r); %s", len(failed), error,
-                f"its {len(new)} new requests are retried one at a time" if new else "no request to blame",
-            )  # fmt: skip
-            for seq in new:
+            for seq in new or failed:
                 seq.suspect = True
+                seq.failures += 1
+            blamed = [s for s in failed if s.failures >= _FAILURES_TO_BLAME]
+        log.warning("a step of %d requests failed (%r); %s", len(failed), error,
+                    f"blaming {[s.request_id for s in blamed]}" if blamed else f"{len(new or failed)} suspects")  # fmt: skip
+        message = f"the request's step failed on the device: {type(error).__name__}: {error}"
+        outputs = [self._end(seq, "error", message) for seq in blamed]
         for scheduled in dropped:  # their planned tokens never happened: recompute them
             for seq in _sequences_of(scheduled):
                 if seq.slot is not None:

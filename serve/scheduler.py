@@ -45,7 +45,8 @@ class Sequence:
     on_device: bool = False  # its last token is in its device slot: it decodes from there
     epoch: int = 0  # +1 at each preemption: results of an older epoch refer to pages it no longer holds
     proven: bool = False  # a step of it has run: a failing step is not its fault if it holds a newer one
-    suspect: bool = False  # it was new in a step that failed: admitted only as the one new sequence of a step
+    suspect: bool = False  # new in a failed step beside other new ones: admitted as the only new one of a step
+    failures: int = 0  # failed steps it was in without a single new request to blame
     finished: bool = False
     state: object = None  # the output processor's per-sequence state
 
@@ -167,7 +168,7 @@ class Scheduler:
                 break  # its last tokens are on the way, it is a suspect, or the pool must free pages first
             budget, rows = self._add_chunk(seq, self._chunk_size(seq, budget, rows), chunks, budget, rows)
             if seq.suspect:
-                break
+                break  # nothing new beside it in its first step
         return SchedulerOutput(
             decode=tuple(decode),
             decode_positions=tuple(positions),
@@ -177,9 +178,8 @@ class Scheduler:
         )
 
     def _must_wait_alone(self, seq: Sequence, chunks: list[ScheduledChunk]) -> bool:
-        """A suspect runs as the only sequence of its step not yet proven, and nothing new joins it until then."""
-        unproven = any(not s.proven for s in self.running) or any(not c.seq.proven for c in chunks)
-        return unproven and (seq.suspect or any(s.suspect for s in self.running))
+        """A suspect is admitted only as the one new sequence of its step: nothing unproven runs beside it."""
+        return seq.suspect and (any(not s.proven for s in self.running) or any(not c.seq.proven for c in chunks))
 
     def _chunk_size(self, seq: Sequence, budget: int, rows: int) -> int:
         return min(seq.num_tokens - seq.num_computed, budget, rows * self.prefill_row_tokens)

@@ -11,7 +11,7 @@ import dataclasses
 import jax
 import numpy as np
 import pytest
-from tiny_models import sharp_tiny_llama, tiny_tokenizer
+from tiny_models import TINY_CONFIGS, sharp_tiny_llama, tiny_tokenizer
 
 import qoq_jax
 from qoq_jax.errors import InvalidRequestError, InvalidSamplingError, PromptTooLongError
@@ -289,3 +289,38 @@ def test_defaults_are_sized_from_the_kv_budget(params):
     assert (big.config.max_num_seqs, big.config.max_num_batched_tokens) == (256, 256 + 512)
     small = build_engine(params, num_pages=100 * 512 // 64, warmup="none")
     assert small.config.max_num_seqs == 64 and small.config.max_prefill_rows * small.config.prefill_row_tokens >= 512
+
+
+NEAR_TIE = 2e-2  # of the logits' magnitude: a quantized code that float rounding flips may decide such a tie
+
+
+def test_w4a8kv4_outputs_equal_generate_under_chunking_prefix_hits_and_preemption():
+    """On a W4A8KV4 model every attention reads keys and values as the pages hold them, however the prompt got
+    there (rows of 16 tokens, a cached prefix, a recompute after preemption), so greedy tokens equal generate's;
+    where they part, `forward`'s logits on generate's tokens must hold a near-tie there (a quantized code that
+    float rounding flips may decide it either way)."""
+    config = qoq_jax.ModelConfig.from_hf(TINY_CONFIGS["llama_quantizable"]().to_dict())
+    params = qoq_jax.init_params(config, seed=3, quant=qoq_jax.QuantFormat("w4a8-g128", group_size=64, kv_bits=4))
+    engine = build_engine(params, num_pages=20, **SMALL)
+    rng = np.random.default_rng(7)
+    prefix = tuple(int(t) for t in rng.integers(3, 300, 33))  # two full pages, shared by every prompt
+    requests = [
+        Request(f"q{i}", prefix + tuple(int(t) for t in rng.integers(3, 300, int(rng.integers(5, 30)))), 40,
+                ignore_eos=True)
+        for i in range(8)
+    ]  # fmt: skip
+    tokens, _, _ = _run(engine, requests[:1])
+    more, _, _ = _run(engine, requests[1:])
+    tokens.update(more)
+    stats = engine.stats()
+    assert stats.preemptions_total > 0 and stats.prefix_cache_hit_tokens_total >= 7 * 32
+    prompts = [list(r.prompt_token_ids) for r in requests]
+    expected = qoq_jax.generate(params, prompts, max_new_tokens=40, ignore_eos=True)
+    for request, prompt, want in zip(requests, prompts, expected):
+        got = tokens[request.request_id]
+        if got == want:
+            continue
+        step = next(i for i, (a, b) in enumerate(zip(got, want)) if a != b)
+        logits = np.asarray(qoq_jax.forward(params, np.asarray([prompt + want[:step]], np.int32))[0, -1])
+        gap = (logits[want[step]] - logits[got[step]]) / np.max(np.abs(logits))
+        assert gap <= NEAR_TIE, f"{request.request_id} parts from generate at step {step} by {gap:.3g}"
