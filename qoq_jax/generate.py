@@ -173,7 +173,7 @@ class Continuation:
             if at >= 0 and (first < 0 or at < first):
                 first = at
         if first < 0:
-            self._tail = window[len(window) - self._window :] if self._window else ""
+            self._tail = window[-self._window :] if self._window else ""
             return False
         cut = first - len(self._tail)  # where the stop string starts, relative to this piece (may be < 0)
         if cut < 0:  # it began in text already appended: shorten that

@@ -178,7 +178,10 @@ class Scheduler:
         )
 
     def _must_wait_alone(self, seq: Sequence, chunks: list[ScheduledChunk]) -> bool:
-        """A suspect is admitted only as the one new sequence of its step: nothing unproven runs beside it."""
+        """A suspect is the one new sequence of its first step: it waits for everything unproven to have run a
+        step, and nothing new joins it before it has."""
+        if any(s.suspect and not s.proven for s in self.running):
+            return True
         return seq.suspect and (any(not s.proven for s in self.running) or any(not c.seq.proven for c in chunks))
 
     def _chunk_size(self, seq: Sequence, budget: int, rows: int) -> int:
