@@ -39,7 +39,7 @@ from jax.sharding import Mesh
 
 from qoq_jax.errors import InvalidRequestError, InvalidSamplingError, PromptTooLongError
 from qoq_jax.generate import eos_ids
-from qoq_jax.kv_cache import pages_that_fit
+from qoq_jax.kv_cache import AttentionImplementations, attention_implementations, kv_bytes_per_page, pages_that_fit
 from qoq_jax.params import Params, shard_params
 from qoq_jax.sampling import SamplingParams
 from serve.kv_cache_manager import KVCacheManager
@@ -147,6 +147,9 @@ class Engine:
             compile_in_background=config.compile_in_background, **scheduling,
         )  # fmt: skip
         self.outputs = OutputProcessor(self.tokenizer, eos_ids(params))
+        self.attention: AttentionImplementations = attention_implementations(
+            model_config, page_size=config.page_size, dtype=params.dtype, kernel=params.kernel
+        )
         self._in_flight: InFlightStep | None = None
         self._sequences: dict[str, Sequence] = {}
         self._added: collections.deque[Request] = collections.deque()
@@ -201,6 +204,18 @@ class Engine:
     @property
     def kv_cache(self) -> KVCacheManager:
         return self.scheduler.kv_cache
+
+    def describe(self) -> str:
+        """The start-up line: capacity, budget and what runs attention."""
+        config, params = self.config, self.params
+        kv_shards = 1 if params.parallel is None else params.parallel.kv_shards
+        page_bytes = kv_bytes_per_page(params.config, config.page_size, params.kv_bits, params.dtype, kv_shards=kv_shards)
+        return (
+            f"KV{params.kv_bits} pool of {config.num_pages} pages × {config.page_size} tokens "
+            f"({config.num_pages * page_bytes / 2**30:.2f} GiB per device), max_num_seqs {config.max_num_seqs}, "
+            f"{config.max_num_batched_tokens} tokens per step, max_model_len {self.max_model_len}; "
+            f"attention {self.attention.describe()}"
+        )
 
     # --- requests (any thread) ---------------------------------------------------------------------------
 
@@ -464,6 +479,10 @@ class AsyncEngine:
     @property
     def max_model_len(self) -> int:
         return self.engine.max_model_len
+
+    @property
+    def attention(self) -> AttentionImplementations:
+        return self.engine.attention
 
     async def start(self) -> None:
         self._loop = asyncio.get_running_loop()

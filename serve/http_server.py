@@ -218,6 +218,14 @@ class _EngineCollector:
         ]  # fmt: skip
         for name, documentation, value in counters:
             yield CounterMetricFamily(name, documentation, value=value)
+        attention = getattr(self._engine, "attention", None)
+        if attention is not None:
+            info = GaugeMetricFamily(
+                "qoq_attention_implementation", "What runs each attention (1 for the one in use).", labels=["phase", "implementation"]
+            )
+            for phase in ("decode", "extend", "prefill"):
+                info.add_metric([phase, getattr(attention, phase)], 1)
+            yield info
 
 
 class _Metrics:

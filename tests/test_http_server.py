@@ -366,6 +366,10 @@ def test_metrics_follow_the_engine_and_requests(served):
     assert after["qoq_kv_pages_used"] + after["qoq_kv_pages_free"] == stats.kv_pages_total
     assert after["qoq_requests_running"] == 0 and after["qoq_requests_waiting"] == 0
     assert "qoq_preemptions_total" in after
+    attention = served.engine.attention  # on CPU: the jnp references and XLA
+    for phase, implementation in (("decode", "reference"), ("extend", "reference"), ("prefill", "xla")):
+        assert getattr(attention, phase) == implementation
+        assert after[f"qoq_attention_implementation{{implementation={implementation},phase={phase}}}"] == 1
 
 
 def test_cancelled_stream_aborts_its_request_and_frees_its_pages(served):
@@ -435,18 +439,26 @@ def test_a_request_failing_on_the_device_fails_alone(served, params, monkeypatch
 # -------------------------------------------------------------------------------------------------------- CLI
 
 
+class _Described:
+    def describe(self) -> str:
+        return "sized and described"
+
+
 def test_serve_command_passes_engine_options(monkeypatch, params, capsys):
     seen = {}
     monkeypatch.setattr(qoq_jax, "load", lambda model, dtype=None, mesh=None: params)
-    monkeypatch.setattr("serve.engine.build_engine", lambda p, **kw: seen.update(build=kw) or object())
+    monkeypatch.setattr("serve.engine.build_engine", lambda p, **kw: seen.update(build=kw) or _Described())
     monkeypatch.setattr("serve.engine.AsyncEngine", lambda engine: engine)
     monkeypatch.setattr("serve.http_server.create_app", lambda e, **kw: seen.update(app=kw) or "app")
     monkeypatch.setattr("serve.http_server.run", lambda app, host, port: seen.update(run=(app, host, port)))
     argv = ["serve", "--model", "some-dir", "--port", "8123", "--api-key", "k", "--max-num-seqs", "8"]
+    argv += ["--max-num-batched-tokens", "40", "--warmup", "none", "--no-prefix-caching"]
     assert cli.main([*argv, "--max-model-len", "256", "--page-size", "32", "--kv-memory-gb", "0.5"]) == 0
     assert seen["build"] == dict(
-        model_name="some-dir", max_num_seqs=8, max_model_len=256, page_size=32, kv_memory_bytes=2**29
-    )
+        model_name="some-dir", max_num_seqs=8, max_num_batched_tokens=40, max_model_len=256, page_size=32,
+        kv_memory_bytes=2**29, warmup="none", prefix_caching=False,
+    )  # fmt: skip
+    assert "[some-dir: sized and described]" in capsys.readouterr().err
     assert seen["app"] == dict(model_name="some-dir", api_key="k")
     assert seen["run"] == ("app", "127.0.0.1", 8123)
 
