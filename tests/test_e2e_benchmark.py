@@ -75,9 +75,9 @@ def test_tensor_parallel_footprint_is_each_devices_share():
 
 
 def test_smoke_run_writes_well_formed_json_with_batches_that_fit(tmp_path):
-    """transformers (on CPU in smoke mode) and QoQ: the split path is the step functions' (test_tensor_parallel)
-    and its budget is counted above."""
-    systems = ["hf_torch", "qoq_w4a8kv4_g128"]
+    """transformers (on CPU in smoke mode), QoQ and QoQ through the serving engine: the split path is the step
+    functions' (test_tensor_parallel) and its budget is counted above."""
+    systems = ["hf_torch", "qoq_w4a8kv4_g128", "qoq_w4a8kv4_g128_engine"]
     result = e2e.main(["--smoke", "--systems", *systems, "--out-dir", str(tmp_path)])
     [written] = tmp_path.glob("e2e-*-smoke.json")
     assert json.loads(written.read_text()) == json.loads(json.dumps(result))
