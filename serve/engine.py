@@ -62,13 +62,18 @@ _FAILURES_TO_BLAME = 3  # failed steps a request was in, none with a single new 
 @dataclasses.dataclass
 class StepTimes:
     """Host seconds spent in each part of `step()` since the engine started: planning (inbox and scheduler),
-    preparing and dispatching the device call, waiting for the previous step's tokens, and output processing."""
+    preparing and dispatching the device call, output processing, as wall time and as this thread's CPU time
+    (on a CPU device the host's wall time stretches while the step computes on the same cores), and the wall
+    time spent waiting for the previous step's tokens."""
 
     steps: int = 0
     schedule: float = 0.0
     prepare: float = 0.0
-    wait: float = 0.0
     outputs: float = 0.0
+    schedule_cpu: float = 0.0
+    prepare_cpu: float = 0.0
+    outputs_cpu: float = 0.0
+    wait: float = 0.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -160,6 +165,8 @@ class Engine:
         self._failures_in_a_row = 0
         self.work_available = threading.Event()
         self._counters = collections.Counter()
+        self._generated = 0  # tokens emitted (one per sampled token a live request kept)
+        self._page_size = config.page_size
         self.step_times = StepTimes()
         self.warmup()
 
@@ -263,7 +270,7 @@ class Engine:
             kv_pages_free=kv_cache.num_free_pages,
             kv_pages_total=kv_cache.num_pages,
             prompt_tokens_total=self._counters["prompt_tokens"],
-            generation_tokens_total=self._counters["generation_tokens"],
+            generation_tokens_total=self._generated,
             prefix_cache_hit_tokens_total=scheduler.num_prefix_hit_tokens,
             preemptions_total=scheduler.num_preemptions,
             requests_failed_total=self._counters["requests_failed"],
@@ -274,10 +281,10 @@ class Engine:
 
     def step(self) -> list[RequestOutput]:
         """Plans and dispatches the next step, then turns the previous step's tokens into outputs."""
-        times, started = self.step_times, time.perf_counter()
+        times, started, started_cpu = self.step_times, time.perf_counter(), time.thread_time()
         outputs = self._take_inbox()
         scheduled = self.scheduler.schedule()
-        planned = time.perf_counter()
+        planned, planned_cpu = time.perf_counter(), time.thread_time()
         launched = refused = None
         if not scheduled.empty:
             try:
@@ -285,6 +292,7 @@ class Engine:
             except Exception as error:  # noqa: BLE001 - contained: see _recover, after the step before it
                 refused = error
         dispatched = waited = time.perf_counter()
+        dispatched_cpu = waited_cpu = time.thread_time()
         previous, self._in_flight = self._in_flight, None
         if previous is not None:
             try:
@@ -294,17 +302,20 @@ class Engine:
                 launched = None  # it ran on the failed step's outputs
                 outputs += self._recover(dropped, error, ran=True)
             else:
-                waited = time.perf_counter()
+                waited, waited_cpu = time.perf_counter(), time.thread_time()
                 outputs += self._process(previous, result)
         if refused is not None:
             outputs += self._recover([scheduled], refused, ran=False)
         self._in_flight = launched
-        ended = time.perf_counter()
+        ended, ended_cpu = time.perf_counter(), time.thread_time()
         times.steps += 1
         times.schedule += planned - started
         times.prepare += dispatched - planned
         times.wait += waited - dispatched
         times.outputs += ended - waited
+        times.schedule_cpu += planned_cpu - started_cpu
+        times.prepare_cpu += dispatched_cpu - planned_cpu
+        times.outputs_cpu += ended_cpu - waited_cpu
         return outputs
 
     def _take_inbox(self) -> list[RequestOutput]:
@@ -331,34 +342,38 @@ class Engine:
     def _process(self, step: InFlightStep, result: RunnerOutput) -> list[RequestOutput]:
         """Step N's sampled tokens through the stop rules; each row's failure stays with its request."""
         scheduled, outputs = step.scheduled, []
-        epochs = iter(step.epochs)
-        for seq, position, token in zip(scheduled.decode, scheduled.decode_positions, result.decode_token_ids):
-            self._accept(seq, next(epochs), position + 1, int(token), outputs)
-        last_rows = self.runner.chunk_last_rows(scheduled)
-        for chunk, row in zip(scheduled.chunks, last_rows):
+        decode_epochs = step.epochs[: len(scheduled.decode)]
+        rows = zip(scheduled.decode, decode_epochs, scheduled.decode_positions, result.decode_token_ids.tolist())
+        for seq, epoch, position, token in rows:
+            self._accept(seq, epoch, position + 1, token, outputs)
+        chunk_tokens = result.chunk_token_ids.tolist()
+        chunk_epochs = step.epochs[len(scheduled.decode) :]
+        for chunk, epoch, row in zip(scheduled.chunks, chunk_epochs, self.runner.chunk_last_rows(scheduled)):
             self._counters["prompt_tokens"] += chunk.num_tokens
-            token = int(result.chunk_token_ids[row]) if chunk.samples else None
-            self._accept(chunk.seq, next(epochs), chunk.start + chunk.num_tokens, token, outputs)
+            token = chunk_tokens[row] if chunk.samples else None
+            self._accept(chunk.seq, epoch, chunk.start + chunk.num_tokens, token, outputs)
         self._failures_in_a_row = 0
         return outputs
 
     def _accept(self, seq: Sequence, epoch: int, num_computed: int, token: int | None, outputs: list) -> None:
+        """One row's result (the hot path: once per running sequence per step)."""
         if seq.finished:
             return  # it stopped one step earlier: this row's token is past its end
         seq.proven = True
         try:
-            self.scheduler.cache_prefix(seq, epoch, num_computed)
+            if num_computed >= seq.cached_through + self._page_size:
+                self.scheduler.cache_prefix(seq, epoch, num_computed)
             if token is None:
                 return
             seq.num_pending -= 1
             seq.token_ids.append(token)
-            self._counters["generation_tokens"] += 1
+            self._generated += 1
             output = self.outputs.append(seq.request, seq.state, token)
         except Exception as error:  # noqa: BLE001 - one request's bad state must not stop the others
             log.exception("request %s failed while its output was processed", seq.request_id)
             outputs.append(self._end(seq, "error", f"{type(error).__name__}: {error}"))
             return
-        if output.finished:
+        if output.finish_reason is not None:
             self._release(seq)
         outputs.append(output)
 

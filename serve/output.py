@@ -21,6 +21,7 @@ class OutputState:
 
     continuation: Continuation
     holdback: int  # characters kept back while unfinished
+    num_prompt_tokens: int
     unsent: str = ""
     sent_chars: int = 0
     sent_tokens: int = 0
@@ -43,10 +44,12 @@ class OutputProcessor:
             tokenizer=self.tokenizer,
             is_text=self.tokenizer is not None,
         )
-        return OutputState(continuation, holdback=max((len(s) for s in request.stop), default=1) - 1)
+        holdback = max((len(s) for s in request.stop), default=1) - 1
+        return OutputState(continuation, holdback, len(request.prompt_token_ids))
 
     def append(self, request: Request, state: OutputState, token: int) -> RequestOutput:
-        """The output one sampled token makes; `finished` once the stop rules end the request."""
+        """The output one sampled token makes; `finished` once the stop rules end the request. (Called for
+        every running sequence at every step: kept to plain attribute work.)"""
         continuation = state.continuation
         piece = continuation.append(token)
         if continuation.finish_reason is not None:
@@ -58,7 +61,8 @@ class OutputProcessor:
             if ready > 0:
                 piece, state.unsent = state.unsent[:ready], state.unsent[ready:]
         state.sent_chars += len(piece)
-        return self._output(request, state, piece, None)
+        state.sent_tokens += 1
+        return RequestOutput(request.request_id, (token,), piece, state.num_prompt_tokens, state.sent_tokens)
 
     def finish(self, request: Request, state: OutputState, reason: str, error: str | None = None) -> RequestOutput:
         """The last output: whatever was held back (cut before a stop string) and the finish reason."""
@@ -72,12 +76,4 @@ class OutputProcessor:
         tokens = state.continuation.tokens
         new_tokens = tuple(tokens[state.sent_tokens :])
         state.sent_tokens = len(tokens)
-        return RequestOutput(
-            request_id=request.request_id,
-            new_token_ids=new_tokens,
-            new_text=text,
-            num_prompt_tokens=len(request.prompt_token_ids),
-            num_generated_tokens=len(tokens),
-            finish_reason=reason,
-            error=error,
-        )
+        return RequestOutput(request.request_id, new_tokens, text, state.num_prompt_tokens, len(tokens), reason, error)

@@ -6,8 +6,9 @@ Device state lives between steps and is changed only by the steps themselves (vL
     DeviceBatch per slot (one per running sequence, plus a padding slot): its block table at full width, its
                 last sampled token (the next decode input) and its sampling parameters
 
-A step's host inputs are small: decode rows (slot, position), prompt-chunk rows (tokens, slot, start, length),
-and the block-table entries that changed since the last step. One jitted program per step
+A step's host inputs are small: decode rows (slot, position), prompt-chunk rows (tokens, slot, start, length,
+sampling parameters), and the block-table entries that changed since the last step, packed in one int32 and one
+float32 array (two transfers). One jitted program per step
 
     tables ← tables + updates
     decode rows:  decode_step over tables[slots, :width]    → sample → tokens[slot]
@@ -59,14 +60,12 @@ class DeviceBatch:
     sampling: SamplingBatch  # [slots + 1]
 
 
-@jax.tree_util.register_dataclass
 @dataclasses.dataclass
 class DecodeRows:
     slots: jax.Array  # [B] int32; padding rows: the padding slot
     positions: jax.Array  # [B] int32: tokens already in the cache; padding rows: 0
 
 
-@jax.tree_util.register_dataclass
 @dataclasses.dataclass
 class ChunkRows:
     tokens: jax.Array  # [R, T] int32
@@ -77,12 +76,41 @@ class ChunkRows:
     sampling: SamplingBatch  # [R]: written into the rows' slots
 
 
-@jax.tree_util.register_dataclass
-@dataclasses.dataclass
-class StepInputs:
-    table_updates: jax.Array  # [K, 3] int32 (slot, index, page); padding: slot out of range, dropped
-    decode: DecodeRows | None
-    chunks: ChunkRows | None
+@dataclasses.dataclass(frozen=True)
+class StepLayout:
+    """Where a step's host inputs sit in its two flat arrays (one int32, one float32: two transfers a step),
+    in this order: table updates (slot, index, page) × K, decode slots and positions × B, chunk tokens R × T,
+    chunk slots, starts, lengths, samples, top_k and seed (its bits) × R; floats: temperature and top_p × R."""
+
+    decode_rows: int
+    chunk_rows: int
+    row_tokens: int
+    table_updates: int
+
+    @property
+    def num_ints(self) -> int:
+        return 3 * self.table_updates + 2 * self.decode_rows + self.chunk_rows * (self.row_tokens + 6)
+
+    def unpack(self, ints: jax.Array, floats: jax.Array):
+        """The table updates [K, 3], DecodeRows or None, ChunkRows or None."""
+        sizes = [3 * self.table_updates, self.decode_rows, self.decode_rows, self.chunk_rows * self.row_tokens]
+        sizes += [self.chunk_rows] * 6
+        parts = jnp.split(ints, np.cumsum(sizes)[:-1])
+        updates, decode = parts[0].reshape(-1, 3), None
+        if self.decode_rows:
+            decode = DecodeRows(parts[1], parts[2])
+        chunks = None
+        if self.chunk_rows:
+            slots, starts, lengths, samples, top_k, seed = parts[4:]
+            sampling = SamplingBatch(
+                temperature=floats[: self.chunk_rows],
+                top_k=top_k,
+                top_p=floats[self.chunk_rows :],
+                seed=jax.lax.bitcast_convert_type(seed, jnp.uint32),
+            )
+            tokens = parts[3].reshape(self.chunk_rows, self.row_tokens)
+            chunks = ChunkRows(tokens, slots, starts, lengths, samples > 0, sampling)
+        return updates, decode, chunks
 
 
 @dataclasses.dataclass(frozen=True, order=True)
@@ -103,8 +131,8 @@ class StepShape:
 
 @dataclasses.dataclass(frozen=True)
 class RunnerOutput:
-    """The tokens one step sampled: one per decode row, and one per chunk (kept only where it samples); issue
-    15's logprobs would ride here too."""
+    """The tokens one step sampled: one per decode row, and one per chunk row (kept only where a chunk
+    samples); issue 15's logprobs would ride here too."""
 
     decode_token_ids: np.ndarray
     chunk_token_ids: np.ndarray
@@ -113,20 +141,18 @@ class RunnerOutput:
 class InFlightStep:
     """A dispatched step: what it was asked to do, and its sampled tokens on their way to the host."""
 
-    def __init__(self, scheduled: SchedulerOutput, epochs: tuple[int, ...], decode_tokens, chunk_tokens, index: int):
+    def __init__(self, scheduled: SchedulerOutput, shape: "StepShape", epochs: tuple[int, ...], sampled, index: int):
         self.scheduled = scheduled
         self.epochs = epochs  # of decode rows, then chunks, when planned
         self.index = index
-        self._decode_tokens, self._chunk_tokens = decode_tokens, chunk_tokens
-        for array in (decode_tokens, chunk_tokens):
-            if array is not None:
-                array.copy_to_host_async()
+        self._decode_rows = shape.decode_rows
+        self._sampled = sampled  # [decode rows + chunk rows] int32
+        sampled.copy_to_host_async()
 
     def result(self) -> RunnerOutput:
         """Blocks until the step has run."""
-        decode = np.zeros((0,), np.int32) if self._decode_tokens is None else np.asarray(self._decode_tokens)
-        chunk = np.zeros((0,), np.int32) if self._chunk_tokens is None else np.asarray(self._chunk_tokens)
-        return RunnerOutput(decode[: len(self.scheduled.decode)], chunk)
+        sampled = np.asarray(self._sampled)
+        return RunnerOutput(sampled[: len(self.scheduled.decode)], sampled[self._decode_rows :])
 
 
 class ModelRunner:
@@ -177,7 +203,12 @@ class ModelRunner:
         batch = DeviceBatch(
             tables=np.full((slots, self.pages_per_seq), self.num_pages, np.int32),
             tokens=np.zeros((slots,), np.int32),
-            sampling=_sampling_arrays(np.zeros((slots, 4))),
+            sampling=SamplingBatch(
+                temperature=np.zeros((slots,), np.float32),
+                top_k=np.zeros((slots,), np.int32),
+                top_p=np.ones((slots,), np.float32),
+                seed=np.zeros((slots,), np.uint32),
+            ),
         )
         self.pool = empty_pool() if parallel is None else parallel.build(empty_pool)
         self.batch = jax.device_put(batch) if parallel is None else parallel.place(batch)
@@ -221,20 +252,24 @@ class ModelRunner:
         if mode != "none":
             self._programs.compile_all(self.all_shapes() if mode == "all" else self.cover_shapes(), threads)
 
+    def _layout(self, shape: StepShape) -> StepLayout:
+        return StepLayout(shape.decode_rows, shape.chunk_rows, self.row_tokens, self.max_table_updates)
+
     def _compile(self, shape: StepShape):
-        inputs = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), self._inputs(None, shape))
-        return _step.lower(self.params, *self._abstract_state, inputs, width=shape.width).compile()
+        inputs = [jax.ShapeDtypeStruct(x.shape, x.dtype) for x in self._inputs(None, shape)]
+        layout = self._layout(shape)
+        return _step.lower(self.params, *self._abstract_state, *inputs, layout=layout, width=shape.width).compile()
 
     # --- one step ---------------------------------------------------------------------------------------------
 
     def dispatch(self, scheduled: SchedulerOutput) -> InFlightStep:
         """Runs `scheduled` on the device without waiting for it."""
         shape, program = self._programs.get(self.shape_of(scheduled))
-        inputs = self._inputs(scheduled, shape)
+        ints, floats = self._inputs(scheduled, shape)
         epochs = tuple(s.epoch for s in scheduled.decode) + tuple(c.seq.epoch for c in scheduled.chunks)
-        self.pool, self.batch, decode_tokens, chunk_tokens = program(self.params, self.pool, self.batch, inputs)
+        self.pool, self.batch, sampled = program(self.params, self.pool, self.batch, ints, floats)
         self.num_dispatched += 1
-        return InFlightStep(scheduled, epochs, decode_tokens, chunk_tokens, self.num_dispatched)
+        return InFlightStep(scheduled, shape, epochs, sampled, self.num_dispatched)
 
     def shape_of(self, scheduled: SchedulerOutput) -> StepShape:
         """The smallest buckets holding the step: rows, and pages of its longest sequence."""
@@ -248,47 +283,44 @@ class ModelRunner:
             _bucket(-(-longest // self.page_size), self.width_buckets),
         )
 
-    def _inputs(self, scheduled: SchedulerOutput | None, shape: StepShape) -> StepInputs:
-        """Host arrays of `shape` holding `scheduled` (None: all padding, for compiling)."""
-        padding, dropped = self.num_slots, self.num_slots + 1
-        updates = np.full((self.max_table_updates, 3), (dropped, 0, 0), np.int32)
-        decode = chunks = None
-        if shape.decode_rows:
-            slots = np.full((shape.decode_rows,), padding, np.int32)
-            positions = np.zeros((shape.decode_rows,), np.int32)
-            if scheduled is not None and scheduled.decode:
-                count = len(scheduled.decode)
-                slots[:count] = [s.slot for s in scheduled.decode]
-                positions[:count] = scheduled.decode_positions
-            decode = DecodeRows(slots, positions)
-        if shape.chunk_rows:
-            rows = shape.chunk_rows
-            tokens = np.zeros((rows, self.row_tokens), np.int32)
-            meta = np.zeros((4, rows), np.int32)  # slot, start, length, samples
-            meta[0] = padding
-            sampling = np.zeros((rows, 4))
-            row = 0
-            for chunk in () if scheduled is None else scheduled.chunks:
-                seq = chunk.seq
-                for start in range(chunk.start, chunk.start + chunk.num_tokens, self.row_tokens):
-                    length = min(self.row_tokens, chunk.start + chunk.num_tokens - start)
-                    tokens[row, :length] = seq.token_ids[start : start + length]
-                    meta[:, row] = seq.slot, start, length, 0
-                    sampling[row] = seq.sampling_row
-                    row += 1
-                meta[3, row - 1] = chunk.samples
-            chunks = ChunkRows(tokens, meta[0], meta[1], meta[2], meta[3].astype(bool), _sampling_arrays(sampling))
-        if scheduled is not None:
-            entries = [
-                (update.slot, update.first_index + i, page)
-                for update in scheduled.table_updates
-                for i, page in enumerate(update.pages)
-            ]
-            if len(entries) > self.max_table_updates:
-                raise RuntimeError(f"{len(entries)} block-table entries in one step; at most {self.max_table_updates}")
-            if entries:
-                updates[: len(entries)] = entries
-        return StepInputs(updates, decode, chunks)
+    def _inputs(self, scheduled: SchedulerOutput | None, shape: StepShape) -> tuple[np.ndarray, np.ndarray]:
+        """The two host arrays of `shape`'s layout holding `scheduled` (None: all padding, for compiling)."""
+        layout, padding, dropped = self._layout(shape), self.num_slots, self.num_slots + 1
+        ints = np.zeros((layout.num_ints,), np.int32)
+        floats = np.zeros((2 * shape.chunk_rows,), np.float32)
+        updates = ints[: 3 * layout.table_updates].reshape(-1, 3)
+        updates[:, 0] = dropped
+        at = updates.size
+        slots, positions = ints[at : at + shape.decode_rows], ints[at + shape.decode_rows : at + 2 * shape.decode_rows]
+        slots[:] = padding
+        at += 2 * shape.decode_rows
+        rows = shape.chunk_rows
+        tokens = ints[at : at + rows * self.row_tokens].reshape(rows, self.row_tokens)
+        meta = ints[at + rows * self.row_tokens :].reshape(6, rows)  # slot, start, length, samples, top_k, seed
+        meta[0] = padding
+        if scheduled is None:
+            return ints, floats
+        if scheduled.decode:
+            count = len(scheduled.decode)
+            slots[:count] = [s.slot for s in scheduled.decode]
+            positions[:count] = scheduled.decode_positions
+        row = 0
+        for chunk in scheduled.chunks:
+            seq = chunk.seq
+            temperature, top_k, top_p, seed = seq.sampling_row
+            for start in range(chunk.start, chunk.start + chunk.num_tokens, self.row_tokens):
+                length = min(self.row_tokens, chunk.start + chunk.num_tokens - start)
+                tokens[row, :length] = seq.token_ids[start : start + length]
+                meta[:, row] = seq.slot, start, length, 0, top_k, np.uint32(seed).view(np.int32)
+                floats[row], floats[rows + row] = temperature, top_p
+                row += 1
+            meta[3, row - 1] = chunk.samples
+        entries = [(u.slot, u.first_index + i, page) for u in scheduled.table_updates for i, page in enumerate(u.pages)]
+        if len(entries) > layout.table_updates:
+            raise RuntimeError(f"{len(entries)} block-table entries in one step; at most {layout.table_updates}")
+        if entries:
+            updates[: len(entries)] = entries
+        return ints, floats
 
     def chunk_last_rows(self, scheduled: SchedulerOutput) -> list[int]:
         """The row of each chunk's last token in the step's chunk rows."""
@@ -296,43 +328,34 @@ class ModelRunner:
         return [end - 1 for end in ends]
 
 
-def _sampling_arrays(rows: np.ndarray) -> SamplingBatch:
-    """[rows, 4] (temperature, top_k, top_p, seed) as the sampler's dtypes."""
-    return SamplingBatch(
-        temperature=rows[:, 0].astype(np.float32),
-        top_k=rows[:, 1].astype(np.int32),
-        top_p=rows[:, 2].astype(np.float32),
-        seed=rows[:, 3].astype(np.uint32),
-    )
-
-
-@functools.partial(jax.jit, static_argnames=("width",), donate_argnames=("pool", "batch"))
-def _step(params: Params, pool: PagedKVCache, batch: DeviceBatch, inputs: StepInputs, *, width: int):
-    """One engine step: decode rows and prompt-chunk rows over the one pool, sampling on the device."""
+@functools.partial(jax.jit, static_argnames=("layout", "width"), donate_argnames=("pool", "batch"))
+def _step(params: Params, pool: PagedKVCache, batch: DeviceBatch, ints, floats, *, layout: StepLayout, width: int):
+    """One engine step: decode rows and prompt-chunk rows over the one pool, sampling on the device; returns
+    the pool, the batch and the tokens sampled for the decode rows, then the chunk rows."""
+    updates, decode, chunks = layout.unpack(ints, floats)
     dropped = batch.tokens.shape[0]  # one past the padding slot: scatters there are dropped
-    slots, indices, pages = inputs.table_updates.T
-    tables = batch.tables.at[slots, indices].set(pages, mode="drop")
+    tables = batch.tables.at[updates[:, 0], updates[:, 1]].set(updates[:, 2], mode="drop")
     tokens, sampling = batch.tokens, batch.sampling
-    decode_tokens = chunk_tokens = None
-    chunks = inputs.chunks
+    sampled = []
     if chunks is not None:
         owned = jnp.where(chunks.lengths > 0, chunks.slots, dropped)
         sampling = jax.tree.map(lambda old, new: old.at[owned].set(new, mode="drop"), sampling, chunks.sampling)
-    if inputs.decode is not None:
-        rows = inputs.decode
-        cache = dataclasses.replace(pool, block_tables=tables[rows.slots, :width])
-        state, logits = decode_step(params, DecodeState(cache=cache, lengths=rows.positions), tokens[rows.slots])
-        decode_tokens = sample(logits, jax.tree.map(lambda x: x[rows.slots], sampling), state.lengths)
-        tokens = tokens.at[jnp.where(rows.slots < dropped - 1, rows.slots, dropped)].set(decode_tokens, mode="drop")
+    if decode is not None:
+        cache = dataclasses.replace(pool, block_tables=tables[decode.slots, :width])
+        state, logits = decode_step(params, DecodeState(cache=cache, lengths=decode.positions), tokens[decode.slots])
+        drawn = sample(logits, jax.tree.map(lambda x: x[decode.slots], sampling), state.lengths)
+        tokens = tokens.at[jnp.where(decode.slots < dropped - 1, decode.slots, dropped)].set(drawn, mode="drop")
         pool = state.cache
+        sampled.append(drawn)
     if chunks is not None:
         cache = dataclasses.replace(pool, block_tables=tables[chunks.slots, :width])
         state, logits = prefill(params, chunks.tokens, chunks.lengths, cache=cache, start_positions=chunks.starts)
-        chunk_tokens = sample(logits, jax.tree.map(lambda x: x[chunks.slots], sampling), state.lengths)
-        tokens = tokens.at[jnp.where(chunks.samples, chunks.slots, dropped)].set(chunk_tokens, mode="drop")
+        drawn = sample(logits, jax.tree.map(lambda x: x[chunks.slots], sampling), state.lengths)
+        tokens = tokens.at[jnp.where(chunks.samples, chunks.slots, dropped)].set(drawn, mode="drop")
         pool = state.cache
+        sampled.append(drawn)
     pool = dataclasses.replace(pool, block_tables=jnp.zeros((1, 1), jnp.int32))
-    return pool, DeviceBatch(tables, tokens, sampling), decode_tokens, chunk_tokens
+    return pool, DeviceBatch(tables, tokens, sampling), jnp.concatenate(sampled)
 
 
 class _Programs:
