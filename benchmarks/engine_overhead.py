@@ -38,7 +38,6 @@ from pathlib import Path
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -159,7 +158,10 @@ def measure(params, tokenizer, batch: int, args) -> dict:
         bare_rows.append(run_bare(params, batch, width, args.prompt_tokens, engine_rows[-1]["steps"]))
     engine_rate = statistics.median(r["tokens_per_s"] for r in engine_rows)
     bare_rate = statistics.median(r["tokens_per_s"] for r in bare_rows)
-    split = {part: statistics.median(r["split_ms_per_step"][part] for r in engine_rows) for part in engine_rows[0]["split_ms_per_step"]}
+    split = {
+        part: statistics.median(r["split_ms_per_step"][part] for r in engine_rows)
+        for part in engine_rows[0]["split_ms_per_step"]
+    }
     row = {
         "batch": batch,
         "width_pages": width,
@@ -190,7 +192,8 @@ def markdown(result: dict) -> str:
         "Host ms per step: the engine thread's CPU time (wall time in brackets: on a CPU device it stretches while the",
         "step computes on the same cores); wait: wall time blocked on the device for the previous step's tokens.",
         "",
-        "| sequences | engine tok/s | bare loop tok/s | engine / bare | host ms/step | schedule | prepare | outputs | wait |",
+        "| sequences | engine tok/s | bare loop tok/s | engine / bare | host ms/step | schedule | prepare | outputs "
+        "| wait |",
         "|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for row in result["rows"]:

@@ -9,10 +9,11 @@ outputs, so the host's work for step N (outputs, detokenizing, streaming, planni
 computes N+1 (see `serve.scheduler` for what that means for stop rules and pages).
 
 Failures stay with the request that caused them. A step that raises is dropped and undone, and its sequences
-recomputed. When exactly one of them is new (in its first step), that request ends with an error (finish_reason
-"error"): inputs that fail, fail at once (so does a request failing alone). When several are new, they become suspects, each admitted later as the
-only new sequence of its step, so the guilty one fails alone. A failure with no new request (one that shows only
-later in a request's decoding) counts against every request in the step, and one in three such steps is ended.
+recomputed. When exactly one of them is new (in its first step), or the step held only one, that request ends
+with an error (finish_reason "error"): inputs that fail, fail at once. When several are new, they become
+suspects, each admitted later as the only new sequence of its step, so the guilty one fails alone. A failure with
+no new request (one that shows only later in a request's decoding) counts against every request in the step, and
+one in three such steps is ended.
 A failure while the step ran on the device, or one that lost the device state, also restarts the device state:
 a fresh pool, every running request recomputed (counted and logged). Four failed steps in a row, whoever was
 blamed, mean the device is gone: the engine stops (`EngineDeadError`), which makes /health fail.
@@ -216,7 +217,9 @@ class Engine:
         """The start-up line: capacity, budget and what runs attention."""
         config, params = self.config, self.params
         kv_shards = 1 if params.parallel is None else params.parallel.kv_shards
-        page_bytes = kv_bytes_per_page(params.config, config.page_size, params.kv_bits, params.dtype, kv_shards=kv_shards)
+        page_bytes = kv_bytes_per_page(
+            params.config, config.page_size, params.kv_bits, params.dtype, kv_shards=kv_shards
+        )
         return (
             f"KV{params.kv_bits} pool of {config.num_pages} pages × {config.page_size} tokens "
             f"({config.num_pages * page_bytes / 2**30:.2f} GiB per device), max_num_seqs {config.max_num_seqs}, "
@@ -275,6 +278,7 @@ class Engine:
             preemptions_total=scheduler.num_preemptions,
             requests_failed_total=self._counters["requests_failed"],
             engine_restarts_total=self._counters["restarts"],
+            step_programs_compiling=self.runner.num_compiling,
         )
 
     # --- one iteration (the engine thread) ---------------------------------------------------------------
@@ -410,8 +414,8 @@ class Engine:
                 seq.suspect = True
                 seq.failures += 1
             blamed = [s for s in failed if s.failures >= _FAILURES_TO_BLAME]
-        log.warning("a step of %d requests failed (%r); %s", len(failed), error,
-                    f"blaming {[s.request_id for s in blamed]}" if blamed else f"{len(new or failed)} suspects")  # fmt: skip
+        verdict = f"blaming {[s.request_id for s in blamed]}" if blamed else f"{len(new or failed)} suspects"
+        log.warning("a step of %d requests failed (%r); %s", len(failed), error, verdict)
         message = f"the request's step failed on the device: {type(error).__name__}: {error}"
         outputs = [self._end(seq, "error", message) for seq in blamed]
         for scheduled in dropped:  # their planned tokens never happened: recompute them

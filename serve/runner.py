@@ -122,7 +122,9 @@ class StepShape:
     width: int
 
     def covers(self, other: "StepShape") -> bool:
-        return self.decode_rows >= other.decode_rows and self.chunk_rows >= other.chunk_rows and self.width >= other.width
+        return (
+            self.decode_rows >= other.decode_rows and self.chunk_rows >= other.chunk_rows and self.width >= other.width
+        )
 
     def cost(self, row_tokens: int) -> tuple[int, int]:
         """Tokens computed, then width: the order in which a fallback program is preferred."""
@@ -228,6 +230,10 @@ class ModelRunner:
     def num_compiled(self) -> int:
         return self._programs.num_compiled
 
+    @property
+    def num_compiling(self) -> int:
+        return self._programs.num_compiling
+
     def wait_for_compilations(self) -> None:
         """Blocks until the programs queued for background compilation are ready (benchmarks, tests)."""
         self._programs.wait()
@@ -274,9 +280,7 @@ class ModelRunner:
     def shape_of(self, scheduled: SchedulerOutput) -> StepShape:
         """The smallest buckets holding the step: rows, and pages of its longest sequence."""
         rows = sum(-(-c.num_tokens // self.row_tokens) for c in scheduled.chunks)
-        longest = max(
-            [p + 1 for p in scheduled.decode_positions] + [c.start + c.num_tokens for c in scheduled.chunks]
-        )
+        longest = max([p + 1 for p in scheduled.decode_positions] + [c.start + c.num_tokens for c in scheduled.chunks])
         return StepShape(
             _bucket(len(scheduled.decode), self.decode_buckets),
             _bucket(rows, self.chunk_buckets),
@@ -398,6 +402,10 @@ class _Programs:
             return shape, program
         best = min(covering, key=lambda s: s.cost(self._row_tokens))
         return best, self._ready[best]
+
+    @property
+    def num_compiling(self) -> int:
+        return sum(not future.done() for future in list(self._queued.values()))
 
     def wait(self) -> None:
         """Until the background compilations queued so far are done."""

@@ -48,7 +48,7 @@ def _run(engine, requests):
     for request in requests:
         engine.add_request(request)
     tokens, texts = collections.defaultdict(list), collections.defaultdict(str)
-    reasons, counts = {}, {}
+    reasons = {}
     for _ in range(5000):  # a livelock fails the test instead of hanging it
         if not engine.has_work():
             break
@@ -90,7 +90,9 @@ def test_outputs_equal_generate_alone_under_preemption_and_chunking(params, engi
     stats = engine.stats()
     assert stats.preemptions_total > before.preemptions_total, "the small pool should force preemption"
     assert stats.kv_pages_used == 0 and stats.running_requests == stats.waiting_requests == 0
-    expected = qoq_jax.generate(params, [list(r.prompt_token_ids) for r in requests], max_new_tokens=50, ignore_eos=True)
+    expected = qoq_jax.generate(
+        params, [list(r.prompt_token_ids) for r in requests], max_new_tokens=50, ignore_eos=True
+    )
     for request, want in zip(requests, expected):
         assert tokens[request.request_id] == want and reasons[request.request_id] == "length", request
 
