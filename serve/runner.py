@@ -178,8 +178,7 @@ class ModelRunner:
         self.row_tokens = prefill_row_tokens
         self.decode_buckets = [0] + _powers_of_two(max_num_seqs)
         self.chunk_buckets = [0] + _powers_of_two(max_prefill_rows)
-        min_width = -(-prefill_row_tokens // page_size)  # a chunk's rows fit its table
-        self.width_buckets = sorted({min(max(w, min_width), pages_per_seq) for w in _powers_of_two(pages_per_seq)})
+        self.width_buckets = sorted({min(w, pages_per_seq) for w in _powers_of_two(pages_per_seq)})
         # Entries a step can add: a page per decode row; a whole table per admitted sequence (one per row at most).
         self.max_table_updates = max_num_seqs + max_prefill_rows * (pages_per_seq + 1)
         self.num_dispatched = 0
@@ -253,8 +252,7 @@ class ModelRunner:
         return [StepShape(*rows, w) for w in self.width_buckets for rows in ((d, 0), (0, c), (d, c))]
 
     def warmup(self, mode: str, threads: int = 1) -> None:
-        if mode not in WARMUP_MODES:
-            raise ValueError(f"warmup must be one of {WARMUP_MODES}; got {mode!r}")
+        """Compiles the programs of a warm-up mode (one of WARMUP_MODES) before serving."""
         if mode != "none":
             self._programs.compile_all(self.all_shapes() if mode == "all" else self.cover_shapes(), threads)
 
