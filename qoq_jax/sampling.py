@@ -11,14 +11,16 @@ import dataclasses
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from qoq_jax.errors import InvalidSamplingError
+from qoq_jax.validation import INT32_MAX, UINT32_MAX, check_float32, check_integer, is_real
 
 
 @dataclasses.dataclass(frozen=True)
 class SamplingParams:
-    """temperature 0 is greedy; top_k 0 and top_p 1 disable those filters."""
+    """temperature 0 is greedy; top_k 0 and top_p 1 disable those filters. Every value must fit the array it
+    becomes (float32 temperature and top_p, int32 top_k, uint32 seed): a value that would overflow is refused, not
+    wrapped or turned into infinity."""
 
     temperature: float = 0.0
     top_k: int = 0
@@ -26,14 +28,11 @@ class SamplingParams:
     seed: int = 0
 
     def __post_init__(self):
-        if not np.isfinite(self.temperature) or self.temperature < 0:
-            raise InvalidSamplingError(f"temperature must be a finite number >= 0, got {self.temperature}")
-        if int(self.top_k) != self.top_k or self.top_k < 0:
-            raise InvalidSamplingError(f"top_k must be an integer >= 0 (0 disables it), got {self.top_k}")
-        if not (0.0 < self.top_p <= 1.0):
-            raise InvalidSamplingError(f"top_p must be in (0, 1], got {self.top_p}")
-        if int(self.seed) != self.seed or not (0 <= self.seed < 2**32):
-            raise InvalidSamplingError(f"seed must be an integer in [0, 2**32), got {self.seed}")
+        check_float32("temperature", self.temperature, 0.0, InvalidSamplingError)
+        check_integer("top_k", self.top_k, 0, INT32_MAX, InvalidSamplingError)
+        if not is_real(self.top_p) or not 0.0 < self.top_p <= 1.0:
+            raise InvalidSamplingError(f"top_p must be in (0, 1], got {self.top_p!r}")
+        check_integer("seed", self.seed, 0, UINT32_MAX, InvalidSamplingError)
 
 
 @jax.tree_util.register_dataclass

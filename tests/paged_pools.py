@@ -10,12 +10,6 @@ from pallas_kernels.paged_attention import pack_kv_codes
 from qoq_jax.quant import quantize_kv
 
 
-def fresh_rng() -> tuple[np.random.Generator, int]:
-    """A generator with a fresh seed, returned for the failure message."""
-    seed = int(np.random.SeedSequence().entropy % 2**63)
-    return np.random.default_rng(seed), seed
-
-
 def make_pools(rng, bits, *, num_kv_heads, head_dim, num_pages, page_size, dtype=jnp.float32):
     """K and V pools of random tokens quantized as the cache writes them: (codes, scale, zero) each. Keys get
     an offset per channel and heads get different ranges, so zeros and scales vary as in a real model."""
