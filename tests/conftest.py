@@ -16,6 +16,7 @@ from pathlib import Path  # noqa: E402
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 from seeding import seed_of  # noqa: E402
+from parity_report import print_parity_table  # noqa: E402
 from suite_guard import OUTCOMES  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
@@ -42,3 +43,8 @@ def pytest_runtest_makereport(item, call):
     if report.when == "call" or (report.when == "setup" and report.outcome != "passed"):
         item.config.stash.setdefault(OUTCOMES, {})[item.nodeid] = report.outcome
     return report
+
+
+def pytest_terminal_summary(terminalreporter, config):
+    """After the run: the per-family logit errors against transformers (tests/test_families.py)."""
+    print_parity_table(terminalreporter)
