@@ -107,8 +107,11 @@ def test_quantized_model_in_the_engine_equals_generate_under_chunking_prefix_hit
         quantized, max_num_seqs=3, max_model_len=96, page_size=16, num_pages=10, max_num_batched_tokens=35,
         prefill_row_tokens=16, max_prefill_rows=2, warmup="none", compile_in_background=False,
     )  # fmt: skip
-    prefix = quantized.tokenizer("Everyone is permitted to copy and distribute verbatim copies of this license "
-                                 "document, but changing it is not allowed. The GNU General").input_ids[:40]  # fmt: skip
+    license_text = (
+        "Everyone is permitted to copy and distribute verbatim copies of this license document, but changing it is "
+        "not allowed. The GNU General"
+    )
+    prefix = quantized.tokenizer(license_text).input_ids[:40]
     tails = ([306, 1018], [2012, 28, 6142, 2107], [618])
     prompts = [prefix + tail for tail in tails]
     for i, prompt in enumerate(prompts):
