@@ -211,8 +211,9 @@ def test_a_failing_step_ends_its_request_alone(params, engine, monkeypatch):
 
 
 def test_repeated_failures_without_a_culprit_stop_the_engine(params, monkeypatch):
-    """Steps that keep failing once every request in them has run before (no new one to blame) restart the
-    device state, and the third in a row stops the engine."""
+    """Once the device is gone every step fails: the first (three proven requests, none new) makes them
+    suspects and restarts the device state; each suspect then runs alone and is ended; the fourth failure in a
+    row stops the engine."""
     engine = build_engine(params, num_pages=20, **SMALL)
     dispatch, calls = ModelRunner.dispatch, []
 
@@ -223,12 +224,14 @@ def test_repeated_failures_without_a_culprit_stop_the_engine(params, monkeypatch
         return dispatch(runner, scheduled)
 
     monkeypatch.setattr(ModelRunner, "dispatch", failing_later)
-    engine.add_request(Request("a", (5, 6, 7), 20, ignore_eos=True))
-    engine.add_request(Request("b", (5, 6, 8), 20, ignore_eos=True))
-    with pytest.raises(EngineDeadError, match="3 steps in a row failed"):
+    for name, last in (("a", 7), ("b", 8), ("c", 9)):
+        engine.add_request(Request(name, (5, 6, last), 20, ignore_eos=True))
+    ended = {}
+    with pytest.raises(EngineDeadError, match="4 steps in a row failed"):
         for _ in range(50):
-            engine.step()
-    assert engine.stats().engine_restarts_total == 2 and engine.stats().requests_failed_total == 0
+            ended.update((o.request_id, o.finish_reason) for o in engine.step() if o.finished)
+    assert ended == {"a": "error", "b": "error"}
+    assert engine.stats().engine_restarts_total == 3 and engine.stats().requests_failed_total == 2
 
 
 def test_abort_frees_pages_and_ends_the_request(engine):
