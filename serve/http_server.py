@@ -8,8 +8,9 @@ The app starts and shuts down the engine in its lifespan. Requests are tokenized
 ids); streamed answers are server-sent events in OpenAI's chunk shapes, ending with `data: [DONE]`. Errors use
 OpenAI's shape `{"error": {"message", "type", "param", "code"}}`: 400 for bad requests (malformed JSON, wrong
 types, invalid sampling values, prompts that do not fit the context), 401 for a missing or wrong API key, 404
-for an unknown model, 503 when the engine's queue is full. A client that goes away, mid-stream or while waiting
-for a whole answer, has its request aborted and its KV pages freed.
+for an unknown model, 503 when the engine's queue is full or the engine has stopped, 500 for a request the engine
+could not serve (its step failed; the others go on), or an error event when that happens mid-stream. A client
+that goes away, mid-stream or while waiting for a whole answer, has its request aborted and its KV pages freed.
 """
 
 from __future__ import annotations
@@ -39,7 +40,7 @@ from qoq_jax.errors import InvalidRequestError, PromptTooLongError
 from qoq_jax.generate import encode_prompt
 from qoq_jax.sampling import SamplingParams
 from qoq_jax.validation import FLOAT32_MAX, INT32_MAX, UINT32_MAX, unicode_problem
-from serve.request import OverloadedError, Request, RequestOutput
+from serve.request import EngineDeadError, OverloadedError, Request, RequestFailedError, RequestOutput
 
 _THROUGHPUT_WINDOW_S = 10.0
 _DEFAULT_COMPLETION_TOKENS = 16  # OpenAI's default max_tokens for /v1/completions
@@ -158,6 +159,10 @@ def _api_error(err: BaseException, prompt_field: str) -> APIError:
         return APIError(
             503, str(err) or "the server is overloaded; retry later", type="server_error", code="overloaded"
         )
+    if isinstance(err, EngineDeadError):
+        return APIError(503, str(err), type="server_error", code="engine_dead")
+    if isinstance(err, RequestFailedError):
+        return APIError(500, str(err), type="server_error", code="request_failed")
     if isinstance(err, PromptTooLongError):
         return _bad_request(str(err), param=prompt_field, code="context_length_exceeded")
     if isinstance(err, InvalidRequestError):  # its message starts with the field's name, where it has one
@@ -213,6 +218,7 @@ class _EngineCollector:
             ("qoq_kv_pages_used", "KV cache pages in use.", stats.kv_pages_used),
             ("qoq_kv_pages_free", "KV cache pages free.", stats.kv_pages_free),
             ("qoq_kv_pages_total", "KV cache pages in the pool.", stats.kv_pages_total),
+            ("qoq_step_programs_compiling", "Step shapes compiling in the background.", stats.step_programs_compiling),
             ("qoq_prompt_throughput_tokens_per_second", "Prompt tokens/s over the last 10 s.", prompt_rate),
             ("qoq_generation_throughput_tokens_per_second", "Generated tokens/s over the last 10 s.", generation_rate),
         ]
@@ -227,9 +233,23 @@ class _EngineCollector:
                 stats.prefix_cache_hit_tokens_total,
             ),
             ("qoq_preemptions", "Requests preempted to free KV pages.", stats.preemptions_total),
-        ]
+            ("qoq_requests_failed", "Requests ended by a failure of their step (the others went on).",
+             stats.requests_failed_total),
+            ("qoq_engine_restarts", "Failed steps that cost the device state: running requests recomputed.",
+             stats.engine_restarts_total),
+        ]  # fmt: skip
         for name, documentation, value in counters:
             yield CounterMetricFamily(name, documentation, value=value)
+        attention = getattr(self._engine, "attention", None)
+        if attention is not None:
+            info = GaugeMetricFamily(
+                "qoq_attention_implementation",
+                "What runs each attention (1 for the one in use).",
+                labels=["phase", "implementation"],
+            )
+            for phase in ("decode", "extend", "prefill"):
+                info.add_metric([phase, getattr(attention, phase)], 1)
+            yield info
 
 
 class _Metrics:
@@ -239,11 +259,11 @@ class _Metrics:
         self.registry.register(_EngineCollector(engine, self.throughput))
         self.requests_finished = Counter(
             "qoq_requests_finished",
-            "Requests finished, by reason (abort: the client went away or the engine gave up on it).",
+            "Requests finished, by reason (abort: the client went away; error: its step failed).",
             ["finish_reason"],
             registry=self.registry,
         )
-        for reason in ("stop", "length", "abort"):
+        for reason in ("stop", "length", "abort", "error"):
             self.requests_finished.labels(reason)
         self.time_to_first_token = Histogram(
             "qoq_time_to_first_token_seconds",
@@ -288,6 +308,9 @@ class _Batch:
                     return
             self._queue.put_nowait((index, RuntimeError("the engine ended a request without a finish reason")))
         except Exception as err:  # noqa: BLE001 - handed to the consumer
+            if isinstance(err, RequestFailedError):  # the engine ended it: finished, with an error
+                self.finished[index] = True
+                self._metrics.requests_finished.labels("error").inc()
             self._queue.put_nowait((index, err))
         finally:
             await stream.aclose()

@@ -28,7 +28,7 @@ FUZZ_OPTIONS = dict(
     page_size=16,
     num_pages=8,
     max_num_batched_tokens=64,
-    max_prefill_chunk=16,
+    prefill_row_tokens=16,
     max_prefill_rows=1,
 )
 EXAMPLES = 40  # per operation and mode

@@ -266,11 +266,11 @@ def test_engine_on_a_mesh_samples_what_generate_samples(g128_params):
         max_model_len=48,
         page_size=16,
         kv_memory_bytes=12 * page_bytes,
-        max_prefill_chunk=16,  # the 20-token prompt is prefilled in two chunks
+        prefill_row_tokens=16,  # the 20-token prompt is prefilled in two chunks
         max_num_batched_tokens=64,
         max_prefill_rows=1,
     )
-    assert engine.allocator.num_pages == 12
+    assert engine.kv_cache.num_pages == 12
     for i, prompt in enumerate(prompts):
         sampling = qoq_jax.SamplingParams(temperature=0.8, top_k=20, seed=5 + i)
         engine.add_request(Request(str(i), tuple(prompt), 6, sampling, ignore_eos=True))
