@@ -130,7 +130,7 @@ def complete(
         logprobs_mode=logprobs_mode,
     )
     per_prompt = [SamplingParams(temperature, top_k, top_p, s, **options) for s in seeds]
-    check_token_ids(params, "logit_bias", [token for token, _ in per_prompt[0].logit_bias])
+    _check_token_ids(params, "logit_bias", [token for token, _ in per_prompt[0].logit_bias])
     sampling = [dataclasses.replace(p, seed=choice_seed(p.seed, j)) for p in per_prompt for j in range(candidates)]
 
     encoded = [encode_prompt(params, p, chat) for p in prompts]
@@ -168,7 +168,7 @@ def _mean_logprob(logprobs: list[TokenLogprob]) -> float:
     return sum(t.logprob for t in logprobs) / max(len(logprobs), 1)
 
 
-def check_token_ids(params: Params, name: str, ids: Sequence[int]) -> None:
+def _check_token_ids(params: Params, name: str, ids: Sequence[int]) -> None:
     vocab = params.config.vocab_size
     outside = [t for t in ids if not 0 <= t < vocab]
     if outside:
@@ -252,26 +252,25 @@ def _run(params: Params, rows: list[Continuation], sampling, stop_ids, stop, dec
         stop_ids=jnp.asarray(_padded(sorted(stop_ids)), jnp.int32),
         limits=jnp.asarray(limits),
     )
-    wants = [(p.logprobs, p.prompt_logprobs) for p in sampling]
     results = [_RowLogprobs() for _ in rows]
 
-    wants_prompt = np.asarray([w[1] is not None for w in wants] + [False] * len(padding))
+    wants_prompt = np.asarray([p.prompt_logprobs is not None for p in sampling] + [False] * len(padding))
     state, history, first, done, prompt = _prefill_and_sample(
         params, tokens, lengths, stopping, wants_prompt, max_length=cache_length
     )
     if wants_prompt.any():
         prompt = jax.tree.map(np.asarray, prompt)
-        for i, (row, (_, num_top)) in enumerate(zip(rows, wants)):
-            if num_top is not None:
+        for i, (row, p) in enumerate(zip(rows, sampling)):
+            if p.prompt_logprobs is not None:
                 given = jax.tree.map(lambda x: x[i, : len(row.prompt) - 1], prompt)
-                results[i].prompt_logprobs = host_logprobs(row.prompt[1:], given, num_top)
+                results[i].prompt_logprobs = host_logprobs(row.prompt[1:], given, p.prompt_logprobs)
     if max_new == 0:
         return results
     last = first.tokens
     pending = jax.tree.map(lambda x: x[None], first)  # SampledTokens [steps, B] not yet read back
     pending_steps = 1
     steps_dispatched = 1
-    any_logprobs = any(w[0] is not None for w in wants)
+    any_logprobs = any(p.logprobs is not None for p in sampling)
     while True:
         chunk = None
         if steps_dispatched < max_new:  # dispatch the next chunk before reading this one
@@ -285,11 +284,10 @@ def _run(params: Params, rows: list[Continuation], sampling, stop_ids, stop, dec
         for i, row in enumerate(rows):
             before = len(row.tokens)
             row.extend(host_tokens[:, i], stop_ids, stop, params.tokenizer)
-            num_top = wants[i][0]
-            if num_top is not None and len(row.tokens) > before:
-                kept = slice(0, len(row.tokens) - before)
+            if sampling[i].logprobs is not None and len(row.tokens) > before:
+                kept = slice(0, len(row.tokens) - before)  # extend keeps a prefix of the chunk's tokens
                 column = jax.tree.map(lambda x: x[kept, i], host)
-                results[i].logprobs += host_logprobs(row.tokens[before:], column, num_top)
+                results[i].logprobs += host_logprobs(row.tokens[before:], column, sampling[i].logprobs)
         if chunk is None or all(row.finish_reason is not None for row in rows):
             return results
         pending, pending_steps = chunk, chunk_steps
