@@ -246,7 +246,18 @@ def measure(runner, repeats: int, profile_dir: Path | None = None) -> Timing:
     trace = jax.profiler.trace(str(profile_dir)) if profile_dir else contextlib.nullcontext()
     with trace:
         timings = [runner.run() for _ in range(repeats)]
-    return sorted(timings, key=lambda t: t.total_s)[len(timings) // 2]
+    return median_timing(timings)
+
+
+def median_timing(timings: list[Timing]) -> Timing:
+    """The run of median total time; for an even count, the mean of the middle two (part by part, so the
+    total is the median of the totals)."""
+    ordered = sorted(timings, key=lambda t: t.total_s)
+    middle = ordered[(len(ordered) - 1) // 2 : len(ordered) // 2 + 1]
+    prefills = [t.prefill_s for t in middle]
+    return Timing(
+        None if None in prefills else sum(prefills) / len(middle), sum(t.decode_s for t in middle) / len(middle)
+    )
 
 
 class HFRunner:
@@ -452,12 +463,14 @@ def main(argv=None) -> dict:
     args = parse_args(argv)
     if HF_TORCH in args.systems:  # JAX would otherwise take 75% of the GPU at start-up, leaving torch the rest
         os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+    load_average = os.getloadavg()
     mesh = make_mesh(args.tensor_parallel) if args.tensor_parallel > 1 else None
     slug, device = device_description()
     print(TABLE_HEADER, flush=True)
     rows = [row for name in args.models for row in benchmark_model(args, name, mesh)]
     result = {
         "device": device,
+        "load_average_at_start": load_average,
         "jax_version": jax.__version__,
         "dtype": args.dtype,
         "tensor_parallel": args.tensor_parallel,

@@ -21,6 +21,7 @@ Run from the repository root:
     python benchmarks/gemm.py             # GPU: Llama-3-8B shapes × M ∈ {1, 16, 64, 256, 1024, 4096}
     python benchmarks/gemm.py --smoke     # tiny shapes, a few repeats (the default on CPU)
     python benchmarks/gemm.py --check     # GPU: compile both kernels at every M bucket, compare with the references
+                                          # (CPU: the same check in interpret mode at the smoke shapes)
 
 Writes benchmarks/results/gemm-<device>.json and a markdown table beside it (.md), and prints the table.
 """
@@ -71,12 +72,10 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--m", type=int, nargs="+", default=None, help="default: 1 16 64 256 1024 4096")
     parser.add_argument("--repeats", type=int, default=50)
     parser.add_argument("--smoke", action="store_true", help="tiny shapes, 5 repeats; the default without a GPU")
-    parser.add_argument("--check", action="store_true", help="GPU only: kernels against references, every M bucket")
+    parser.add_argument("--check", action="store_true", help="kernels against references, every M bucket")
     parser.add_argument("--out-dir", type=Path, default=REPO_ROOT / "benchmarks" / "results")
     args = parser.parse_args()
     args.on_gpu = jax.default_backend() == "gpu"
-    if args.check and not args.on_gpu:
-        parser.error("--check compiles the real kernels and needs a GPU (tests/test_w4a8_gemm.py runs them on CPU)")
     args.smoke = args.smoke or not args.on_gpu
     if args.smoke:
         args.repeats = min(args.repeats, 5)
@@ -145,11 +144,14 @@ def xla_w4a16(x, w_s4, scale):
 
 
 def system_fn(system: str, impl: str) -> Callable[..., jax.Array]:
-    """The function timed for a system; impl "reference" swaps a qoq kernel for its jnp reference."""
+    """The function timed for a system; impl "reference" swaps a qoq kernel for its jnp reference, "interpret"
+    runs it in Pallas interpret mode."""
     kernels = {
         ("qoq_g128", "pallas"): functools.partial(w4a8_gemm_g128, group_size=GROUP_SIZE),
+        ("qoq_g128", "interpret"): functools.partial(w4a8_gemm_g128, group_size=GROUP_SIZE, interpret=True),
         ("qoq_g128", "reference"): functools.partial(w4a8_gemm_g128_reference, group_size=GROUP_SIZE),
         ("qoq_chn", "pallas"): w4a8_gemm_chn,
+        ("qoq_chn", "interpret"): functools.partial(w4a8_gemm_chn, interpret=True),
         ("qoq_chn", "reference"): w4a8_gemm_chn_reference,
     }
     return kernels.get((system, impl)) or {"xla_bf16": xla_bf16, "xla_w8a8": xla_w8a8, "xla_w4a16": xla_w4a16}[system]
@@ -158,9 +160,9 @@ def system_fn(system: str, impl: str) -> Callable[..., jax.Array]:
 # --- measuring ----------------------------------------------------------------------------------------------
 
 
-def compare_with_reference(system: str, operands: Operands) -> dict:
+def compare_with_reference(system: str, operands: Operands, impl: str = "pallas") -> dict:
     """Kernel against reference on one input: equal up to one fp16 rounding (float32 noise where terms cancel)."""
-    actual = system_fn(system, "pallas")(**operands).astype(jnp.float32)
+    actual = system_fn(system, impl)(**operands).astype(jnp.float32)
     expected = jax.jit(system_fn(system, "reference"))(**operands).astype(jnp.float32)
     excess = jnp.abs(actual - expected) - (
         jnp.finfo(jnp.float16).eps * jnp.abs(expected) + 1e-5 * jnp.max(jnp.abs(expected))
@@ -205,8 +207,8 @@ def benchmark(args: argparse.Namespace) -> list[dict]:
     return rows
 
 
-def check_kernels(shapes, m_values) -> bool:
-    """GPU: each kernel with the default tiles of every M bucket against its reference; prints one line each."""
+def check_kernels(shapes, m_values, impl: str) -> bool:
+    """Each kernel with the default tiles of every M bucket against its reference; prints one line each."""
     key = jax.random.key(time.time_ns() % 2**31)
     all_match = True
     print("| system | M | N | K | tiles | matches reference | max abs diff |\n|---|---:|---:|---:|---|---|---:|")
@@ -214,7 +216,7 @@ def check_kernels(shapes, m_values) -> bool:
         for m in m_values:
             for system in ("qoq_g128", "qoq_chn"):
                 key, operands_key = jax.random.split(key)
-                result = compare_with_reference(system, make_operands(system, m, n, k, operands_key))
+                result = compare_with_reference(system, make_operands(system, m, n, k, operands_key), impl)
                 group_size = GROUP_SIZE if system == "qoq_g128" else None
                 t = W4A8BlockSizes.for_shape(m, n, k, group_size=group_size)
                 tiles = f"{t.block_m}×{t.block_n}×{t.block_k}, {t.num_warps} warps, {t.num_stages} stages"
@@ -253,7 +255,7 @@ def device_description() -> tuple[str, str]:
 def main() -> None:
     args = parse_args()
     if args.check:
-        sys.exit(0 if check_kernels(LLAMA3_8B_SHAPES, args.m) else 1)
+        sys.exit(0 if check_kernels(args.shapes, args.m, "pallas" if args.on_gpu else "interpret") else 1)
     slug, device = device_description()
     print(TABLE_HEADER, flush=True)
     rows = benchmark(args)

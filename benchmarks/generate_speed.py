@@ -214,7 +214,8 @@ def markdown_table(result: dict) -> str:
     lines = [
         f"Generation speed, SmolLM2-135M (Q4_1 GGUF dequantized to {result['dtype']}), "
         f"{result['new_tokens']} new tokens per row, greedy, median of {result['repeats']} runs, "
-        f"on {hardware} ({device['platform']}, {device['cpu_count']} CPUs)",
+        f"on {hardware} ({device['platform']}, {device['cpu_count']} CPUs; load average "
+        f"{result['load_average_at_start'][0]:.1f} at start)",
         "",
         "| batch | qoq_jax tokens/s | hf_torch tokens/s | speedup qoq/torch | rows identical | mean common prefix |",
         "|---:|---:|---:|---:|---:|---:|",
@@ -238,6 +239,7 @@ def markdown_table(result: dict) -> str:
 
 def main() -> None:
     args = parse_args()
+    load_average = os.getloadavg()  # other work on the machine slows both systems alike, but say how much
     params = qoq_jax.load("smollm2", dtype=args.dtype)
     prompts = make_prompts(params.tokenizer, args.text.read_text(), max(args.batches))
     print(f"prompt lengths: {[len(p) for p in prompts]}", flush=True)
@@ -259,6 +261,7 @@ def main() -> None:
 
     result = {
         "device": device_info(),
+        "load_average_at_start": load_average,
         "jax_version": jax.__version__,
         "torch_version": package_version("torch"),
         "transformers_version": package_version("transformers"),

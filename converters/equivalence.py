@@ -13,6 +13,7 @@ measured on the already-transformed model).
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -27,6 +28,10 @@ Weights = dict[str, Any]
 
 _ATTN_INPUTS = ("q_proj", "k_proj", "v_proj")
 _MLP_INPUTS = ("gate_proj", "up_proj")
+
+
+class SmoothingDisabledWarning(UserWarning):
+    """A NaN/Inf smoothing scale turned a stage off for a layer (the reference's guard); calibration records it."""
 
 
 def untie_embeddings(weights: Mapping, config: ModelConfig) -> tuple[Weights, ModelConfig]:
@@ -156,7 +161,7 @@ def smooth_attention(
     else:
         query_max = _rope_pair_max(_f64(q_absmax).reshape(num_kv, group, h).max(axis=1))
     with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
-        lam = _sanitized_scale(key_max**alpha / query_max**beta)
+        lam = _sanitized_scale(key_max**alpha / query_max**beta, "smooth_attention")
     lam_kv = lam.reshape(-1)
     lam_q = np.repeat(lam, group, axis=0).reshape(-1)  # query head g·r + i uses KV head g
     smoothed = _copy_tree(layer)
@@ -174,7 +179,7 @@ def smooth_down_proj(layer: Mapping, input_absmax, alpha: float, beta: float) ->
     mlp = layer["mlp"]
     weight_max = np.abs(_f64(mlp["down_proj"]["kernel"])).max(axis=1)
     with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
-        scales = _sanitized_scale(_f64(input_absmax) ** alpha / weight_max**beta)
+        scales = _sanitized_scale(_f64(input_absmax) ** alpha / weight_max**beta, "smooth_linear")
     smoothed = _copy_tree(layer)
     _update(smoothed["mlp"]["down_proj"], "kernel", lambda kernel: scales[:, None] * kernel)
     _update(smoothed["mlp"]["up_proj"], "kernel", lambda kernel: kernel / scales)
@@ -189,10 +194,20 @@ def _rope_pair_max(per_head: np.ndarray) -> np.ndarray:
     return np.concatenate([pair_max, pair_max], axis=-1)
 
 
-def _sanitized_scale(scale: np.ndarray) -> np.ndarray:
-    """The reference's guard: zero entries become 1, and any NaN/Inf disables the scaling altogether."""
+def _sanitized_scale(scale: np.ndarray, stage: str) -> np.ndarray:
+    """The reference's guard: zero entries become 1, and any NaN/Inf disables the scaling altogether, with a
+    `SmoothingDisabledWarning` naming the stage and the channels, never silently."""
     scale = np.where(scale == 0, 1.0, scale)
-    return scale if np.all(np.isfinite(scale)) else np.ones_like(scale)
+    if np.all(np.isfinite(scale)):
+        return scale
+    channels = np.flatnonzero(~np.isfinite(scale))
+    warnings.warn(
+        SmoothingDisabledWarning(
+            f"{stage} disabled: {len(channels)} channel(s) got a NaN/Inf scale (first: {channels[:4].tolist()})"
+        ),
+        stacklevel=3,
+    )
+    return np.ones_like(scale)
 
 
 def _require_untied(config: ModelConfig, step: str) -> None:

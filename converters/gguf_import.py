@@ -14,7 +14,7 @@ from jax.sharding import Mesh
 from tqdm.auto import tqdm
 
 from qoq_jax.config import ModelConfig
-from qoq_jax.errors import CheckpointError, UnsupportedModelError
+from qoq_jax.errors import CheckpointError, ConfigError, UnsupportedModelError
 from qoq_jax.params import Params, ParamPath, assemble_params
 
 SUPPORTED_GGUF_ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM"}
@@ -51,7 +51,10 @@ def import_gguf(file: str | Path, *, dtype=None, mesh: Mesh | None = None) -> Pa
         raise CheckpointError(f"{file}: cannot be read as GGUF (truncated or corrupt?): {err}") from err
     metadata = {name: _field_value(field) for name, field in reader.fields.items()}
     tensor_names = {t.name for t in reader.tensors}
-    config = ModelConfig.from_hf(gguf_to_hf_config(metadata, tensor_names, source=str(file)))
+    try:
+        config = ModelConfig.from_hf(gguf_to_hf_config(metadata, tensor_names, source=str(file)))
+    except ConfigError as err:
+        raise ConfigError(f"{file}: the GGUF metadata, read as a transformers config: {err}") from None
     architecture = metadata["general.architecture"]
 
     tensors: dict[ParamPath, np.ndarray] = {}
@@ -106,7 +109,7 @@ def gguf_to_hf_config(metadata: dict, tensor_names: set[str], *, source: str) ->
         "num_hidden_layers": get("block_count"),
         "num_attention_heads": heads,
         "num_key_value_heads": get("attention.head_count_kv", heads),
-        "head_dim": get("attention.key_length") or hidden // heads,
+        "head_dim": get("attention.key_length") or (hidden // heads if hidden and heads else None),
         "max_position_embeddings": get("context_length", 2048),
         "rms_norm_eps": get("attention.layer_norm_rms_epsilon", 1e-6),
         "rope_parameters": rope_parameters,
@@ -142,15 +145,31 @@ def _field_value(field):
         return None
 
 
+_TRANSFORMERS_GGUF_MODULE = "transformers.integrations.gguf.gguf_tokenizer_mapping"
+"""Not public API: transformers may move it in any release. `tests/test_import.py` checks it is where we read it,
+and the bound on transformers in pyproject.toml is no wider than the releases CI has run."""
+
+
 def gguf_tokenizer(metadata: dict):
     """The file's tokenizer and chat template, built by transformers' GGUF tokenizer converter from the metadata
     already read: `AutoTokenizer.from_pretrained(gguf_file=...)` would parse the file again and needs torch."""
+    import importlib
+
+    import transformers
     from transformers import PreTrainedTokenizerFast
-    from transformers.integrations.gguf.gguf_tokenizer_mapping import GGUF_TOKENIZER_MAPPING, convert_gguf_tokenizer
+
+    try:
+        converter = importlib.import_module(_TRANSFORMERS_GGUF_MODULE)
+        renames_by_group, convert = converter.GGUF_TOKENIZER_MAPPING, converter.convert_gguf_tokenizer
+    except (ImportError, AttributeError) as err:
+        raise UnsupportedModelError(
+            f"transformers {transformers.__version__} has no GGUF tokenizer converter at {_TRANSFORMERS_GGUF_MODULE} "
+            f"({err}); install the transformers version pyproject.toml allows"
+        ) from err
 
     grouped = {
         group: {name: metadata[f"tokenizer.{key}"] for key, name in renames.items() if f"tokenizer.{key}" in metadata}
-        for group, renames in GGUF_TOKENIZER_MAPPING.items()
+        for group, renames in renames_by_group.items()
     }
     tokenizer_dict, tokenizer_config = grouped["tokenizer"], grouped["tokenizer_config"]
     if tokenizer_dict.get("tokenizer_type") == "llama":  # llama.cpp adds BOS to sentencepiece vocabularies
@@ -158,5 +177,5 @@ def gguf_tokenizer(metadata: dict):
     for special in ("bos", "eos", "unk", "pad"):
         token_id = tokenizer_dict.get(f"{special}_token_id")
         tokenizer_config[f"{special}_token"] = None if token_id is None else tokenizer_dict["tokens"][token_id]
-    backend, extra = convert_gguf_tokenizer(metadata["general.architecture"], tokenizer_dict)
+    backend, extra = convert(metadata["general.architecture"], tokenizer_dict)
     return PreTrainedTokenizerFast(tokenizer_object=backend, **tokenizer_config, **extra)

@@ -97,7 +97,8 @@ def dequantize(codes, scale, zero, group_size: int) -> jax.Array:
 
 
 def _damped_inverse_factor(h, damp):
-    """Upper U with UᵀU = (H + δI)⁻¹: δ = damp·mean(diag H), plus 0.001·mean per failed Cholesky.
+    """Upper U with UᵀU = (H + δI)⁻¹: δ = damp·mean(diag H), plus 0.001·mean per failed Cholesky; and whether
+    a Cholesky succeeded within MAX_CHOLESKY_TRIES (if not, U is NaN and the caller must refuse the result).
 
     With J the reversal permutation and J H J = M Mᵀ, H = R Rᵀ for the upper R = J M J, so U = R⁻¹: one
     Cholesky and one triangular solve instead of the reference's Cholesky, inverse, Cholesky. Only the
@@ -118,7 +119,8 @@ def _damped_inverse_factor(h, damp):
 
     _, _, reversed_factor = lax.while_loop(failed, damp_more, (0, reversed_h, jnp.linalg.cholesky(reversed_h)))
     identity = jnp.eye(n, dtype=h.dtype)
-    return jnp.flip(jax.scipy.linalg.solve_triangular(reversed_factor, identity, lower=True))
+    factor = jnp.flip(jax.scipy.linalg.solve_triangular(reversed_factor, identity, lower=True))
+    return factor, jnp.all(jnp.isfinite(factor))
 
 
 def gptq_quantize(
@@ -131,8 +133,10 @@ def gptq_quantize(
     act_order: bool = True,
     block_size: int = 128,
     damp: float = 0.01,
-) -> jax.Array:
-    """GPTQ (Frantar et al.) uint8 codes [out, in] on the static grid, in the original column order.
+) -> tuple[jax.Array, jax.Array]:
+    """GPTQ (Frantar et al.) uint8 codes [out, in] on the static grid, in the original column order, and whether
+    the damped Hessian factorized (a bool array): when it never did (NaN or Inf activations, a Hessian that no
+    damping makes positive definite) the codes are meaningless, and the caller must refuse them.
 
     Columns are processed in order of descending diag(H) when `act_order`, but each keeps the
     scale/zero of its original group ("static groups"). With `clip` = P (progressive g128, where w is the
@@ -165,7 +169,8 @@ def _gptq_codes(w, hessian, scale, zero, clip, act_order, damp, group_size, bloc
     block = min(block_size, in_features)
     pad = -in_features % block
     padded = in_features + pad
-    h_inv = jnp.pad(_damped_inverse_factor(h, damp), ((0, pad), (0, pad)))
+    factor, factorized = _damped_inverse_factor(h, damp)
+    h_inv = jnp.pad(factor, ((0, pad), (0, pad)))
     h_inv = h_inv + jnp.diag(jnp.arange(padded) >= in_features).astype(jnp.float32)
     wt = jnp.pad(wt, ((0, pad), (0, 0)))
     # Padding columns reuse group 0's grid; their codes are dropped.
@@ -200,7 +205,7 @@ def _gptq_codes(w, hessian, scale, zero, clip, act_order, damp, group_size, bloc
 
     _, codes = lax.fori_loop(0, padded // block, quantize_block, (wt, jnp.zeros((padded, out_features), jnp.float32)))
     restored = jnp.zeros((in_features, out_features), jnp.float32).at[order].set(codes[:in_features])
-    return restored.T.astype(jnp.uint8)
+    return restored.T.astype(jnp.uint8), factorized
 
 
 def channel_scale_zero(w, ratio) -> tuple[jax.Array, jax.Array]:

@@ -16,7 +16,7 @@ from jax.sharding import Mesh
 from tqdm.auto import tqdm
 
 from qoq_jax.config import ModelConfig
-from qoq_jax.errors import CheckpointError
+from qoq_jax.errors import CheckpointError, ConfigError
 from qoq_jax.params import Params, ParamPath, assemble_params
 
 Transform = Callable[[np.ndarray], np.ndarray]
@@ -65,7 +65,12 @@ def import_hf_directory(directory: str | Path, *, dtype=None, mesh: Mesh | None 
         hf_config = json.loads(config_file.read_text())
     except json.JSONDecodeError as err:
         raise CheckpointError(f"{config_file}: not valid JSON ({err})") from err
-    config = ModelConfig.from_hf(hf_config)
+    if not isinstance(hf_config, dict):
+        raise ConfigError(f"{config_file}: expected a JSON object, got {type(hf_config).__name__}")
+    try:
+        config = ModelConfig.from_hf(hf_config)
+    except ConfigError as err:
+        raise ConfigError(f"{config_file}: {err}") from None
     files = _weight_files(directory)
     tensors: dict[ParamPath, np.ndarray] = {}
     unknown = []

@@ -15,7 +15,9 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import logging
 import time
+import warnings
 from collections.abc import Mapping
 
 import jax
@@ -26,6 +28,7 @@ from tqdm.auto import tqdm
 
 from converters import equivalence, gptq
 from qoq_jax.config import ModelConfig
+from qoq_jax.errors import CalibrationError
 from qoq_jax.kv_cache import NoKVCache
 from qoq_jax.model import CausalLM
 from qoq_jax.params import Params, assemble_params
@@ -59,6 +62,8 @@ _LINEARS_BY_INPUT = {
     for observed in dict.fromkeys(_LINEARS.values())
 }
 _SAMPLE_BLOCKS, _SAMPLE_BLOCK_LEN = 8, 64
+
+log = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -162,7 +167,7 @@ def quantize_model(
         hidden = jnp.take(float_model.embed_tokens[...], tokens, axis=0)
         sample_rows, sample_starts = _sample_blocks(*tokens.shape)
     bar = tqdm(total=config.num_layers * (2 + len(_LINEARS_BY_INPUT)), desc=f"QoQ {recipe.name}", disable=not progress)
-    quantized_layers = {}
+    quantized_layers, disabled_stages = {}, []
     for index in range(config.num_layers):
         layer, stats = weights["layers"][index], None
         if recipe.needs_statistics:
@@ -173,7 +178,16 @@ def quantize_model(
             )
             bar.update()
             bar.set_postfix_str(f"layer {index} · transforms")
-            layer, stats = _transform_layer(layer, stats, recipe, config)
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always", equivalence.SmoothingDisabledWarning)
+                layer, stats = _transform_layer(layer, stats, recipe, config)
+            for warning in caught:
+                if not issubclass(warning.category, equivalence.SmoothingDisabledWarning):
+                    warnings.warn_explicit(warning.message, warning.category, warning.filename, warning.lineno)
+                    continue
+                stage, reason = str(warning.message).split(" disabled: ", 1)
+                disabled_stages.append({"layer": index, "stage": stage, "reason": reason})
+                log.warning("layer %d: %s", index, warning.message)
         bar.update(2 - recipe.needs_statistics)
         quantized = {group: dict(modules) for group, modules in layer.items()}
         for observed, members in _LINEARS_BY_INPUT.items():
@@ -181,9 +195,14 @@ def quantize_model(
             hessian = None if stats is None else stats.hessians[observed].hessian()
             sample = None if stats is None else stats.samples[observed]
             kernels = tuple(layer[module][name]["kernel"] for module, name in members)
-            for (module, name), kernel in zip(
-                members, _quantize_kernels(kernels, hessian, sample, recipe, group_size), strict=True
-            ):
+            quantized_kernels, factorized = _quantize_kernels(kernels, hessian, sample, recipe, group_size)
+            if not bool(factorized):
+                raise CalibrationError(
+                    f"layers.{index}.{'/'.join(f'{module}.{name}' for module, name in members)}: GPTQ failed: the "
+                    f"inputs' Hessian is not positive definite even after {gptq.MAX_CHOLESKY_TRIES} extra dampings "
+                    "(NaN or Inf in the calibration activations?)"
+                )
+            for (module, name), kernel in zip(members, quantized_kernels, strict=True):
                 quantized[module] = {**quantized[module], name: {**layer[module][name], "kernel": kernel}}
             bar.update()
         quantized_layers[index] = quantized
@@ -194,6 +213,7 @@ def quantize_model(
     report = {
         "recipe": dataclasses.asdict(recipe),
         "stages": recipe.stages(),
+        "disabled_stages": disabled_stages,  # stages a NaN/Inf scale turned off, per layer
         "group_size": group_size,
         "calibration": {"samples": int(tokens.shape[0]), "seq_len": int(tokens.shape[1])},
         "seconds": round(time.perf_counter() - started, 1),
@@ -320,9 +340,9 @@ def _transform_layer(layer: Mapping, stats: LayerStatistics, recipe: Recipe, con
 @functools.partial(jax.jit, static_argnames=("recipe", "group_size"))
 def _quantize_kernels(kernels_kn: tuple, hessian, sample, recipe: Recipe, group_size: int | None) -> tuple:
     """Float kernels [in, out] that share one input (q/k/v, gate/up) → their quantized weights (or, weight-only,
-    their dequantized floats). Every grid is per output channel, so they are quantized as one matrix of their
-    concatenated outputs — one GPTQ pass over the shared Hessian — and split afterwards. Jitted whole, so each
-    shape compiles once per recipe."""
+    their dequantized floats), and whether GPTQ's Hessian factorized (True without GPTQ). Every grid is per
+    output channel, so they are quantized as one matrix of their concatenated outputs — one GPTQ pass over the
+    shared Hessian — and split afterwards. Jitted whole, so each shape compiles once per recipe."""
     widths = [kernel.shape[1] for kernel in kernels_kn]
     kernel_kn = jnp.concatenate([jnp.asarray(kernel, jnp.float32) for kernel in kernels_kn], axis=1)
 
@@ -330,38 +350,42 @@ def _quantize_kernels(kernels_kn: tuple, hessian, sample, recipe: Recipe, group_
         return jnp.split(array, np.cumsum(widths)[:-1], axis=-1)
 
     if recipe.weights == Int8ChannelWeight.format_name:
-        return tuple(Int8ChannelWeight.round_to_nearest(part) for part in split(kernel_kn))
+        return tuple(Int8ChannelWeight.round_to_nearest(part) for part in split(kernel_kn)), jnp.bool_(True)
     if recipe.weights in (Int4GroupWeight.format_name, WEIGHT_ONLY_PROGRESSIVE):
         s1, u = progressive_level1(kernel_kn)
         s2, zero = progressive_level2(u, group_size)
-        codes = _codes(u.T, hessian, s2.T, zero.T, group_size, PROTECTIVE_RANGE, recipe)
+        codes, factorized = _codes(u.T, hessian, s2.T, zero.T, group_size, PROTECTIVE_RANGE, recipe)
         weights = tuple(
             Int4GroupWeight.from_codes(*parts, group_size=group_size)
             for parts in zip(split(codes.T), split(s1), split(s2), split(zero), strict=True)
         )
-        return weights if recipe.weights == Int4GroupWeight.format_name else tuple(w.dequantize() for w in weights)
+        if recipe.weights != Int4GroupWeight.format_name:
+            weights = tuple(w.dequantize() for w in weights)
+        return weights, factorized
     w = kernel_kn.T
     if recipe.weights == Int4ChannelWeight.format_name:
         ratios = gptq.search_clip_ratios(w, sample.reshape(-1, w.shape[1])) if recipe.clip_search else 1.0
         scale, zero = gptq.channel_scale_zero(w, ratios)
-        codes = _codes(w, hessian, scale[:, None], zero[:, None], w.shape[1], None, recipe)
-        return tuple(
+        codes, factorized = _codes(w, hessian, scale[:, None], zero[:, None], w.shape[1], None, recipe)
+        weights = tuple(
             Int4ChannelWeight.from_codes(*parts)
             for parts in zip(split(codes.T), split(scale), split(zero), strict=True)
         )
+        return weights, factorized
     # Weight-only g128 baseline: asymmetric uint4 per group with fp16 scale and zero.
     grouped = w.reshape(w.shape[0] * (w.shape[1] // group_size), group_size)
     scale, zero = gptq.channel_scale_zero(grouped, 1.0)
     scale = scale.reshape(w.shape[0], -1)
     zero = zero.reshape(w.shape[0], -1)
-    codes = _codes(w, hessian, scale, zero, group_size, None, recipe)
-    return tuple(split(gptq.dequantize(codes, scale, zero, group_size).T))
+    codes, factorized = _codes(w, hessian, scale, zero, group_size, None, recipe)
+    return tuple(split(gptq.dequantize(codes, scale, zero, group_size).T)), factorized
 
 
 def _codes(w, hessian, scale, zero, group_size, clip, recipe: Recipe):
+    """Codes by GPTQ (and whether its Hessian factorized) or by plain rounding (always True)."""
     scale, zero = scale.astype(jnp.float32), zero.astype(jnp.float32)
     if not recipe.gptq:
-        return gptq.rtn_quantize(w, scale, zero, group_size, clip=clip)
+        return gptq.rtn_quantize(w, scale, zero, group_size, clip=clip), jnp.bool_(True)
     return gptq.gptq_quantize(
         w, hessian, scale, zero, group_size, clip=clip, damp=recipe.gptq_damp, block_size=recipe.gptq_block_size
     )

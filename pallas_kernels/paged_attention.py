@@ -87,14 +87,17 @@ class DecodeAttentionBlockSizes:
     num_stages: int = 2
 
     @classmethod
-    def for_shape(cls, batch: int, num_kv_heads: int, pages_per_sequence: int, page_size: int):
-        """About 128 tokens per step; enough splits to give the GPU ~512 programs, at least 4 steps each."""
+    def for_shape(cls, batch: int, num_kv_heads: int, pages_per_sequence: int, page_size: int, *, bits: int = 4):
+        """About 128 tokens per step; enough splits to give the GPU ~512 programs, at least 4 steps each.
+
+        KV8 runs 8 warps: its [128 tokens, D] code tiles are twice KV4's, and at 4 warps it needed 168 registers
+        on sm_90 and 213 on sm_80 (128 on both at 8; benchmarks/results/kernel-compile.md)."""
         pages_per_block = max(1, 128 // page_size)
         steps = -(-pages_per_sequence // pages_per_block)
         splits = 1
         while batch * num_kv_heads * splits < 512 and steps // (2 * splits) >= 4:
             splits *= 2
-        return cls(pages_per_block=pages_per_block, num_splits=splits)
+        return cls(pages_per_block=pages_per_block, num_splits=splits, num_warps=8 if bits == 8 else 4)
 
 
 def _check_pools(q, k_codes, v_codes, block_tables, lengths, scales, bits):
@@ -300,7 +303,9 @@ def paged_decode_attention(
             f"the decode kernel needs power-of-two page_size ≥ 8 and head_dim ≥ 32; got "
             f"page_size {page_size}, head_dim {head_dim}"
         )
-    blocks = block_sizes or DecodeAttentionBlockSizes.for_shape(batch, num_kv_heads, block_tables.shape[1], page_size)
+    blocks = block_sizes or DecodeAttentionBlockSizes.for_shape(
+        batch, num_kv_heads, block_tables.shape[1], page_size, bits=bits
+    )
     group = num_heads // num_kv_heads
     rows = max(_MIN_QUERY_ROWS, 1 << (group - 1).bit_length())
     q_grouped = q.reshape(batch, num_kv_heads, group, head_dim)

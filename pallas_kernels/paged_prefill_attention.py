@@ -64,14 +64,11 @@ class PrefillAttentionBlockSizes:
 
     @classmethod
     def for_shape(cls, group: int, page_size: int, head_dim: int) -> "PrefillAttentionBlockSizes":
-        """128 query rows and about 64 keys per step, with 8 warps once the [128, D] float32 accumulator is
-        128 channels wide (the tiles of jax's Triton flash attention). Not tuned on a GPU yet."""
-        padded_group = _padded_group(group)
-        return cls(
-            query_tokens=max(1, 128 // padded_group),
-            pages_per_block=max(1, 64 // page_size),
-            num_warps=8 if head_dim >= 128 else 4,
-        )
+        """32 query rows and about 64 keys per step on 8 warps: the largest tile that compiles within limits on
+        sm_90 and sm_80 at every KV width (128 rows, jax's flash-attention tile, spilled or hit 255 registers on
+        both; 64 rows hit 255 at KV4 on sm_80: benchmarks/results/kernel-compile.md). Not tuned on a GPU yet."""
+        query_tokens = max(1, 32 // _padded_group(group))
+        return cls(query_tokens=query_tokens, pages_per_block=max(1, 64 // page_size), num_warps=8)
 
 
 def _padded_group(group: int) -> int:

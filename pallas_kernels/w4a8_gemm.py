@@ -8,10 +8,12 @@ come in tiles of `PACK_TILE_N` = 64; inside tile t, byte column t·32 + j holds
     low nibble  = code of output channel t·64 + j
     high nibble = code of output channel t·64 + 32 + j          (j in 0..31)
 
-so a kernel that loads a [block_k, 32] slab of bytes gets two [block_k, 32] int8 weight tiles with one mask
-and one shift (`b & 15`, `b >> 4`), each feeding its own dot into its own 32 output columns: no interleave,
-no concatenate (which the Pallas Triton lowering rejects off the last axis). QServe pairs rows o and o+16 of a
-32×32 MMA tile for the same reason.
+so the low nibbles of a [block_k, T·32] slab of bytes (T whole tiles) are the codes of the low halves of its T
+tiles and the high nibbles those of the high halves: one mask and one shift (`b & 15`, `b >> 4`) give two
+[block_k, T·32] int8 weight tiles, each feeding one dot, with no interleave and no concatenate (which the Pallas
+Triton lowering rejects off the last axis). The kernels view per-channel operands and the output as
+[..., N/64, 2, 32] (`by_half_tile`), so each half's channels are one strided slice. QServe pairs rows o and o+16
+of a 32×32 MMA tile for the same reason.
 
 Arithmetic (both recipes; see ../shared/spec/qoq-algorithm.md §2.3)
 -------------------------------------------------------------------
@@ -24,11 +26,11 @@ The epilogue is float32 and rounds once to the output dtype.
 Kernels (Pallas, Triton lowering; `interpret=True` runs them on CPU)
 --------------------------------------------------------------------
 `w4a8_gemm_g128` and `w4a8_gemm_chn` tile the output over a (M blocks, N blocks) grid. Each program loops over
-K in `block_k` steps (one group for g128), unpacking each [block_k, 32] byte slab on int32 (Triton has no
-arithmetic on 8-bit types) and running one int8 × int8 → int32 `jnp.dot` per half tile; partial sums are never
-dequantized. Rows past M are masked on load and store, so M is free; N and K are multiples of 64. Tiles come
-from `W4A8BlockSizes.for_shape` per M bucket. The `*_reference` functions at the bottom are the same
-arithmetic in plain jnp.
+K in `block_k` steps (within one group for g128), unpacking each [block_k, block_n/2] byte slab on int32 (Triton
+has no arithmetic on 8-bit types) and running one int8 × int8 → int32 `jnp.dot` per nibble half, block_n/2
+columns wide; partial sums are never dequantized. Rows past M are masked on load and store, so M is free; N and
+K are multiples of 64. Tiles come from `W4A8BlockSizes.for_shape` per M bucket and arch. The `*_reference`
+functions at the bottom are the same arithmetic in plain jnp.
 """
 
 from __future__ import annotations
@@ -83,9 +85,10 @@ class W4A8BlockSizes:
     """Tile sizes and Triton launch parameters of one W4A8 GEMM call; frozen so it can be a static jit argument.
 
     Each program computes a [block_m, block_n] output tile, stepping over K in block_k slices. block_n is a
-    multiple of the 64-channel packed tile (each tile is two 32-column dots); the g128 kernel needs
-    block_k == group_size so that each step reads one row of s2 / zero. All three are powers of two because
-    Triton loads are; block_m ≥ 16 and block_k ≥ 32 because that is the smallest int8 `tt.dot`.
+    multiple of the 64-channel packed tile (each step is two int8 dots of block_n/2 columns, one per nibble
+    half); the g128 kernel needs block_k to divide group_size so that each step reads one row of s2 / zero. All
+    three are powers of two because Triton loads are; block_m ≥ 16 and block_k ≥ 32 because that is the smallest
+    int8 `tt.dot`.
     """
 
     block_m: int
@@ -102,23 +105,43 @@ class W4A8BlockSizes:
             )
 
     @classmethod
-    def for_shape(cls, m: int, n: int, k: int, *, group_size: int | None = None) -> W4A8BlockSizes:
-        """The default tiles for an [m, k] @ [k, n] product: the M bucket's entry, shrunk to divide n and k.
+    def for_shape(
+        cls, m: int, n: int, k: int, *, group_size: int | None = None, compute_capability: float | None = None
+    ) -> W4A8BlockSizes:
+        """The default tiles for an [m, k] @ [k, n] product on a GPU of `compute_capability` (default: the first
+        device's; 9.0 without a GPU): the M bucket's entry, shrunk to divide n and k (and the group).
 
         The buckets follow QServe's CTA tiles (narrow tiles for decode so that N alone fills the GPU, 128-row
-        tiles for prefill); they are starting points that have not been tuned on a GPU.
+        tiles for prefill). From M > 64 on, sm_90 takes 256-channel blocks, so each nibble half's dot is 128
+        columns wide (wgmma m64n128k32; the 32-wide dots of 64-channel halves ran wgmma n32, far below its rate),
+        while sm_80's `mma.sync` tiles are 8 columns wide anyway and 256-channel blocks spill there: its
+        buckets keep 128. benchmarks/results/kernel-compile.md has the registers, spills and shared memory of
+        every bucket on both; none has been timed on a GPU yet.
         """
-        bucket = next(blocks for bound, blocks in _M_BUCKETS if m <= bound)
-        block_k = group_size if group_size is not None else _largest_dividing(bucket.block_k, k)
+        if compute_capability is None:
+            compute_capability = device_compute_capability()
+        buckets = _M_BUCKETS_SM90 if compute_capability >= 9.0 else _M_BUCKETS
+        bucket = next(blocks for bound, blocks in buckets if m <= bound)
+        block_k = _largest_dividing(bucket.block_k, k if group_size is None else group_size)
         return dataclasses.replace(bucket, block_n=_largest_dividing(bucket.block_n, n), block_k=block_k)
 
 
-# (largest M, tiles) per bucket, from decode (M ≤ 16) to prefill (M > 1024).
+def device_compute_capability() -> float:
+    """The first device's compute capability, 9.0 where it is no GPU (interpret mode, lowering on CPU)."""
+    device = jax.devices()[0]
+    return float(device.compute_capability) if device.platform == "gpu" else 9.0
+
+
+# (largest M, tiles) per bucket, from decode (M ≤ 16) to prefill (M > 256).
 _M_BUCKETS = (
     (16, W4A8BlockSizes(block_m=16, block_n=64, block_k=128, num_warps=4, num_stages=4)),
     (64, W4A8BlockSizes(block_m=32, block_n=64, block_k=128, num_warps=4, num_stages=4)),
     (256, W4A8BlockSizes(block_m=64, block_n=128, block_k=128, num_warps=4, num_stages=3)),
-    (1024, W4A8BlockSizes(block_m=128, block_n=128, block_k=64, num_warps=8, num_stages=3)),
+    (float("inf"), W4A8BlockSizes(block_m=128, block_n=128, block_k=64, num_warps=8, num_stages=3)),
+)
+_M_BUCKETS_SM90 = (
+    *_M_BUCKETS[:2],
+    (256, W4A8BlockSizes(block_m=64, block_n=256, block_k=32, num_warps=4, num_stages=4)),  # bk 64: 253 registers
     (float("inf"), W4A8BlockSizes(block_m=128, block_n=256, block_k=64, num_warps=8, num_stages=3)),
 )
 
@@ -136,53 +159,65 @@ def _valid_rows(block_m: int, num_rows: int) -> jax.Array:
     return pl.program_id(0) * block_m + jnp.arange(block_m) < num_rows
 
 
-def _accumulate(x_ref, packed_ref, rows, *, num_k_blocks: int, block_k: int, widen):
-    """Σ_K X8 @ W8 in int32, one [block_m, 32] accumulator per half tile (column i·32 of the output block).
+def by_half_tile(a: jax.Array) -> jax.Array:
+    """A per-output-channel array [..., N] viewed as [..., N/64, 2, 32]: (packed tile, nibble half, lane), the
+    order of the packed layout, so `[..., :, half, :]` is the channels of one nibble half of every tile."""
+    return a.reshape(*a.shape[:-1], a.shape[-1] // PACK_TILE_N, 2, _HALF_TILE)
 
-    `widen(k_block, column, codes)` turns the int32 codes 0..15 of a [block_k, 32] half tile into its int8 weights.
-    The packed bytes are unpacked on int32 (Triton rejects arithmetic on 8-bit types) and each half tile is its
-    own dot, so nothing is sliced or concatenated after loading.
+
+def _half_columns(ref, half: int, *leading) -> jax.Array:
+    """Row `leading` of a by_half_tile ref, the channels of nibble half `half` of its tiles: [1, block_n/2]."""
+    values = ref[(*(pl.ds(index, 1) for index in leading), slice(None), half, slice(None))]
+    return values.reshape(1, values.size)
+
+
+def _accumulate(x_ref, packed_ref, rows, *, num_k_blocks: int, block_k: int, widen):
+    """Σ_K X8 @ W8 in int32: one [block_m, block_n/2] accumulator per nibble half.
+
+    A [block_k, block_n/2] slab of packed bytes holds, in its low nibbles, the codes of the low half of every
+    64-channel tile of the block, and in its high nibbles the high halves; each half is one int8 dot as wide as
+    half the block (≥ 128 columns at block_n = 256, which Hopper's wgmma needs for its full rate). The bytes are
+    unpacked on int32 (Triton rejects arithmetic on 8-bit types); `widen(k_block, half, codes)` turns a half's
+    codes 0..15 into its int8 weights. Partial sums are never dequantized.
     """
-    block_m = x_ref.shape[0]
-    num_tiles = packed_ref.shape[1] // _HALF_TILE
 
     def step(k_block, accs):
         k_slice = pl.ds(k_block * block_k, block_k)
         x = plgpu.load(x_ref.at[:, k_slice], mask=rows[:, None], other=0)
-        out = list(accs)
-        for tile in range(num_tiles):
-            packed = packed_ref[k_slice, pl.ds(tile * _HALF_TILE, _HALF_TILE)].astype(jnp.int32)
-            for half, codes in enumerate((packed & 15, packed >> 4)):
-                i = 2 * tile + half  # output columns [i·32, i·32 + 32) of the block
-                w_i8 = widen(k_block, i * _HALF_TILE, codes)
-                out[i] += jnp.dot(x, w_i8, preferred_element_type=jnp.int32)
-        return tuple(out)
+        packed = packed_ref[k_slice, :].astype(jnp.int32)
+        return tuple(
+            acc + jnp.dot(x, widen(k_block, half, codes), preferred_element_type=jnp.int32)
+            for half, (acc, codes) in enumerate(zip(accs, (packed & 15, packed >> 4)))
+        )
 
-    zeros = tuple(jnp.zeros((block_m, _HALF_TILE), jnp.int32) for _ in range(2 * num_tiles))
-    return jax.lax.fori_loop(0, num_k_blocks, step, zeros)
+    zeros = jnp.zeros((x_ref.shape[0], packed_ref.shape[1]), jnp.int32)
+    return jax.lax.fori_loop(0, num_k_blocks, step, (zeros, zeros))
 
 
 def _store(o_ref, rows, accs, epilogue) -> None:
-    """Writes `epilogue(columns, acc)` of every half-tile accumulator, skipping the rows past M."""
-    for i, acc in enumerate(accs):
-        columns = pl.ds(i * _HALF_TILE, _HALF_TILE)
-        plgpu.store(o_ref.at[:, columns], epilogue(columns, acc).astype(o_ref.dtype), mask=rows[:, None])
+    """Writes `epilogue(half, acc)` of each half's accumulator into its channels of the by_half_tile output,
+    skipping the rows past M."""
+    block_m, num_tiles = o_ref.shape[:2]
+    for half, acc in enumerate(accs):
+        y = epilogue(half, acc).astype(o_ref.dtype).reshape(block_m, num_tiles, 1, _HALF_TILE)
+        plgpu.store(o_ref.at[:, :, pl.ds(half, 1), :], y, mask=jnp.broadcast_to(rows[:, None, None, None], y.shape))
 
 
-def _g128_kernel(x_ref, x_scale_ref, packed_ref, s1_ref, s2_ref, zero_ref, o_ref, *, num_rows, group_size):
+def _g128_kernel(x_ref, x_scale_ref, packed_ref, s1_ref, s2_ref, zero_ref, o_ref, *, num_rows, group_size, block_k):
     rows = _valid_rows(x_ref.shape[0], num_rows)
 
-    def widen(k_block, column, codes):
-        columns = pl.ds(column, _HALF_TILE)
-        s2 = s2_ref[pl.ds(k_block, 1), columns].astype(jnp.int32)
-        zero = zero_ref[pl.ds(k_block, 1), columns].astype(jnp.int32)
+    def widen(k_block, half, codes):
+        group = k_block * block_k // group_size
+        s2 = _half_columns(s2_ref, half, group).astype(jnp.int32)
+        zero = _half_columns(zero_ref, half, group).astype(jnp.int32)
         return (codes * s2 - zero).astype(jnp.int8)
 
-    accs = _accumulate(x_ref, packed_ref, rows, num_k_blocks=s2_ref.shape[0], block_k=group_size, widen=widen)
+    num_k_blocks = x_ref.shape[1] // block_k
+    accs = _accumulate(x_ref, packed_ref, rows, num_k_blocks=num_k_blocks, block_k=block_k, widen=widen)
     x_scale = plgpu.load(x_scale_ref, mask=rows, other=0).astype(jnp.float32)[:, None]
 
-    def epilogue(columns, acc):
-        return acc.astype(jnp.float32) * x_scale * s1_ref[columns].astype(jnp.float32)[None, :]
+    def epilogue(half, acc):
+        return acc.astype(jnp.float32) * x_scale * _half_columns(s1_ref, half).astype(jnp.float32)
 
     _store(o_ref, rows, accs, epilogue)
 
@@ -195,45 +230,54 @@ def _chn_kernel(x_ref, x_scale_ref, x_sum_ref, packed_ref, scale_ref, zero_ref, 
         rows,
         num_k_blocks=x_ref.shape[1] // block_k,
         block_k=block_k,
-        widen=lambda k_block, column, codes: codes.astype(jnp.int8),
+        widen=lambda k_block, half, codes: codes.astype(jnp.int8),
     )
     x_scale = plgpu.load(x_scale_ref, mask=rows, other=0).astype(jnp.float32)[:, None]
     x_sum = plgpu.load(x_sum_ref, mask=rows, other=0).astype(jnp.float32)[:, None]
 
-    def epilogue(columns, acc):
-        scale = scale_ref[columns].astype(jnp.float32)[None, :]
-        zero = zero_ref[columns].astype(jnp.float32)[None, :]
+    def epilogue(half, acc):
+        scale = _half_columns(scale_ref, half).astype(jnp.float32)
+        zero = _half_columns(zero_ref, half).astype(jnp.float32)
         return x_scale * (scale * acc.astype(jnp.float32) - zero * x_sum)
 
     _store(o_ref, rows, accs, epilogue)
 
 
 def _w4a8_unbatched(kernel, row_operands, packed, column_operands, *, out_dtype, blocks, name, interpret):
-    """The one pallas_call: grid (M blocks, N blocks); per-token operands are split by rows, weights by columns."""
+    """The one pallas_call: grid (M blocks, N blocks); per-token operands are split by rows, weights by columns.
+
+    Per-channel operands and the output travel in their by_half_tile view, so each nibble half's channels are one
+    strided slice of the block."""
     num_rows, num_out = row_operands[0].shape[0], packed.shape[1] * 2
     block_m, block_n = blocks.block_m, blocks.block_n
+    tiles_per_block = block_n // PACK_TILE_N
 
     def by_rows(a):
         return pl.BlockSpec((block_m, *a.shape[1:]), lambda i, j: (i,) + (0,) * (a.ndim - 1))
 
-    def by_columns(a, width):
-        return pl.BlockSpec((*a.shape[:-1], width), lambda i, j: (0,) * (a.ndim - 1) + (j,))
+    def by_columns(a):
+        leading = a.shape[:-3]
+        return pl.BlockSpec(
+            (*leading, tiles_per_block, 2, _HALF_TILE), lambda i, j: (0,) * len(leading) + (j, 0, 0)
+        )
 
-    return pl.pallas_call(
+    column_operands = [by_half_tile(a) for a in column_operands]
+    out = pl.pallas_call(
         kernel,
-        out_shape=jax.ShapeDtypeStruct((num_rows, num_out), out_dtype),
+        out_shape=jax.ShapeDtypeStruct((num_rows, num_out // PACK_TILE_N, 2, _HALF_TILE), out_dtype),
         grid=(pl.cdiv(num_rows, block_m), num_out // block_n),
         in_specs=[
             *map(by_rows, row_operands),
-            by_columns(packed, block_n // 2),
-            *(by_columns(a, block_n) for a in column_operands),
+            pl.BlockSpec((packed.shape[0], block_n // 2), lambda i, j: (0, j)),
+            *map(by_columns, column_operands),
         ],
-        out_specs=pl.BlockSpec((block_m, block_n), lambda i, j: (i, j)),
+        out_specs=pl.BlockSpec((block_m, tiles_per_block, 2, _HALF_TILE), lambda i, j: (i, j, 0, 0)),
         # Without Triton's CompilerParams jax ≥ 0.10 lowers for Mosaic GPU, which rejects this kernel.
         compiler_params=plgpu.CompilerParams(num_warps=blocks.num_warps, num_stages=blocks.num_stages),
         interpret=interpret,
         name=f"{name}_bm{block_m}_bn{block_n}_bk{blocks.block_k}",
     )(*row_operands, packed, *column_operands)
+    return out.reshape(num_rows, num_out)
 
 
 @functools.partial(jax.jit, static_argnames=("group_size", "out_dtype", "block_sizes", "interpret"))
@@ -263,10 +307,10 @@ def w4a8_gemm_g128(
     _check_operand("s2", s2, (num_in // group_size, num_out), jnp.int8)
     _check_operand("zero", zero, (num_in // group_size, num_out), jnp.int8)
     blocks = block_sizes or W4A8BlockSizes.for_shape(num_rows, num_out, num_in, group_size=group_size)
-    if blocks.block_k != group_size:
-        raise ValueError(f"the g128 kernel steps one group at a time: block_k must be {group_size}; got {blocks}")
+    if group_size % blocks.block_k:
+        raise ValueError(f"the g128 kernel steps within one group: block_k must divide {group_size}; got {blocks}")
     _check_blocks(blocks, num_in, num_out)
-    kernel = functools.partial(_g128_kernel, num_rows=num_rows, group_size=group_size)
+    kernel = functools.partial(_g128_kernel, num_rows=num_rows, group_size=group_size, block_k=blocks.block_k)
     return _w4a8_unbatched(
         kernel,
         (x_i8, x_scale),

@@ -10,7 +10,9 @@ params = qoq_jax.load("ckpt", mesh=qoq_jax.make_mesh(4))  # tensor parallel over
 from qoq_jax.checkpoint import load_checkpoint, save_checkpoint
 from qoq_jax.config import ModelConfig, RopeConfig
 from qoq_jax.errors import (
+    CalibrationError,
     CheckpointError,
+    ConfigError,
     InvalidRequestError,
     InvalidSamplingError,
     PromptTooLongError,
@@ -29,7 +31,9 @@ from qoq_jax.sampling import SamplingParams
 from qoq_jax.steps import DecodeState, decode_step, forward, lm_head, prefill, prefill_hidden
 
 __all__ = [
+    "CalibrationError",
     "CheckpointError",
+    "ConfigError",
     "Completion",
     "DecodeState",
     "InvalidRequestError",

@@ -9,7 +9,8 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Mapping
 
-from qoq_jax.errors import UnsupportedModelError
+from qoq_jax.errors import ConfigError, UnsupportedModelError
+from qoq_jax.validation import is_integer, is_real
 
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
 _ARCHITECTURE_ALIASES = {"YiForCausalLM": "LlamaForCausalLM"}
@@ -65,6 +66,10 @@ class ModelConfig:
     context_limit_reason: str = "max_position_embeddings"
 
     def __post_init__(self):
+        for name in _POSITIVE_INTEGERS:
+            _check_positive_integer(name, getattr(self, name))
+        if not is_real(self.rms_norm_eps) or not self.rms_norm_eps > 0:
+            raise ConfigError(f"rms_norm_eps must be a positive number, got {self.rms_norm_eps!r}")
         if self.num_heads % self.num_kv_heads:
             raise UnsupportedModelError(
                 f"num_attention_heads={self.num_heads} is not a multiple of "
@@ -106,6 +111,11 @@ class ModelConfig:
             raise UnsupportedModelError(
                 f"pre-quantized checkpoints ({method}) are not supported: import the float model"
             )
+        missing = [key for key in _REQUIRED_HF_KEYS if hf.get(key) is None]
+        if missing:
+            raise ConfigError(f"missing required key {', '.join(map(repr, missing))}")
+        for key in _REQUIRED_HF_KEYS:
+            _check_positive_integer(key, hf[key])
         num_heads = hf["num_attention_heads"]
         hidden = hf["hidden_size"]
         head_dim = hf.get("head_dim") or hidden // num_heads
@@ -138,6 +148,24 @@ class ModelConfig:
             eos_token_ids=eos_ids,
             context_limit_reason=limit_reason,
         )
+
+
+_POSITIVE_INTEGERS = (
+    "vocab_size",
+    "hidden_size",
+    "intermediate_size",
+    "num_layers",
+    "num_heads",
+    "num_kv_heads",
+    "head_dim",
+    "max_context",
+)
+_REQUIRED_HF_KEYS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
+
+
+def _check_positive_integer(name: str, value) -> None:
+    if not is_integer(value) or value < 1:
+        raise ConfigError(f"{name} must be a positive integer, got {value!r}")
 
 
 def _architecture(hf: Mapping[str, Any]) -> str:

@@ -13,6 +13,15 @@ class CheckpointError(QoQError, ValueError):
     """Missing, truncated or mismatched weights; nothing was loaded."""
 
 
+class ConfigError(CheckpointError):
+    """A model config (config.json, GGUF metadata, a checkpoint's model_config) missing a key or holding a value
+    no model can have."""
+
+
+class CalibrationError(QoQError, RuntimeError):
+    """Calibration could not quantize a layer as its recipe asks (e.g. GPTQ's Hessian never factorized)."""
+
+
 class InvalidRequestError(QoQError, ValueError):
     """A generation request that cannot be served as asked."""
 

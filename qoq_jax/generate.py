@@ -28,6 +28,7 @@ from qoq_jax.logprobs import TokenLogprob, host_logprobs, no_logprobs, prompt_lo
 from qoq_jax.params import Params, shard_params
 from qoq_jax.sampling import SampledTokens, SamplingBatch, SamplingParams, choice_seed, sample_next
 from qoq_jax.steps import DecodeState, decode_step, last_positions, lm_head, prefill_hidden
+from qoq_jax.validation import INT32_MAX, check_integer, check_integers, check_text, is_integer
 
 Message = dict
 Prompt = Union[str, Sequence[int], Sequence[Message]]
@@ -101,15 +102,14 @@ def complete(
         raise InvalidRequestError("prompts must be a non-empty list of prompts")
     if isinstance(stop, str):
         stop = [stop]
-    stop = [s for s in (stop or []) if s]
-    if max_new_tokens < 0:
-        raise InvalidRequestError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
-    if decode_chunk < 1:
-        raise InvalidRequestError(f"decode_chunk must be >= 1, got {decode_chunk}")
-    if not 1 <= n <= (best_of or n) or int(n) != n:
-        raise InvalidRequestError(f"n must be an integer >= 1 and best_of (if given) >= n; got n={n}, best_of={best_of}")
-    if min_tokens > max_new_tokens:
-        raise InvalidRequestError(f"min_tokens={min_tokens} exceeds max_new_tokens={max_new_tokens}")
+    stop = [check_text(f"stop[{i}]", s) for i, s in enumerate(stop or []) if s]
+    check_integer("max_new_tokens", max_new_tokens, 0, INT32_MAX)
+    check_integer("decode_chunk", decode_chunk, 1, params.config.max_context)
+    stop_token_ids = check_integers("stop_token_ids", stop_token_ids, 0, INT32_MAX)
+    check_integer("n", n, 1, INT32_MAX)
+    if best_of is not None:
+        check_integer("best_of", best_of, n, INT32_MAX)
+    check_integer("min_tokens", min_tokens, 0, max_new_tokens)
     params = shard_params(params, mesh)
     tokenizer = params.tokenizer
     if stop and tokenizer is None:
@@ -133,7 +133,7 @@ def complete(
     _check_token_ids(params, "logit_bias", [token for token, _ in per_prompt[0].logit_bias])
     sampling = [dataclasses.replace(p, seed=choice_seed(p.seed, j)) for p in per_prompt for j in range(candidates)]
 
-    encoded = [encode_prompt(params, p, chat) for p in prompts]
+    encoded = [encode_prompt(params, p, chat, name=f"prompts[{i}]") for i, p in enumerate(prompts)]
     for ids, _ in encoded:
         _check_prompt(params, ids, max_new_tokens)
     stop_ids = set(stop_token_ids) | (set() if ignore_eos else eos_ids(params))
@@ -369,24 +369,47 @@ def _padded(ids: list[int], multiple: int = 8) -> list[int]:
     return ids + [-1] * (size - len(ids))
 
 
-def encode_prompt(params: Params, prompt: Prompt, chat: bool) -> tuple[list[int], bool]:
-    """Token ids of a prompt and whether its result is text."""
+def encode_prompt(params: Params, prompt: Prompt, chat: bool, *, name: str = "prompt") -> tuple[list[int], bool]:
+    """Token ids of a prompt and whether its result is text; a prompt that cannot be encoded raises
+    `InvalidRequestError` starting with `name`."""
     tokenizer = params.tokenizer
     is_messages = not isinstance(prompt, str) and len(prompt) and isinstance(prompt[0], dict)
     if isinstance(prompt, str) or is_messages:
         if tokenizer is None:
             raise InvalidRequestError("this model has no tokenizer: pass prompts as lists of token ids")
+        if isinstance(prompt, str):
+            check_text(name, prompt)
         if chat or is_messages:
             if not getattr(tokenizer, "chat_template", None):
                 raise InvalidRequestError("the tokenizer has no chat template")
             messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
-            text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-            return list(tokenizer(text, add_special_tokens=False).input_ids), True
+            return _encode_chat(tokenizer, messages, name), True
         return list(tokenizer(prompt).input_ids), True
+    vocab = params.config.vocab_size
+    if not all(is_integer(t) for t in prompt):
+        raise InvalidRequestError(f"{name}: token ids must be integers, got {list(prompt)[:8]!r}")
     ids = [int(t) for t in prompt]
-    if any(t < 0 or t >= params.config.vocab_size for t in ids):
-        raise InvalidRequestError(f"token ids must be in [0, {params.config.vocab_size})")
+    outside = [t for t in ids if not 0 <= t < vocab]
+    if outside:
+        raise InvalidRequestError(f"{name}: token ids must be in [0, {vocab}), got {outside[0]}")
     return ids, False
+
+
+def _encode_chat(tokenizer, messages: list, name: str) -> list[int]:
+    """The chat template's token ids; messages it refuses (an unknown role, roles that do not alternate, which
+    templates raise on) are the caller's error, not ours."""
+    from jinja2 import TemplateError
+
+    for i, message in enumerate(messages):
+        if not isinstance(message, dict) or not {"role", "content"} <= message.keys():
+            raise InvalidRequestError(f"{name}[{i}] must be a dict with 'role' and 'content'")
+        for key in ("role", "content"):
+            check_text(f"{name}[{i}].{key}", message[key])
+    try:
+        text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    except TemplateError as err:
+        raise InvalidRequestError(f"{name}: the chat template refused the messages: {err}") from err
+    return list(tokenizer(text, add_special_tokens=False).input_ids)
 
 
 def _check_prompt(params: Params, ids: list[int], max_new_tokens: int) -> None:

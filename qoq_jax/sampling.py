@@ -19,13 +19,16 @@ import numpy as np
 from qoq_jax.errors import InvalidSamplingError
 from qoq_jax.logits_processors import NO_TOKEN, TokenHistory, process_logits
 from qoq_jax.logprobs import MAX_LOGPROBS, TokenLogprobs, no_logprobs, token_logprobs
+from qoq_jax.validation import FLOAT32_MAX, INT32_MAX, UINT32_MAX, check_float32, check_integer, is_real
 
 LOGPROBS_MODES = ("raw", "processed")
 
 
 @dataclasses.dataclass(frozen=True)
 class SamplingParams:
-    """temperature 0 is greedy; top_k 0 and top_p 1 disable those filters.
+    """temperature 0 is greedy; top_k 0 and top_p 1 disable those filters. Every value must fit the array it
+    becomes (float32 temperature and top_p, int32 top_k, uint32 seed): a value that would overflow is refused, not
+    wrapped or turned into infinity.
 
     The penalties follow OpenAI and vLLM: `presence_penalty` and `frequency_penalty` (in [-2, 2]) subtract from
     the logit of every token generated so far, once and once per occurrence; `repetition_penalty` (> 0, 1 is
@@ -51,29 +54,26 @@ class SamplingParams:
     logprobs_mode: str = "raw"
 
     def __post_init__(self):
-        if not np.isfinite(self.temperature) or self.temperature < 0:
-            raise InvalidSamplingError(f"temperature must be a finite number >= 0, got {self.temperature}")
-        if int(self.top_k) != self.top_k or self.top_k < 0:
-            raise InvalidSamplingError(f"top_k must be an integer >= 0 (0 disables it), got {self.top_k}")
-        if not (0.0 < self.top_p <= 1.0):
-            raise InvalidSamplingError(f"top_p must be in (0, 1], got {self.top_p}")
-        if int(self.seed) != self.seed or not (0 <= self.seed < 2**32):
-            raise InvalidSamplingError(f"seed must be an integer in [0, 2**32), got {self.seed}")
+        check_float32("temperature", self.temperature, 0.0, InvalidSamplingError)
+        check_integer("top_k", self.top_k, 0, INT32_MAX, InvalidSamplingError)
+        if not is_real(self.top_p) or not 0.0 < self.top_p <= 1.0:
+            raise InvalidSamplingError(f"top_p must be in (0, 1], got {self.top_p!r}")
+        check_integer("seed", self.seed, 0, UINT32_MAX, InvalidSamplingError)
         self._check_logit_processing()
 
     def _check_logit_processing(self):
         for name in ("presence_penalty", "frequency_penalty"):
             value = getattr(self, name)
-            if not _is_real(value) or not -2.0 <= value <= 2.0:
+            if not is_real(value) or not -2.0 <= value <= 2.0:  # NaN fails the comparison
                 raise InvalidSamplingError(f"{name} must be a number in [-2, 2], got {value!r}")
-        if not _is_real(self.repetition_penalty) or not 0.0 < self.repetition_penalty <= _FLOAT32_MAX:
-            raise InvalidSamplingError(f"repetition_penalty must be a finite number > 0, got {self.repetition_penalty!r}")
-        if not _is_count(self.min_tokens, 2**31 - 1):
-            raise InvalidSamplingError(f"min_tokens must be an integer >= 0, got {self.min_tokens!r}")
+        if not is_real(self.repetition_penalty) or not 0.0 < self.repetition_penalty <= FLOAT32_MAX:
+            raise InvalidSamplingError(
+                f"repetition_penalty must be a finite float32 > 0 (1 is off), got {self.repetition_penalty!r}"
+            )
+        check_integer("min_tokens", self.min_tokens, 0, INT32_MAX, InvalidSamplingError)
         for name in ("logprobs", "prompt_logprobs"):
-            value = getattr(self, name)
-            if value is not None and not _is_count(value, MAX_LOGPROBS):
-                raise InvalidSamplingError(f"{name} must be None or an integer in [0, {MAX_LOGPROBS}], got {value!r}")
+            if getattr(self, name) is not None:
+                check_integer(name, getattr(self, name), 0, MAX_LOGPROBS, InvalidSamplingError)
         if self.logprobs_mode not in LOGPROBS_MODES:
             raise InvalidSamplingError(f"logprobs_mode must be one of {LOGPROBS_MODES}, got {self.logprobs_mode!r}")
         pairs = self.logit_bias.items() if isinstance(self.logit_bias, Mapping) else self.logit_bias
@@ -82,9 +82,8 @@ class SamplingParams:
         except (TypeError, ValueError):
             raise InvalidSamplingError("logit_bias must map token ids to numbers") from None
         for token, bias in pairs:
-            if not _is_count(token, NO_TOKEN - 1):
-                raise InvalidSamplingError(f"logit_bias: token ids must be integers >= 0, got {token!r}")
-            if not _is_real(bias) or not -100.0 <= bias <= 100.0:
+            check_integer("logit_bias token id", token, 0, NO_TOKEN - 1, InvalidSamplingError)
+            if not is_real(bias) or not -100.0 <= bias <= 100.0:
                 raise InvalidSamplingError(f"logit_bias[{token}] must be a number in [-100, 100], got {bias!r}")
         if len({token for token, _ in pairs}) != len(pairs):
             raise InvalidSamplingError("logit_bias names a token id twice")
@@ -93,18 +92,6 @@ class SamplingParams:
     @property
     def has_penalties(self) -> bool:
         return bool(self.presence_penalty or self.frequency_penalty or self.repetition_penalty != 1.0)
-
-
-_FLOAT32_MAX = float(np.finfo(np.float32).max)
-
-
-def _is_real(value) -> bool:
-    return isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool) and np.isfinite(value)
-
-
-def _is_count(value, high: int) -> bool:
-    """An integer (not a bool) in [0, high]."""
-    return isinstance(value, (int, np.integer)) and not isinstance(value, bool) and 0 <= value <= high
 
 
 def choice_seed(seed: int, index: int) -> int:

@@ -2,6 +2,13 @@
 
 Each is jitted here (so eager calls are fast) and stays traceable inside a user's own `jax.jit`.
 `decode_step` donates its state, so the KV cache is updated in place.
+
+Called eagerly, each first checks on the host what the arrays hold, and refuses with `InvalidRequestError`:
+token ids outside the vocabulary, prompt lengths outside [1, T], chunks past their cache, decode rows whose cache
+is full or that stand at the end of the model's context (reading device arrays back for this waits for them).
+Inside a jit the values are unknown and unchecked, and these cases are defined as: an out-of-vocabulary id reads
+a NaN embedding (its row's logits are NaN; other rows are unharmed), and a row whose cache is full writes nothing
+(the engine relies on this for its padding rows). Shapes are checked in both cases.
 """
 
 from __future__ import annotations
@@ -11,10 +18,11 @@ import functools
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 from jax.sharding import PartitionSpec as P
 
-from qoq_jax.errors import PromptTooLongError
+from qoq_jax.errors import InvalidRequestError, PromptTooLongError
 from qoq_jax.kv_cache import DEFAULT_PAGE_SIZE, KVCache, NoKVCache, PagedKVCache
 from qoq_jax.params import Params
 from qoq_jax.sharding import TENSOR_AXES
@@ -29,6 +37,94 @@ class DecodeState:
     lengths: jax.Array  # [B] int32
 
 
+def _host_checked(check):
+    """Runs `check` (with the step's own arguments) before the jitted step; `.trace`, `.lower` and `.eval_shape`
+    stay the jitted function's, so lowering never needs concrete values."""
+
+    def wrap(jitted):
+        @functools.wraps(jitted)
+        def checked(*args, **kwargs):
+            check(*args, **kwargs)
+            return jitted(*args, **kwargs)
+
+        checked.trace, checked.lower, checked.eval_shape = jitted.trace, jitted.lower, jitted.eval_shape
+        return checked
+
+    return wrap
+
+
+def _host_value(x) -> np.ndarray | None:
+    """x's values, or None inside a trace (or for an array spread over other hosts' devices)."""
+    try:
+        return np.asarray(x) if getattr(x, "is_fully_addressable", True) else None
+    except (jax.errors.TracerArrayConversionError, jax.errors.ConcretizationTypeError):
+        return None
+
+
+def _check_token_ids(params: Params, token_ids, name: str, ndim: int) -> None:
+    kind = "[batch, seq]" if ndim == 2 else "[batch]"
+    if jnp.ndim(token_ids) != ndim or not jnp.issubdtype(jnp.result_type(token_ids), jnp.integer):
+        raise InvalidRequestError(f"{name} must be an integer array {kind}, got shape {jnp.shape(token_ids)}")
+    ids = _host_value(token_ids)
+    vocab = params.config.vocab_size
+    if ids is not None and ids.size and not (0 <= ids.min() and ids.max() < vocab):
+        where = tuple(int(i) for i in np.argwhere((ids < 0) | (ids >= vocab))[0])
+        index = ", ".join(map(str, where))
+        raise InvalidRequestError(f"{name}[{index}] = {ids[where]} is outside the vocabulary [0, {vocab})")
+
+
+def _check_rows(name: str, values, batch: int) -> np.ndarray | None:
+    if jnp.shape(values) != (batch,):
+        raise InvalidRequestError(f"{name} must have shape ({batch},), one per row; got {jnp.shape(values)}")
+    host = _host_value(values)
+    return None if host is None else host.astype(np.int64)
+
+
+def _check_forward(params: Params, token_ids) -> None:
+    _check_token_ids(params, token_ids, "token_ids", ndim=2)
+
+
+def _check_prefill(params: Params, token_ids, lengths=None, *, cache=None, start_positions=None, **_) -> None:
+    _check_token_ids(params, token_ids, "token_ids", ndim=2)
+    batch, width = jnp.shape(token_ids)
+    given = None if lengths is None else _check_rows("lengths", lengths, batch)
+    if given is not None and np.any((given < 1) | (given > width)):
+        row = int(np.argmax((given < 1) | (given > width)))
+        raise InvalidRequestError(f"lengths[{row}] = {given[row]} is outside [1, {width}], the prompt block")
+    if start_positions is None or cache is None:
+        return
+    starts = _check_rows("start_positions", start_positions, batch)
+    if starts is None:
+        return
+    if np.any(starts < 0):
+        row = int(np.argmax(starts < 0))
+        raise InvalidRequestError(f"start_positions[{row}] = {starts[row]} is negative")
+    ends = starts + (np.full(batch, width) if given is None else given)
+    limit = min(cache.max_length, params.config.max_context)
+    if np.any(ends > limit):
+        row = int(np.argmax(ends > limit))
+        raise InvalidRequestError(
+            f"start_positions[{row}] + lengths[{row}] = {ends[row]} exceeds the {cache.max_length} tokens of its "
+            f"cache row (model context {params.config.max_context})"
+        )
+
+
+def _check_decode_step(params: Params, state: DecodeState, tokens) -> None:
+    _check_token_ids(params, tokens, "tokens", ndim=1)
+    batch = jnp.shape(state.lengths)[0]
+    _check_rows("tokens", tokens, batch)
+    lengths = _check_rows("state.lengths", state.lengths, batch)
+    if lengths is None:
+        return
+    capacity, context = state.cache.max_length, params.config.max_context
+    for row, length in enumerate(lengths.tolist()):
+        if length >= capacity:
+            raise InvalidRequestError(f"row {row} holds {length} tokens: its cache of {capacity} tokens is full")
+        if length >= context:
+            raise InvalidRequestError(f"row {row} is at position {length}: the model's context is {context} tokens")
+
+
+@_host_checked(_check_forward)
 @jax.jit
 def forward(params: Params, token_ids: jax.Array) -> jax.Array:
     """Logits [B, S, vocab] float32 of unpadded token ids [B, S]. Nothing is cached; at KV4/KV8 attention sees
@@ -42,6 +138,7 @@ def forward(params: Params, token_ids: jax.Array) -> jax.Array:
     return logits
 
 
+@_host_checked(_check_prefill)
 @functools.partial(jax.jit, static_argnames=("max_length", "page_size"), donate_argnames=("cache",))
 def prefill(
     params: Params,
@@ -73,6 +170,7 @@ def prefill(
     return state, lm_head(params, last_positions(hidden, lengths))
 
 
+@_host_checked(_check_prefill)
 @functools.partial(jax.jit, static_argnames=("max_length", "page_size"), donate_argnames=("cache",))
 def prefill_hidden(
     params: Params,
@@ -129,6 +227,7 @@ def _prefill(params, token_ids, lengths, max_length, page_size, cache, start_pos
     return state, hidden, lengths
 
 
+@_host_checked(_check_decode_step)
 @functools.partial(jax.jit, donate_argnames=("state",))
 def decode_step(params: Params, state: DecodeState, tokens: jax.Array) -> tuple[DecodeState, jax.Array]:
     """Appends one token per row (tokens [B]) at position state.lengths[b] and returns the next-token logits

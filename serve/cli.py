@@ -38,7 +38,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return args.run(args)
-    except (QoQError, ValueError) as err:
+    except (QoQError, ValueError, OSError) as err:
         print(f"qoq-jax: error: {err}", file=sys.stderr)
         return 2
 
@@ -94,7 +94,14 @@ def _quantize(args: argparse.Namespace) -> int:
         f"{report['seconds']:.0f} s; checkpoint written to {path}]",
         file=sys.stderr,
     )
+    _print_disabled_stages(report)
     return 0
+
+
+def _print_disabled_stages(report: dict) -> None:
+    """Calibration stages a NaN/Inf scale turned off (recorded in the checkpoint's recipe report too)."""
+    for entry in report.get("disabled_stages", []):
+        print(f"[warning: layer {entry['layer']}: {entry['stage']} disabled ({entry['reason']})]", file=sys.stderr)
 
 
 def _quantized(
@@ -286,6 +293,7 @@ def _serving_params(args: argparse.Namespace) -> Callable[[Mesh | None], Params]
         f"calibration tokens in {report['seconds']:.0f} s]",
         file=sys.stderr,
     )
+    _print_disabled_stages(report)
     return functools.partial(shard_params, params)
 
 

@@ -1,5 +1,5 @@
 """An OpenAI-compatible HTTP API over the engine: /v1/completions, /v1/chat/completions, /v1/models, /health,
-/metrics.
+/metrics, /openapi.json.
 
     app = create_app(async_engine, model_name="smollm2-g128", api_key=None)
     run(app, host="127.0.0.1", port=8000)
@@ -18,11 +18,12 @@ import asyncio
 import collections
 import contextlib
 import json
+import re
 import secrets
 import sys
 import time
 import uuid
-from typing import Any, AsyncIterator
+from typing import Annotated, Any, AsyncIterator
 
 import anyio
 from fastapi import Depends, FastAPI
@@ -31,12 +32,13 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from qoq_jax.errors import InvalidRequestError, InvalidSamplingError, PromptTooLongError
+from qoq_jax.errors import InvalidRequestError, PromptTooLongError
 from qoq_jax.generate import encode_prompt
 from qoq_jax.sampling import SamplingParams
+from qoq_jax.validation import FLOAT32_MAX, INT32_MAX, UINT32_MAX, unicode_problem
 from serve.request import OverloadedError, Request, RequestOutput
 
 _THROUGHPUT_WINDOW_S = 10.0
@@ -44,6 +46,21 @@ _DEFAULT_COMPLETION_TOKENS = 16  # OpenAI's default max_tokens for /v1/completio
 
 
 # ----------------------------------------------------------------------------------------------- request bodies
+# Every number is bounded by the array it becomes (int32 token ids, top_k and max_tokens, uint32 seeds, finite
+# float32 temperature and top_p) and every string must be valid Unicode, so nothing the engine cannot take gets
+# past the body's validation (a 400 naming the field); the bounds are in the OpenAPI schema too.
+
+
+def _valid_unicode(text: str) -> str:
+    problem = unicode_problem(text)
+    if problem:
+        raise ValueError(problem)
+    return text
+
+
+Text = Annotated[str, AfterValidator(_valid_unicode)]
+TokenId = Annotated[int, Field(ge=0, le=INT32_MAX)]
+Float32 = Annotated[float, Field(allow_inf_nan=False, ge=-FLOAT32_MAX, le=FLOAT32_MAX)]
 
 
 class StreamOptions(BaseModel):
@@ -55,47 +72,47 @@ class _Body(BaseModel):
 
     model_config = ConfigDict(extra="ignore")
 
-    model: str
-    max_tokens: int | None = Field(default=None, ge=1)
-    temperature: float | None = None  # None: 1.0, OpenAI's default
-    top_p: float | None = None
-    top_k: int | None = None  # extension; -1 or 0 disable it
-    seed: int | None = None
-    stop: str | list[str] | None = None
-    stop_token_ids: list[int] | None = None  # extension
+    model: Text
+    max_tokens: int | None = Field(default=None, ge=1, le=INT32_MAX)
+    temperature: Float32 | None = Field(default=None, ge=0)  # None: 1.0, OpenAI's default
+    top_p: Float32 | None = Field(default=None, gt=0, le=1)
+    top_k: int | None = Field(default=None, ge=-1, le=INT32_MAX)  # extension; -1 or 0 disable it
+    seed: int | None = Field(default=None, ge=0, le=UINT32_MAX)
+    stop: Text | list[Text] | None = None
+    stop_token_ids: list[TokenId] | None = None  # extension
     ignore_eos: bool | None = False  # extension
     stream: bool | None = False
     stream_options: StreamOptions | None = None
     n: int | None = 1
-    presence_penalty: float | None = None
-    frequency_penalty: float | None = None
-    logit_bias: dict[str, float] | None = None
-    user: str | None = None
+    presence_penalty: Float32 | None = None
+    frequency_penalty: Float32 | None = None
+    logit_bias: dict[Text, Float32] | None = None
+    user: Text | None = None
 
 
 class CompletionBody(_Body):
-    prompt: str | list[int] | list[str | list[int]]
+    prompt: Text | list[TokenId] | list[Text | list[TokenId]]
     echo: bool | None = False
     logprobs: int | None = None
     best_of: int | None = None
-    suffix: str | None = None
+    suffix: Text | None = None
 
 
 class _TextPart(BaseModel):
     model_config = ConfigDict(extra="ignore")
-    type: str
-    text: str | None = None
+    type: Text
+    text: Text | None = None
 
 
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="ignore")
-    role: str
-    content: str | list[_TextPart] | None = None
+    role: Text
+    content: Text | list[_TextPart] | None = None
 
 
 class ChatBody(_Body):
     messages: list[ChatMessage] = Field(min_length=1)
-    max_completion_tokens: int | None = Field(default=None, ge=1)
+    max_completion_tokens: int | None = Field(default=None, ge=1, le=INT32_MAX)
     logprobs: bool | None = None
     top_logprobs: int | None = None
     tools: list[dict[str, Any]] | None = None
@@ -117,14 +134,20 @@ class APIError(Exception):
 
 
 def _error_body(message: str, type: str, param: str | None = None, code: str | None = None) -> dict:
-    return {"error": {"message": message, "type": type, "param": param, "code": code}}
+    """OpenAI's error shape; text echoed from a request that is not valid Unicode is escaped, so the answer
+    can always be encoded."""
+    return {"error": {"message": _printable(message), "type": type, "param": _printable(param), "code": code}}
+
+
+def _printable(text: str | None) -> str | None:
+    return None if text is None else text.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 def _bad_request(message: str, param: str | None = None, code: str | None = None) -> APIError:
     return APIError(400, message, type="invalid_request_error", param=param, code=code)
 
 
-_SAMPLING_FIELDS = ("temperature", "top_k", "top_p", "seed")
+_BODY_FIELDS = frozenset(CompletionBody.model_fields) | frozenset(ChatBody.model_fields)
 
 
 def _api_error(err: BaseException, prompt_field: str) -> APIError:
@@ -137,11 +160,9 @@ def _api_error(err: BaseException, prompt_field: str) -> APIError:
         )
     if isinstance(err, PromptTooLongError):
         return _bad_request(str(err), param=prompt_field, code="context_length_exceeded")
-    if isinstance(err, InvalidSamplingError):
-        first_word = str(err).split(" ", 1)[0]
-        return _bad_request(str(err), param=first_word if first_word in _SAMPLING_FIELDS else None)
-    if isinstance(err, InvalidRequestError):
-        return _bad_request(str(err))
+    if isinstance(err, InvalidRequestError):  # its message starts with the field's name, where it has one
+        field = re.match(r"[a-z_]+", str(err))
+        return _bad_request(str(err), param=field[0] if field and field[0] in _BODY_FIELDS else None)
     return APIError(500, f"internal error: {type(err).__name__}: {err}", type="server_error")
 
 
@@ -407,7 +428,7 @@ class _Server:
         return SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
 
     def encode(self, prompt, *, chat: bool) -> list[int]:
-        ids, _ = encode_prompt(self.engine.params, prompt, chat)
+        ids, _ = encode_prompt(self.engine.params, prompt, chat, name="messages" if chat else "prompt")
         if not ids:
             raise InvalidRequestError("the prompt is empty")
         return ids
@@ -483,7 +504,8 @@ def create_app(engine, *, model_name: str, api_key: str | None = None) -> FastAP
             await asyncio.gather(sampler, return_exceptions=True)
             await engine.shutdown()
 
-    app = FastAPI(title="qoq-jax", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+    # The OpenAPI schema (with every bound the bodies enforce) is served for clients and fuzzers; no docs UI.
+    app = FastAPI(title="qoq-jax", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url="/openapi.json")
     app.state.server = server
 
     @app.exception_handler(RequestValidationError)

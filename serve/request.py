@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import dataclasses
 
-from qoq_jax.errors import QoQError
+from qoq_jax.errors import InvalidRequestError, QoQError
 from qoq_jax.sampling import SamplingParams
+from qoq_jax.validation import INT32_MAX, check_integer, check_integers, check_text
 
 
 class OverloadedError(QoQError):
@@ -14,7 +15,10 @@ class OverloadedError(QoQError):
 
 @dataclasses.dataclass(frozen=True)
 class Request:
-    """One generation request, already tokenized. max_tokens ≥ 1; stop strings are cut from the text."""
+    """One generation request, already tokenized. max_tokens ≥ 1; stop strings are cut from the text.
+
+    Built only from values the engine's int32 arrays and the tokenizer can take (else `InvalidRequestError`); the
+    engine checks what depends on the model (the vocabulary, the context) when the request is added."""
 
     request_id: str
     prompt_token_ids: tuple[int, ...]
@@ -23,6 +27,23 @@ class Request:
     stop: tuple[str, ...] = ()
     stop_token_ids: tuple[int, ...] = ()
     ignore_eos: bool = False
+
+    def __post_init__(self):
+        if not isinstance(self.request_id, str) or not self.request_id:
+            raise InvalidRequestError(f"request_id must be a non-empty string, got {self.request_id!r}")
+        check_text("request_id", self.request_id)
+        prompt = check_integers("prompt_token_ids", self.prompt_token_ids, 0, INT32_MAX)
+        if not prompt:
+            raise InvalidRequestError("prompt_token_ids: the prompt is empty")
+        check_integer("max_tokens", self.max_tokens, 1, INT32_MAX)
+        if not isinstance(self.sampling, SamplingParams):
+            raise InvalidRequestError(f"sampling must be SamplingParams, got {type(self.sampling).__name__}")
+        stop = (self.stop,) if isinstance(self.stop, str) else tuple(self.stop)
+        for i, text in enumerate(stop):
+            check_text(f"stop[{i}]", text)
+        object.__setattr__(self, "prompt_token_ids", prompt)
+        object.__setattr__(self, "stop", stop)
+        object.__setattr__(self, "stop_token_ids", check_integers("stop_token_ids", self.stop_token_ids, 0, INT32_MAX))
 
 
 @dataclasses.dataclass(frozen=True)

@@ -11,9 +11,12 @@ CPU_DEVICES = 4
 if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
     os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={CPU_DEVICES}"
 
+import zlib  # noqa: E402
 from pathlib import Path  # noqa: E402
 
+import numpy as np  # noqa: E402
 import pytest  # noqa: E402
+from suite_guard import OUTCOMES  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 GPL_TEXT = REPO.parent / "shared" / "data" / "gpl-3.0.txt"
@@ -24,3 +27,18 @@ def gpl_text() -> str:
     if not GPL_TEXT.is_file():
         pytest.fail(f"the shared test text is missing: {GPL_TEXT}")
     return GPL_TEXT.read_text()
+
+
+@pytest.fixture
+def rng(request) -> np.random.Generator:
+    """The test's own generator, seeded by its id: the same inputs on every run, whatever ran before it."""
+    return np.random.default_rng(zlib.crc32(request.node.nodeid.encode()))
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item, call):
+    """Records each test's outcome for `suite_guard`: its call's, or its setup's when that did not pass."""
+    report = yield
+    if report.when == "call" or (report.when == "setup" and report.outcome != "passed"):
+        item.config.stash.setdefault(OUTCOMES, {})[item.nodeid] = report.outcome
+    return report

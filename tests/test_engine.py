@@ -64,7 +64,7 @@ def _random_requests(rng, count, prefix=(), **kwargs):
 def test_outputs_equal_generate_alone_under_preemption_and_chunking(params, engine):
     """10 long requests (prompts chunked at 32 tokens, up to 110 tokens each) on 20 pages of 16 tokens: the
     youngest are preempted and recomputed, and every output is still generate's."""
-    rng = np.random.default_rng()
+    rng = np.random.default_rng(201)
     requests = [
         Request(f"p{i}", tuple(int(t) for t in rng.integers(3, 300, int(rng.integers(20, 60)))), 50, ignore_eos=True)
         for i in range(10)
@@ -81,7 +81,7 @@ def test_outputs_equal_generate_alone_under_preemption_and_chunking(params, engi
 
 
 def test_mixed_requests_finish_as_generate_says(params, engine):
-    rng = np.random.default_rng()
+    rng = np.random.default_rng(202)
     requests = _random_requests(rng, 12)
     tokens, _, reasons = _run(engine, requests)
     for request in requests:
@@ -91,7 +91,7 @@ def test_mixed_requests_finish_as_generate_says(params, engine):
 
 
 def test_shared_prefixes_hit_the_prefix_cache_with_unchanged_outputs(params, engine):
-    rng = np.random.default_rng()
+    rng = np.random.default_rng(203)
     prefix = tuple(int(t) for t in rng.integers(3, 300, 40))  # 2 full pages of 16
     requests = _random_requests(rng, 4, prefix=prefix)
     first, _, _ = _run(engine, requests[:1])
@@ -132,7 +132,7 @@ def test_abort_frees_pages_and_ends_the_request(engine):
 def test_warmup_compiled_every_shape(params, engine):
     """Serving after warm-up never compiles: the jit caches do not grow over a varied workload."""
     sizes = (_decode_and_sample._cache_size(), _prefill_and_sample._cache_size())
-    _run(engine, _random_requests(np.random.default_rng(), 9))
+    _run(engine, _random_requests(np.random.default_rng(204), 9))
     assert (_decode_and_sample._cache_size(), _prefill_and_sample._cache_size()) == sizes
 
 

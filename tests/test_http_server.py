@@ -262,6 +262,64 @@ def test_request_errors_answer_in_openai_shape(served):
     assert _wait_idle(served.engine).running_requests == 0
 
 
+def _post(url: str, body: dict) -> tuple[int, dict]:
+    """(status, JSON answer) of a raw POST; json.dumps escapes a lone surrogate as valid JSON (\\ud800)."""
+    status, text = _raw(url, body=json.dumps(body).encode())
+    return status, json.loads(text)
+
+
+def _assert_openai_error(status: int, answer: dict, param: str | None) -> None:
+    assert status == 400, answer
+    error = answer["error"]
+    assert set(error) == {"message", "type", "param", "code"} and error["message"], answer
+    assert error["type"] == "invalid_request_error" and error["param"] == param, answer
+
+
+def test_top_k_past_int32_is_400_and_the_server_answers_the_next_request(served, params):
+    """top_k ≥ 2**31 once killed the engine thread (500, then 503 for everything); now it never reaches it."""
+    url = f"{served.url}/v1/completions"
+    for top_k in (2**31, 2**40):
+        for stream in (False, True):
+            body = {"model": MODEL, "prompt": PROMPT, "max_tokens": 4, "top_k": top_k, "stream": stream}
+            _assert_openai_error(*_post(url, body), "top_k")
+    assert _raw(f"{served.url}/health")[0] == 200
+    response = served.client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=NEW, temperature=0)
+    assert response.choices[0].text == qoq_jax.generate(params, [PROMPT], max_new_tokens=NEW)[0]
+
+
+def test_text_that_is_not_unicode_is_400(served):
+    """A lone surrogate (valid JSON, not valid Unicode) in any text field is refused by name, never a 500."""
+    completions, chat = f"{served.url}/v1/completions", f"{served.url}/v1/chat/completions"
+    base = {"model": MODEL, "max_tokens": 2}
+    for url, body, param in [
+        (completions, {**base, "prompt": "\ud800abc"}, "prompt"),
+        (completions, {**base, "prompt": ["fine", "\udfff"]}, "prompt"),
+        (completions, {**base, "prompt": PROMPT, "stop": ["\ud800"]}, "stop"),
+        (completions, {**base, "model": "\ud800", "prompt": PROMPT}, "model"),
+        (chat, {**base, "messages": [{"role": "user", "content": "hi \ud83d"}]}, "messages"),
+        (chat, {**base, "messages": [{"role": "user", "content": [{"type": "text", "text": "\udc00"}]}]}, "messages"),
+        (chat, {**base, "messages": [{"role": "user", "content": "hi"}], "logit_bias": {"\ud800": "x"}}, "logit_bias"),
+    ]:
+        _assert_openai_error(*_post(url, body), param)
+    assert _raw(f"{served.url}/health")[0] == 200
+
+
+def test_values_past_what_their_dtype_holds_are_400(served):
+    """temperature 1e39 would become float32 infinity (uniform sampling); ids past int32 would overflow."""
+    url = f"{served.url}/v1/completions"
+    base = {"model": MODEL, "prompt": PROMPT, "max_tokens": 2}
+    for change, param in [
+        ({"temperature": 1e39}, "temperature"),
+        ({"top_p": -1e39}, "top_p"),
+        ({"stop_token_ids": [5, 2**40]}, "stop_token_ids"),
+        ({"max_tokens": 2**31}, "max_tokens"),
+        ({"seed": 2**64}, "seed"),
+        ({"prompt": [5, 2**63]}, "prompt"),
+    ]:
+        _assert_openai_error(*_post(url, {**base, **change}), param)
+    assert _raw(f"{served.url}/health")[0] == 200
+
+
 def test_malformed_bodies_are_400_not_422(served):
     url = f"{served.url}/v1/completions"
     for body, param in [
@@ -454,7 +512,7 @@ def _concurrent_completions(url: str, prompts: list[str], max_tokens: list[int])
 def test_32_concurrent_clients_each_get_generates_output_despite_preemption(busy, params, gpl_text):
     """Mixed prompt (4..60 words) and output (1..40 tokens) lengths from 32 clients at once: every request
     completes, the small pool preempts some, and each greedy text is `generate` on that prompt alone."""
-    rng = np.random.default_rng()
+    rng = np.random.default_rng(213)
     words = gpl_text.split()
     starts = rng.integers(0, len(words) - 60, 32)
     prompts = [" ".join(words[s : s + int(rng.integers(4, 60))]) for s in starts]

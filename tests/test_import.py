@@ -38,7 +38,7 @@ def reference_logits(hf_model, token_ids):
 
 
 def assert_same_model(params, hf_model):
-    token_ids = np.random.default_rng().integers(0, params.config.vocab_size, (1, 16))
+    token_ids = np.random.default_rng(214).integers(0, params.config.vocab_size, (1, 16))
     np.testing.assert_allclose(qoq_jax.forward(params, token_ids), reference_logits(hf_model, token_ids), atol=1e-4)
 
 
@@ -182,8 +182,28 @@ def test_truncated_gguf(tmp_path):
 
 def test_unpermute_inverts_llama_cpp_permutation():
     """llama.cpp's convert_hf_to_gguf permutes rows per head as reshape(h, 2, d/2).swapaxes(1, 2)."""
-    rng = np.random.default_rng()
+    rng = np.random.default_rng(215)
     for num_heads, head_dim in ((4, 8), (3, 64), (1, 16)):
         w = rng.standard_normal((num_heads * head_dim, 5))
         permuted = w.reshape(num_heads, 2, head_dim // 2, 5).swapaxes(1, 2).reshape(w.shape)
         np.testing.assert_array_equal(unpermute_qk_rows(permuted, num_heads), w)
+
+
+def test_transformers_still_keeps_the_gguf_tokenizer_converter_where_we_read_it():
+    """converters/gguf_import.py reads transformers' GGUF tokenizer converter from a module that is not public API.
+    If a transformers release moves or reshapes it, this fails first and says what to update."""
+    import importlib
+
+    import transformers
+
+    from converters import gguf_import
+
+    where = gguf_import._TRANSFORMERS_GGUF_MODULE
+    try:
+        module = importlib.import_module(where)
+    except ImportError as err:
+        pytest.fail(f"transformers {transformers.__version__} moved {where} ({err}): update gguf_tokenizer()")
+    assert callable(getattr(module, "convert_gguf_tokenizer", None)), f"{where}.convert_gguf_tokenizer is gone"
+    groups = getattr(module, "GGUF_TOKENIZER_MAPPING", {})
+    assert {"tokenizer", "tokenizer_config"} <= set(groups), f"{where}.GGUF_TOKENIZER_MAPPING changed shape"
+    assert {"ggml.tokens", "ggml.model"} <= set(groups["tokenizer"]), "the GGUF tokenizer keys we read moved"

@@ -146,13 +146,14 @@ def test_prefill_into_a_shared_pool_matches_a_private_cache():
 
 
 def test_decoding_past_the_table_writes_nothing():
-    """A row whose table is full drops its new token instead of overwriting a page (its own or another row's)."""
+    """Inside a jit, a row whose table is full drops its new token instead of overwriting a page (its own or
+    another row's); called eagerly the step refuses it (tests/test_validation.py)."""
     rng, _ = _fresh_rng()
     params = qoq_jax.init_params(_config(), seed=2)
     tokens = jnp.asarray(rng.integers(3, 300, (2, 8)), jnp.int32)
     state, logits = qoq_jax.prefill(params, tokens, max_length=8, page_size=8)
     before = jax.tree_util.tree_map(np.asarray, state.cache)
-    state, _ = qoq_jax.decode_step(params, state, jnp.argmax(logits, axis=-1))
+    state, _ = jax.jit(qoq_jax.decode_step)(params, state, jnp.argmax(logits, axis=-1))
     after = jax.tree_util.tree_map(np.asarray, state.cache)
     jax.tree_util.tree_map(np.testing.assert_array_equal, after, before)
 

@@ -19,6 +19,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 from paged_pools import float64_softmax_attention, fresh_rng, make_pools, poison_unread, row_tokens, scribble_past
+from suite_guard import assert_every_test_ran_and_passed
 
 from pallas_kernels.paged_attention import (
     DecodeAttentionBlockSizes,
@@ -140,10 +141,10 @@ class TestPagedDecodeAttentionInterpret(TestPagedDecodeAttention):
     INTERPRET = True
 
 
-def test_interpret_suite_is_not_skipped():
-    """The CPU suite must really run the kernel tests (a misplaced skip would silently drop them)."""
-    tests = [name for name in dir(TestPagedDecodeAttentionInterpret) if name.startswith("test_")]
-    assert TestPagedDecodeAttentionInterpret.INTERPRET and len(tests) == 4
+def test_interpret_suite_is_not_skipped(request):
+    """The CPU suite must really run the kernel tests, not only collect them: every test of the interpret class
+    ran before this one and passed (a misplaced skip, or INTERPRET turned off, would silently drop them)."""
+    assert_every_test_ran_and_passed(request, TestPagedDecodeAttentionInterpret)
 
 
 @pytest.mark.parametrize("bits", [4, 8, 16])
@@ -202,6 +203,8 @@ def test_default_block_sizes_split_long_contexts_over_small_batches():
     assert one_row.pages_per_block * 64 == 128 and one_row.num_splits == 16
     assert DecodeAttentionBlockSizes.for_shape(256, 8, 8192 // 64, 64).num_splits == 1
     assert DecodeAttentionBlockSizes.for_shape(1, 8, 1, 64).num_splits == 1
+    # KV8's code tiles are twice KV4's: 8 warps keep its registers at KV4's level (kernel-compile.md).
+    assert [DecodeAttentionBlockSizes.for_shape(1, 8, 128, 64, bits=b).num_warps for b in (4, 8, 16)] == [4, 8, 4]
 
 
 # --- the CUDA lowering, checked on CPU ----------------------------------------------------------------------

@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 from cuda_lowering import lower_for_cuda, lowering_test, triton_module_text
 from paged_pools import float64_softmax_attention, fresh_rng, make_pools, poison_unread, row_tokens, scribble_past
+from suite_guard import assert_every_test_ran_and_passed
 
 from pallas_kernels.paged_attention import code_width
 from pallas_kernels.paged_prefill_attention import (
@@ -153,10 +154,10 @@ class TestPagedPrefillAttentionInterpret(TestPagedPrefillAttention):
     INTERPRET = True
 
 
-def test_interpret_suite_is_not_skipped():
-    """The CPU suite must really run the kernel tests: the interpret class skips nothing and keeps its tests."""
-    tests = [name for name in dir(TestPagedPrefillAttentionInterpret) if name.startswith("test_")]
-    assert TestPagedPrefillAttentionInterpret.skip_reason() is None and len(tests) == 3
+def test_interpret_suite_is_not_skipped(request):
+    """The CPU suite must really run the kernel tests, not only collect them: every test of the interpret class
+    ran before this one and passed, and the real-kernel class runs only on a GPU."""
+    assert_every_test_ran_and_passed(request, TestPagedPrefillAttentionInterpret)
     assert TestPagedPrefillAttention.skip_reason() is not None or ON_GPU
 
 
@@ -191,12 +192,12 @@ def test_refuses_malformed_inputs():
         paged_prefill_attention(*small, bits=4, interpret=True)
 
 
-def test_default_block_sizes_fill_128_rows():
+def test_default_block_sizes_fill_32_rows():
     llama3_8b = PrefillAttentionBlockSizes.for_shape(group=4, page_size=64, head_dim=128)
-    assert (llama3_8b.query_tokens, llama3_8b.pages_per_block, llama3_8b.num_warps) == (32, 1, 8)
+    assert (llama3_8b.query_tokens, llama3_8b.pages_per_block, llama3_8b.num_warps) == (8, 1, 8)
     smollm2 = PrefillAttentionBlockSizes.for_shape(group=3, page_size=16, head_dim=64)  # group padded to 4
-    assert (smollm2.query_tokens, smollm2.pages_per_block, smollm2.num_warps) == (32, 4, 4)
-    assert PrefillAttentionBlockSizes.for_shape(group=1, page_size=128, head_dim=128).query_tokens == 128
+    assert (smollm2.query_tokens, smollm2.pages_per_block, smollm2.num_warps) == (8, 4, 8)
+    assert PrefillAttentionBlockSizes.for_shape(group=1, page_size=128, head_dim=128).query_tokens == 32
 
 
 # --- the CUDA lowering, checked on CPU ----------------------------------------------------------------------
@@ -210,7 +211,7 @@ LOWERING_SHAPES = [(4, 512, 32, 8, 128, 64, 4096), (2, 256, 9, 3, 64, 32, 1000)]
 @pytest.mark.parametrize("batch, chunk, num_heads, num_kv_heads, head_dim, pages_per_row, num_pages", LOWERING_SHAPES)
 def test_lowers_for_cuda(bits, batch, chunk, num_heads, num_kv_heads, head_dim, pages_per_row, num_pages):
     """The Triton lowering (with explicit Triton CompilerParams) accepts the kernel at real shapes, and the dots
-    are tensor-core dots on bf16 tiles of 128 query rows: two per step each way for KV4 (nibble halves), one for
+    are tensor-core dots on bf16 tiles of 32 query rows: two per step each way for KV4 (nibble halves), one for
     KV8/16."""
     page_size, dtype = 64, jnp.bfloat16
     pool = ((num_kv_heads, num_pages, page_size, code_width(head_dim, bits)), jnp.uint8 if bits < 16 else dtype)
@@ -230,9 +231,9 @@ def test_lowers_for_cuda(bits, batch, chunk, num_heads, num_kv_heads, head_dim, 
     )
     blocks = PrefillAttentionBlockSizes.for_shape(num_heads // num_kv_heads, page_size, head_dim)
     module = triton_module_text(lowered)
-    assert f"@paged_prefill_attention_kv{bits}_p64_q{blocks.query_tokens}_r128_b{blocks.pages_per_block}" in module
+    assert f"@paged_prefill_attention_kv{bits}_p64_q{blocks.query_tokens}_r32_b{blocks.pages_per_block}" in module
     width, keys = code_width(head_dim, bits), blocks.pages_per_block * page_size
     dots = re.findall(r"tt\.dot .*: tensor<(\w+)> \* tensor<(\w+)> -> tensor<(\w+)>", module)
-    qk = (f"128x{width}xbf16", f"{width}x{keys}xbf16", f"128x{keys}xf32")
-    pv = (f"128x{keys}xbf16", f"{keys}x{width}xbf16", f"128x{width}xf32")
+    qk = (f"32x{width}xbf16", f"{width}x{keys}xbf16", f"32x{keys}xf32")
+    pv = (f"32x{keys}xbf16", f"{keys}x{width}xbf16", f"32x{width}xf32")
     assert sorted(dots) == sorted([qk, pv] * (2 if bits == 4 else 1))

@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import shutil
 
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from safetensors import safe_open
+from safetensors.numpy import save_file
 from scipy.special import log_softmax
 from tiny_models import TINY_CONFIGS, build_hf_model, save_hf_model, tiny_tokenizer
 
@@ -72,7 +75,7 @@ def _output_error(params, reference_logits, tokens):
 @pytest.mark.parametrize("recipe_name", ["g128", "gchn"])
 def test_recipe_quantizes_every_decoder_linear_and_beats_plain_rounding(outlier_models, family, recipe_name):
     params, rtn = outlier_models[family]
-    rng = np.random.default_rng()
+    rng = np.random.default_rng(222)
     calibration = rng.integers(3, params.config.vocab_size, (6, 96)).astype(np.int32)
     held_out = jnp.asarray(rng.integers(3, params.config.vocab_size, (2, 64)))
     recipe = RECIPES[recipe_name]
@@ -99,8 +102,8 @@ def test_recipe_quantizes_every_decoder_linear_and_beats_plain_rounding(outlier_
 
 def test_weight_only_and_w8a8_baselines(model_dirs):
     params = qoq_jax.load(model_dirs["llama_quantizable"])
-    calibration = np.random.default_rng().integers(3, 320, (4, 64)).astype(np.int32)
-    tokens = jnp.asarray(np.random.default_rng().integers(3, 320, (2, 48)))
+    calibration = np.random.default_rng(223).integers(3, 320, (4, 64)).astype(np.int32)
+    tokens = jnp.asarray(np.random.default_rng(224).integers(3, 320, (2, 48)))
     reference = qoq_jax.forward(params, tokens)
     for name in ("rtn-w4a16-progressive", "gptq-w4a16-g128"):
         weight_only, _ = quantize_model(params, RECIPES[name], calibration, progress=False)
@@ -110,6 +113,22 @@ def test_weight_only_and_w8a8_baselines(model_dirs):
     w8a8, _ = quantize_model(params, RECIPES["rtn-w8a8"], calibration, progress=False)
     assert w8a8.kv_bits == 16
     assert _output_error(w8a8, reference, tokens) < 0.05 < _output_error(weight_only, reference, tokens) < 0.6
+
+
+def test_a_gptq_failure_raises_naming_the_layer(model_dirs):
+    """A NaN in layer 1's up_proj makes down_proj's inputs NaN there: its Hessian never factorizes, and GPTQ must
+    stop naming that linear instead of casting NaN codes to uint8."""
+    params = qoq_jax.load(model_dirs["llama_quantizable"])
+    weights = nnx.to_pure_dict(params.state)
+    weights["layers"][1]["mlp"]["up_proj"]["kernel"] = weights["layers"][1]["mlp"]["up_proj"]["kernel"].at[3, 7].set(
+        jnp.nan
+    )
+    state = params.state
+    nnx.replace_by_pure_dict(state, weights)
+    broken = dataclasses.replace(params, state=state)
+    calibration = np.random.default_rng(2).integers(3, 320, (4, 64)).astype(np.int32)  # test_weight_only's shapes
+    with pytest.raises(qoq_jax.CalibrationError, match=r"layers\.1\.mlp\.down_proj: GPTQ failed"):
+        quantize_model(broken, RECIPES["gptq-w4a16-g128"], calibration, progress=False)
 
 
 def test_group_size_follows_the_shapes_and_refuses_what_does_not_fit():
@@ -152,14 +171,24 @@ def test_calibration_tokens_from_text_files_and_pydoc(tmp_path, gpl_text):
 
 
 def test_cli_quantize_then_eval_then_generate(model_dirs, tmp_path, capsys, gpl_text):
+    """On a model whose layer-1 down_proj has an all-zero input channel (a pruned channel): SmoothLinear's scale
+    there is x^α / 0^β = ∞, which turns the stage off for that layer; the report records it and quantize says so."""
+    model = shutil.copytree(model_dirs["llama_quantizable"], tmp_path / "model")
+    with safe_open(model / "model.safetensors", framework="np") as f:
+        tensors = {name: f.get_tensor(name) for name in f.keys()}
+    tensors["model.layers.1.mlp.down_proj.weight"][:, 5] = 0.0
+    save_file(tensors, model / "model.safetensors", metadata={"format": "pt"})
     output = tmp_path / "ckpt"
     calib = tmp_path / "calib.txt"
     calib.write_text(gpl_text[: len(gpl_text) // 2])
-    args = ["--model", str(model_dirs["llama_quantizable"]), "--recipe", "g128", "--calib", str(calib)]
+    args = ["--model", str(model), "--recipe", "g128", "--calib", str(calib)]
     assert main(["quantize", *args, "--samples", "4", "--seq-len", "64", "--output", str(output)]) == 0
     metadata = json.loads((output / "qoq.json").read_text())
     assert metadata["quant"] == {"weights": "w4a8-g128", "kv_bits": 4, "group_size": 64}
     assert metadata["recipe"]["recipe"]["name"] == "g128" and metadata["recipe"]["calibration"]["samples"] == 4
+    [disabled] = metadata["recipe"]["disabled_stages"]
+    assert disabled["layer"] == 1 and disabled["stage"] == "smooth_linear" and "NaN/Inf" in disabled["reason"]
+    assert "[warning: layer 1: smooth_linear disabled (" in capsys.readouterr().err
     # A second run into the same directory is refused without --overwrite.
     assert main(["quantize", *args, "--samples", "2", "--seq-len", "64", "--output", str(output)]) == 2
     assert "exists" in capsys.readouterr().err
@@ -197,7 +226,7 @@ def test_kv4_round_trip_is_part_of_the_quantized_forward(model_dirs):
     gives different logits, and KV8 lies between."""
     params = qoq_jax.load(model_dirs["llama_quantizable"])
     quantized, _ = quantize_model(params, RECIPES["rtn-w4a8kv4-g128"], np.ones((1, 16), np.int32), progress=False)
-    tokens = jnp.asarray(np.random.default_rng().integers(3, 320, (2, 40)))
+    tokens = jnp.asarray(np.random.default_rng(225).integers(3, 320, (2, 40)))
     logits = {bits: qoq_jax.forward(_with_kv_bits(quantized, bits), tokens) for bits in (4, 8, 16)}
     kv8_gap = float(jnp.abs(logits[8] - logits[16]).mean())
     kv4_gap = float(jnp.abs(logits[4] - logits[16]).mean())

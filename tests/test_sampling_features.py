@@ -239,7 +239,7 @@ def test_logprobs_on_a_tensor_parallel_mesh_equal_one_device(params):
         (dict(presence_penalty=2.5), InvalidSamplingError, "presence_penalty"),
         (dict(frequency_penalty=float("nan")), InvalidSamplingError, "frequency_penalty"),
         (dict(repetition_penalty=0.0), InvalidSamplingError, "repetition_penalty"),
-        (dict(min_tokens=-1), InvalidSamplingError, "min_tokens"),
+        (dict(min_tokens=-1), InvalidRequestError, "min_tokens"),
         (dict(min_tokens=9, max_new_tokens=8), InvalidRequestError, "min_tokens"),
         (dict(logprobs=21), InvalidSamplingError, "logprobs"),
         (dict(prompt_logprobs=-1), InvalidSamplingError, "prompt_logprobs"),
