@@ -21,6 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh
+from tokenizers.decoders import DecodeStream
 
 from qoq_jax.errors import InvalidRequestError, PromptTooLongError
 from qoq_jax.logits_processors import TokenHistory
@@ -136,14 +137,17 @@ def complete(
     encoded = [encode_prompt(params, p, chat, name=f"prompts[{i}]") for i, p in enumerate(prompts)]
     for ids, _ in encoded:
         _check_prompt(params, ids, max_new_tokens)
-    stop_ids = set(stop_token_ids) | (set() if ignore_eos else eos_ids(params))
+    stop_ids = frozenset(stop_token_ids) | (frozenset() if ignore_eos else eos_ids(params))
 
     rows = [
-        Continuation(list(ids), is_text, max_new_tokens, min_tokens=min_tokens)
+        Continuation(
+            list(ids), max_new_tokens=max_new_tokens, stop_ids=stop_ids, stop=stop, tokenizer=tokenizer,
+            is_text=is_text, min_tokens=min_tokens,
+        )
         for ids, is_text in encoded
         for _ in range(candidates)
     ]
-    results = _run(params, rows, sampling, stop_ids, stop, decode_chunk)
+    results = _run(params, rows, sampling, stop_ids, decode_chunk)
     completions = []
     for first in range(0, len(rows), candidates):
         chosen = list(range(first, first + candidates))
@@ -151,7 +155,7 @@ def complete(
             chosen = sorted(chosen, key=lambda i: -_mean_logprob(results[i].logprobs))[:n]
         for index, i in enumerate(chosen):
             row, result = rows[i], results[i]
-            completion = row.completion(tokenizer)
+            completion = row.completion()
             completions.append(
                 dataclasses.replace(
                     completion,
@@ -175,50 +179,99 @@ def _check_token_ids(params: Params, name: str, ids: Sequence[int]) -> None:
         raise InvalidRequestError(f"{name}: token ids must be in [0, {vocab}), got {outside[0]}")
 
 
-@dataclasses.dataclass
 class Continuation:
-    """One prompt's generated tokens under the stop rules (stop ids, stop strings, max_new_tokens); `generate`
-    and the serving engine feed it tokens as they are sampled."""
+    """One prompt's generated tokens under the stop rules (stop ids, stop strings, max_new_tokens); `generate` and
+    the serving engine feed it tokens as they are sampled.
 
-    prompt: list[int]
-    is_text: bool
-    max_new_tokens: int
-    tokens: list[int] = dataclasses.field(default_factory=list)
-    text: str | None = None
-    finish_reason: str | None = None
-    min_tokens: int = 0  # stop strings count only after this many tokens (stop ids are held back on the device)
+    Text is decoded incrementally: one `tokenizers` streaming decoder per sequence turns each token into the text
+    it adds (holding back bytes of a character split over tokens), and stop strings are searched only in the new
+    text plus the few characters before it that a stop string could start in, so each token costs O(1) however
+    long the continuation. The token that completes a stop string is dropped and the text is cut before it."""
 
-    def __post_init__(self):
-        if self.max_new_tokens == 0:
+    def __init__(
+        self,
+        prompt: list[int],
+        *,
+        max_new_tokens: int,
+        stop_ids: frozenset[int] = frozenset(),
+        stop: Sequence[str] = (),
+        tokenizer=None,
+        is_text: bool = True,
+        min_tokens: int = 0,
+    ):
+        self.prompt = prompt
+        self.is_text = is_text
+        self.max_new_tokens = max_new_tokens
+        self.stop_ids = stop_ids
+        self.stop = tuple(s for s in stop if s)
+        self.min_tokens = min_tokens  # stop strings count only after this many tokens (stop ids: on the device)
+        self.tokens: list[int] = []
+        self.finish_reason: str | None = "length" if max_new_tokens == 0 else None
+        self._tokenizer = tokenizer if (is_text or self.stop) else None
+        self._stream = None if self._tokenizer is None else DecodeStream(skip_special_tokens=True)
+        self._backend = None if self._tokenizer is None else self._tokenizer.backend_tokenizer
+        self._pieces: list[str] = []
+        self._window = max((len(s) for s in self.stop), default=1) - 1  # chars a stop string can reach back
+        self._tail = ""  # the last `_window` characters of the text
+        self._held = False  # the decoder holds tokens back (an incomplete character)
+        self._cut = False  # the text ends where a stop string began
+
+    def append(self, token: int) -> str:
+        """Applies the stop rules to one sampled token; returns the text it adds (possibly "")."""
+        if self.finish_reason is not None:
+            return ""
+        if token in self.stop_ids:
+            self.finish_reason = "stop"
+            return ""
+        self.tokens.append(token)
+        piece = ""
+        if self._stream is not None:
+            piece = self._stream.step(self._backend, token) or ""
+            self._held = not piece
+            if piece and self.stop and self._cut_at_stop_string(piece):
+                return ""  # finished: `text` holds the text cut before the stop string
+            self._pieces.append(piece)
+        if len(self.tokens) >= self.max_new_tokens:
             self.finish_reason = "length"
+        return piece
 
-    def extend(self, new_tokens, stop_ids, stop, tokenizer) -> None:
-        for token in new_tokens:
+    def extend(self, tokens) -> None:
+        for token in tokens:
             if self.finish_reason is not None:
                 return
-            if token in stop_ids:
-                self.finish_reason = "stop"
-                return
-            self.tokens.append(int(token))
-            if stop and len(self.tokens) > self.min_tokens and self._cut_at_stop_string(stop, tokenizer):
-                return
-            if len(self.tokens) >= self.max_new_tokens:
-                self.finish_reason = "length"
+            self.append(int(token))
 
-    def _cut_at_stop_string(self, stop, tokenizer) -> bool:
-        text = tokenizer.decode(self.tokens, skip_special_tokens=True)
-        hits = [i for i in (text.find(s) for s in stop) if i >= 0]
-        if not hits:
+    def _cut_at_stop_string(self, piece: str) -> bool:
+        window = self._tail + piece
+        first = -1
+        for stop in self.stop:
+            at = window.find(stop)
+            if at >= 0 and (first < 0 or at < first):
+                first = at
+        if first < 0 or len(self.tokens) <= self.min_tokens:
+            self._tail = window[-self._window :] if self._window else ""
             return False
-        self.text = text[: min(hits)]
+        cut = first - len(self._tail)  # where the stop string starts, relative to this piece (may be < 0)
+        if cut < 0:  # it began in text already appended: shorten that
+            text = "".join(self._pieces)
+            self._pieces = [text[: len(text) + cut]]
+        else:
+            self._pieces.append(piece[:cut])
         self.tokens.pop()  # the token that completed the stop string
         self.finish_reason = "stop"
+        self._cut = True
         return True
 
-    def completion(self, tokenizer) -> Completion:
-        text = None
-        if self.is_text:
-            text = self.text if self.text is not None else tokenizer.decode(self.tokens, skip_special_tokens=True)
+    @property
+    def text(self) -> str:
+        """The text so far; once finished, with any character the decoder still held back."""
+        text = "".join(self._pieces)
+        if self._held and self.finish_reason is not None and not self._cut:
+            text = self._tokenizer.decode(self.tokens, skip_special_tokens=True)  # once, at the end
+        return text
+
+    def completion(self) -> Completion:
+        text = self.text if self.is_text else None
         return Completion(list(self.prompt), list(self.tokens), text, self.finish_reason or "length")
 
 
@@ -230,7 +283,7 @@ class _RowLogprobs:
     prompt_logprobs: list[TokenLogprob] | None = None
 
 
-def _run(params: Params, rows: list[Continuation], sampling, stop_ids, stop, decode_chunk: int) -> list[_RowLogprobs]:
+def _run(params: Params, rows: list[Continuation], sampling, stop_ids, decode_chunk: int) -> list[_RowLogprobs]:
     """Prefills the padded batch, then decodes chunk by chunk until every row has finished."""
     config = params.config
     batch = _power_of_two(len(rows))
@@ -283,7 +336,7 @@ def _run(params: Params, rows: list[Continuation], sampling, stop_ids, stop, dec
         host = jax.tree.map(lambda x: np.asarray(x)[:steps], pending.logprobs) if any_logprobs else None
         for i, row in enumerate(rows):
             before = len(row.tokens)
-            row.extend(host_tokens[:, i], stop_ids, stop, params.tokenizer)
+            row.extend(host_tokens[:, i])
             if sampling[i].logprobs is not None and len(row.tokens) > before:
                 kept = slice(0, len(row.tokens) - before)  # extend keeps a prefix of the chunk's tokens
                 column = jax.tree.map(lambda x: x[kept, i], host)
@@ -423,12 +476,12 @@ def _check_prompt(params: Params, ids: list[int], max_new_tokens: int) -> None:
         )
 
 
-def eos_ids(params: Params) -> set[int]:
+def eos_ids(params: Params) -> frozenset[int]:
     ids = set(params.config.eos_token_ids)
     tokenizer_eos = getattr(params.tokenizer, "eos_token_id", None)
     if tokenizer_eos is not None:
         ids.add(tokenizer_eos)
-    return ids
+    return frozenset(ids)
 
 
 def _power_of_two(n: int) -> int:

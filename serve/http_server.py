@@ -8,7 +8,9 @@ The app starts and shuts down the engine in its lifespan. Requests are tokenized
 ids); streamed answers are server-sent events in OpenAI's chunk shapes, ending with `data: [DONE]`. Errors use
 OpenAI's shape `{"error": {"message", "type", "param", "code"}}`: 400 for bad requests (malformed JSON, wrong
 types, invalid sampling values, prompts that do not fit the context), 401 for a missing or wrong API key, 404
-for an unknown model, 503 when the engine's queue is full.
+for an unknown model, 503 when the engine's queue is full or the engine has stopped, 500 for a request the engine
+could not serve (its step failed; the others go on), or an error event when that happens mid-stream. A client
+that goes away, mid-stream or while waiting for a whole answer, has its request aborted and its KV pages freed.
 
 Both endpoints take OpenAI's `n`, `presence_penalty`, `frequency_penalty`, `logit_bias` (token ids as strings)
 and `seed`, and vLLM's extensions `repetition_penalty`, `min_tokens`, `top_k`, `stop_token_ids`, `ignore_eos`.
@@ -16,8 +18,7 @@ and `seed`, and vLLM's extensions `repetition_penalty`, `min_tokens`, `top_k`, `
 log-probabilities when `logprobs` is set; with `max_tokens: 0` nothing is generated: lm-eval's loglikelihood
 requests) and `best_of` (that many sampled, the `n` of highest mean log-probability per token returned; not with
 `stream`); /v1/chat/completions takes `logprobs: true` and `top_logprobs` (0-20). Log-probabilities are the model's
-own distribution (as OpenAI and vLLM report them), or with `logprobs_mode="processed"` the one sampled from. A client that goes away, mid-stream or while waiting
-for a whole answer, has its request aborted and its KV pages freed.
+own distribution (as OpenAI and vLLM report them), or with `logprobs_mode="processed"` the one sampled from.
 """
 
 from __future__ import annotations
@@ -49,7 +50,7 @@ from qoq_jax.generate import encode_prompt
 from qoq_jax.logprobs import MAX_LOGPROBS, TokenLogprob
 from qoq_jax.sampling import LOGPROBS_MODES, SamplingParams, choice_seed
 from qoq_jax.validation import FLOAT32_MAX, INT32_MAX, UINT32_MAX, unicode_problem
-from serve.request import OverloadedError, Request, RequestOutput
+from serve.request import EngineDeadError, OverloadedError, Request, RequestFailedError, RequestOutput
 
 _THROUGHPUT_WINDOW_S = 10.0
 _DEFAULT_COMPLETION_TOKENS = 16  # OpenAI's default max_tokens for /v1/completions
@@ -176,6 +177,10 @@ def _api_error(err: BaseException, prompt_field: str) -> APIError:
         return APIError(
             503, str(err) or "the server is overloaded; retry later", type="server_error", code="overloaded"
         )
+    if isinstance(err, EngineDeadError):
+        return APIError(503, str(err), type="server_error", code="engine_dead")
+    if isinstance(err, RequestFailedError):
+        return APIError(500, str(err), type="server_error", code="request_failed")
     if isinstance(err, PromptTooLongError):
         return _bad_request(str(err), param=prompt_field, code="context_length_exceeded")
     if isinstance(err, InvalidRequestError):  # its message starts with the field's name, where it has one
@@ -245,9 +250,21 @@ class _EngineCollector:
                 stats.prefix_cache_hit_tokens_total,
             ),
             ("qoq_preemptions", "Requests preempted to free KV pages.", stats.preemptions_total),
-        ]
+            ("qoq_requests_failed", "Requests ended by a failure of their step (the others went on).",
+             stats.requests_failed_total),
+            ("qoq_engine_restarts", "Failed steps that cost the device state: running requests recomputed.",
+             stats.engine_restarts_total),
+        ]  # fmt: skip
         for name, documentation, value in counters:
             yield CounterMetricFamily(name, documentation, value=value)
+        attention = getattr(self._engine, "attention", None)
+        if attention is not None:
+            info = GaugeMetricFamily(
+                "qoq_attention_implementation", "What runs each attention (1 for the one in use).", labels=["phase", "implementation"]
+            )
+            for phase in ("decode", "extend", "prefill"):
+                info.add_metric([phase, getattr(attention, phase)], 1)
+            yield info
 
 
 class _Metrics:
@@ -257,11 +274,11 @@ class _Metrics:
         self.registry.register(_EngineCollector(engine, self.throughput))
         self.requests_finished = Counter(
             "qoq_requests_finished",
-            "Requests finished, by reason (abort: the client went away or the engine gave up on it).",
+            "Requests finished, by reason (abort: the client went away; error: its step failed).",
             ["finish_reason"],
             registry=self.registry,
         )
-        for reason in ("stop", "length", "abort"):
+        for reason in ("stop", "length", "abort", "error"):
             self.requests_finished.labels(reason)
         self.time_to_first_token = Histogram(
             "qoq_time_to_first_token_seconds",
@@ -306,6 +323,9 @@ class _Batch:
                     return
             self._queue.put_nowait((index, RuntimeError("the engine ended a request without a finish reason")))
         except Exception as err:  # noqa: BLE001 - handed to the consumer
+            if isinstance(err, RequestFailedError):  # the engine ended it: finished, with an error
+                self.finished[index] = True
+                self._metrics.requests_finished.labels("error").inc()
             self._queue.put_nowait((index, err))
         finally:
             await stream.aclose()

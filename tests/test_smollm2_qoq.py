@@ -77,7 +77,7 @@ def test_quantized_model_serves_openai_completions_and_chat(qoq_g128):
     quantized, _ = qoq_g128
     engine = AsyncEngine(
         build_engine(quantized, model_name="smollm2", max_num_seqs=1, max_model_len=256, max_prefill_rows=1,
-                     max_prefill_chunk=16, warmup=False)
+                     prefill_row_tokens=16, warmup=False)
     )  # fmt: skip
     with serving(create_app(engine, model_name="smollm2")) as url:
         client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=600)

@@ -228,7 +228,7 @@ def test_engine_on_a_mesh_samples_what_generate_samples(g128_params):
         max_model_len=48,
         page_size=16,
         kv_memory_bytes=12 * page_bytes,
-        max_prefill_chunk=16,  # the 20-token prompt is prefilled in two chunks
+        prefill_row_tokens=16,  # the 20-token prompt is prefilled in two chunks
         max_num_batched_tokens=64,
         max_prefill_rows=1,
     )

@@ -1,0 +1,83 @@
+"""Output processing: each sampled token through the stop rules into the text it adds, streamed as deltas
+(vLLM v1's output processor and incremental detokenizer).
+
+A sequence's `Continuation` (shared with `qoq_jax.generate`) decodes incrementally and checks EOS, stop ids, stop
+strings (on the new tail only) and max_tokens, so each token costs O(1). Text that could still turn out to be the
+start of a stop string (its last len(longest stop) − 1 characters) is held back until it cannot; the token ids go
+out at once. The one output per request that carries a finish reason has everything not yet sent.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+from qoq_jax.generate import Continuation
+from serve.request import Request, RequestOutput
+
+
+@dataclasses.dataclass(eq=False)
+class OutputState:
+    """What one request has generated and what of it was sent."""
+
+    continuation: Continuation
+    holdback: int  # characters kept back while unfinished
+    unsent: str = ""
+    sent_chars: int = 0
+    sent_tokens: int = 0
+
+
+class OutputProcessor:
+    """Turns sampled tokens into `RequestOutput`s; one `OutputState` per request."""
+
+    def __init__(self, tokenizer, eos_ids: frozenset[int]):
+        self.tokenizer = tokenizer
+        self.eos_ids = eos_ids
+
+    def start(self, request: Request) -> OutputState:
+        stop_ids = frozenset(request.stop_token_ids) | (frozenset() if request.ignore_eos else self.eos_ids)
+        continuation = Continuation(
+            list(request.prompt_token_ids),
+            max_new_tokens=request.max_tokens,
+            stop_ids=stop_ids,
+            stop=request.stop,
+            tokenizer=self.tokenizer,
+            is_text=self.tokenizer is not None,
+        )
+        return OutputState(continuation, holdback=max((len(s) for s in request.stop), default=1) - 1)
+
+    def append(self, request: Request, state: OutputState, token: int) -> RequestOutput:
+        """The output one sampled token makes; `finished` once the stop rules end the request."""
+        continuation = state.continuation
+        piece = continuation.append(token)
+        if continuation.finish_reason is not None:
+            return self.finish(request, state, continuation.finish_reason)
+        if state.holdback:
+            state.unsent += piece
+            ready = len(state.unsent) - state.holdback
+            piece = ""
+            if ready > 0:
+                piece, state.unsent = state.unsent[:ready], state.unsent[ready:]
+        state.sent_chars += len(piece)
+        return self._output(request, state, piece, None)
+
+    def finish(self, request: Request, state: OutputState, reason: str, error: str | None = None) -> RequestOutput:
+        """The last output: whatever was held back (cut before a stop string) and the finish reason."""
+        text = ""
+        if self.tokenizer is not None and reason in ("stop", "length"):
+            text = state.continuation.text[state.sent_chars :]
+        return self._output(request, state, text, reason, error)
+
+    @staticmethod
+    def _output(request, state, text, reason, error=None) -> RequestOutput:
+        tokens = state.continuation.tokens
+        new_tokens = tuple(tokens[state.sent_tokens :])
+        state.sent_tokens = len(tokens)
+        return RequestOutput(
+            request_id=request.request_id,
+            new_token_ids=new_tokens,
+            new_text=text,
+            num_prompt_tokens=len(request.prompt_token_ids),
+            num_generated_tokens=len(tokens),
+            finish_reason=reason,
+            error=error,
+        )
