@@ -304,6 +304,7 @@ def _run(params: Params, rows: list[Continuation], sampling, stop_ids, decode_ch
         sampling=SamplingBatch.stack(list(sampling) + padding),
         stop_ids=jnp.asarray(_padded(sorted(stop_ids)), jnp.int32),
         limits=jnp.asarray(limits),
+        prompt_lengths=jnp.asarray(lengths),
     )
     results = [_RowLogprobs() for _ in rows]
 
@@ -354,6 +355,7 @@ class _Stopping:
     sampling: SamplingBatch
     stop_ids: jax.Array  # [S] int32, padded with -1
     limits: jax.Array  # [B] int32: a row is done once its cache holds this many tokens
+    prompt_lengths: jax.Array  # [B] int32
 
     def is_done(self, tokens, lengths):
         return jnp.isin(tokens, self.stop_ids) | (lengths >= self.limits)
@@ -361,9 +363,10 @@ class _Stopping:
     def sample(self, logits, history: TokenHistory, positions):
         """The rows' next tokens, recorded in their history."""
         stop_ids = jnp.broadcast_to(self.stop_ids, (positions.shape[0], self.stop_ids.shape[0]))
-        sampled = sample_next(logits, self.sampling, history, positions, stop_ids)
+        generated = positions - self.prompt_lengths
+        sampled = sample_next(logits, self.sampling, history, positions, generated, stop_ids)
         rows = jnp.arange(positions.shape[0])
-        history = history.record(rows, sampled.tokens[:, None], positions[:, None], jnp.ones_like(rows, bool)[:, None])
+        history = history.record(rows, sampled.tokens[:, None], True, True)
         return sampled, history
 
 
@@ -374,8 +377,8 @@ def _prefill_and_sample(params, tokens, lengths, stopping: _Stopping, wants_prom
     state, hidden = prefill_hidden(params, tokens, lengths, max_length=max_length)
     batch, block = tokens.shape
     positions = jnp.broadcast_to(jnp.arange(block), tokens.shape)
-    history = TokenHistory.empty(batch, params.config.vocab_size).restart(jnp.arange(batch), lengths)
-    history = history.record(jnp.arange(batch), tokens, positions, positions < lengths[:, None])
+    history = TokenHistory.empty(batch, params.config.vocab_size)
+    history = history.record(jnp.arange(batch), tokens, False, positions < lengths[:, None])
     first, history = stopping.sample(lm_head(params, last_positions(hidden, lengths)), history, state.lengths)
     done = stopping.is_done(first.tokens, state.lengths)
     targets = jnp.pad(tokens[:, 1:], ((0, 0), (0, 1)))

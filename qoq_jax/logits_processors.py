@@ -29,44 +29,32 @@ NO_TOKEN = 2**31 - 1
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass
 class TokenHistory:
-    """What each row's sequence holds, for the penalties and min_tokens."""
+    """Which tokens each row's sequence holds, for the penalties: rows of a batch, or an engine's slots."""
 
     output_counts: jax.Array  # [B, V] int32: how often each token was generated
     in_prompt: jax.Array  # [B, V] bool: which tokens the prompt holds
-    prompt_lengths: jax.Array  # [B] int32: tokens at positions from here on are generated
 
     @classmethod
-    def empty(cls, batch: int, vocab: int) -> "TokenHistory":
-        return cls(
-            output_counts=jnp.zeros((batch, vocab), jnp.int32),
-            in_prompt=jnp.zeros((batch, vocab), bool),
-            prompt_lengths=jnp.zeros((batch,), jnp.int32),
-        )
+    def empty(cls, rows: int, vocab: int) -> "TokenHistory":
+        return cls(jnp.zeros((rows, vocab), jnp.int32), jnp.zeros((rows, vocab), bool))
 
-    def restart(self, rows_b: jax.Array, prompt_lengths_b: jax.Array) -> "TokenHistory":
-        """Rows `rows_b` begin new sequences with prompts of `prompt_lengths_b` tokens (rows out of range: none)."""
+    def restart(self, rows_b: jax.Array) -> "TokenHistory":
+        """Rows `rows_b` begin new sequences (rows out of range: none)."""
         return TokenHistory(
-            output_counts=self.output_counts.at[rows_b].set(0, mode="drop"),
-            in_prompt=self.in_prompt.at[rows_b].set(False, mode="drop"),
-            prompt_lengths=self.prompt_lengths.at[rows_b].set(prompt_lengths_b, mode="drop"),
+            self.output_counts.at[rows_b].set(0, mode="drop"), self.in_prompt.at[rows_b].set(False, mode="drop")
         )
 
-    def record(self, rows_b: jax.Array, tokens_bt: jax.Array, positions_bt: jax.Array, valid_bt) -> "TokenHistory":
-        """Adds tokens [B, T] at `positions_bt` of rows `rows_b` where `valid_bt`: those before the row's prompt
-        length to its prompt, later ones (sampled, or recomputed after a preemption) to its output counts."""
+    def record(self, rows_b: jax.Array, tokens_bt: jax.Array, generated_bt, valid_bt) -> "TokenHistory":
+        """Adds tokens [B, T] of rows `rows_b` where `valid_bt`: to the output counts where `generated_bt` (sampled,
+        or recomputed after a preemption), else to the prompt."""
         rows = jnp.broadcast_to(rows_b[:, None], tokens_bt.shape)
-        generated = positions_bt >= self.prompt_lengths[rows]
-        output = jnp.where(valid_bt & generated, tokens_bt, NO_TOKEN)
-        prompt = jnp.where(valid_bt & ~generated, tokens_bt, NO_TOKEN)
-        return dataclasses.replace(
-            self,
-            output_counts=self.output_counts.at[rows, output].add(1, mode="drop"),
-            in_prompt=self.in_prompt.at[rows, prompt].set(True, mode="drop"),
+        generated, valid = jnp.asarray(generated_bt, bool), jnp.asarray(valid_bt, bool)
+        output = jnp.where(valid & generated, tokens_bt, NO_TOKEN)
+        prompt = jnp.where(valid & ~generated, tokens_bt, NO_TOKEN)
+        return TokenHistory(
+            self.output_counts.at[rows, output].add(1, mode="drop"),
+            self.in_prompt.at[rows, prompt].set(True, mode="drop"),
         )
-
-    def rows(self, rows_b: jax.Array) -> "TokenHistory":
-        """The history of rows `rows_b` (an engine's batch rows out of its slots)."""
-        return jax.tree.map(lambda x: x[rows_b], self)
 
 
 def process_logits(
@@ -75,18 +63,23 @@ def process_logits(
     history: TokenHistory,
     generated_b: jax.Array,
     stop_ids_bs: jax.Array,
+    history_rows_b: jax.Array | None = None,
 ) -> jax.Array:
     """Logits [B, V] after the rows' logit bias, min_tokens (`generated_b` tokens generated so far, stop ids
-    [B, S] padded with any id < 0 or >= V) and penalties. Rows without any of them come back bit for bit."""
+    [B, S] padded with any id < 0 or >= V) and penalties over `history` (its rows `history_rows_b`, default the
+    batch's own). Rows without any of them come back bit for bit."""
     batch, vocab = logits_bv.shape
     rows = jnp.arange(batch)[:, None]
     logits = logits_bv.at[rows, sampling.logit_bias_ids].add(sampling.logit_bias, mode="drop")
     held = (generated_b < sampling.min_tokens)[:, None] & (stop_ids_bs >= 0) & (stop_ids_bs < vocab)
     logits = logits.at[rows, jnp.where(held, stop_ids_bs, NO_TOKEN)].set(-jnp.inf, mode="drop")
     penalised = (sampling.presence_penalty != 0) | (sampling.frequency_penalty != 0) | (sampling.repetition_penalty != 1)
-    return jax.lax.cond(
-        jnp.any(penalised), lambda: apply_penalties(logits, sampling, history), lambda: logits
-    )
+
+    def penalise():
+        rows_history = history if history_rows_b is None else jax.tree.map(lambda x: x[history_rows_b], history)
+        return apply_penalties(logits, sampling, rows_history)
+
+    return jax.lax.cond(jnp.any(penalised), penalise, lambda: logits)
 
 
 def apply_penalties(logits_bv: jax.Array, sampling: "SamplingBatch", history: TokenHistory) -> jax.Array:

@@ -104,7 +104,7 @@ def choice_seed(seed: int, index: int) -> int:
 @dataclasses.dataclass
 class SamplingBatch:
     """SamplingParams stacked per sequence: float32 / int32 / uint32 / bool arrays of shape [B], the logit bias
-    as [B, K] token ids (padded with `NO_TOKEN`) and biases."""
+    as [B, K] token ids (padded with `NO_TOKEN`) and biases; `stack` makes host (numpy) arrays."""
 
     temperature: jax.Array
     top_k: jax.Array
@@ -134,7 +134,7 @@ class SamplingBatch:
                 bias_ids[row, : len(p.logit_bias)], bias[row, : len(p.logit_bias)] = zip(*p.logit_bias)
 
         def column(name, dtype):
-            return jnp.asarray([getattr(p, name) for p in params], dtype)
+            return np.asarray([getattr(p, name) for p in params], dtype)
 
         return cls(
             temperature=column("temperature", jnp.float32),
@@ -145,10 +145,10 @@ class SamplingBatch:
             frequency_penalty=column("frequency_penalty", jnp.float32),
             repetition_penalty=column("repetition_penalty", jnp.float32),
             min_tokens=column("min_tokens", jnp.int32),
-            logit_bias_ids=jnp.asarray(bias_ids),
-            logit_bias=jnp.asarray(bias),
-            wants_logprobs=jnp.asarray([p.logprobs is not None for p in params]),
-            processed_logprobs=jnp.asarray([p.logprobs_mode == "processed" for p in params]),
+            logit_bias_ids=bias_ids,
+            logit_bias=bias,
+            wants_logprobs=np.asarray([p.logprobs is not None for p in params]),
+            processed_logprobs=np.asarray([p.logprobs_mode == "processed" for p in params]),
         )
 
 
@@ -239,15 +239,17 @@ def sample_next(
     sampling: SamplingBatch,
     history: TokenHistory,
     positions_b: jax.Array,
+    generated_b: jax.Array,
     stop_ids_bs: jax.Array,
+    history_rows_b: jax.Array | None = None,
 ) -> SampledTokens:
-    """The next token of each row from the model's float32 logits [B, V]: logit bias, min_tokens (the row's stop
-    ids [B, S], padded with any id < 0 or >= V, held back) and penalties over `history` (the rows' token
-    history), then `sample`; and, when a row asks for them, the log-probabilities (`SamplingParams`).
+    """The next token of each row from the model's float32 logits [B, V]: logit bias, min_tokens (`generated_b`
+    tokens generated so far; the row's stop ids [B, S], padded with any id < 0 or >= V, held back until then)
+    and penalties over `history` (its rows `history_rows_b`, default the batch's), then `sample`; and, when a row
+    asks for them, the log-probabilities (`SamplingParams`).
 
     `positions_b` is the position each new token will take; the caller records kept tokens in the history."""
-    generated = positions_b - history.prompt_lengths
-    processed = process_logits(logits_bv, sampling, history, generated, stop_ids_bs)
+    processed = process_logits(logits_bv, sampling, history, generated_b, stop_ids_bs, history_rows_b)
     tokens = sample(processed, sampling, positions_b)
 
     def logprobs():

@@ -126,7 +126,7 @@ def test_logit_processing_matches_a_float64_reference_and_touches_only_its_token
     ]
     generated = np.asarray([0, 9, 9, 9, 9, 3])  # the last row is still under its min_tokens
     stop_ids = np.tile(np.asarray([2, 11, -1, vocab + 5]), (batch, 1))  # -1 and >= V are padding
-    history = TokenHistory(jnp.asarray(counts), jnp.asarray(in_prompt), jnp.zeros((batch,), jnp.int32))
+    history = TokenHistory(jnp.asarray(counts), jnp.asarray(in_prompt))
     out = np.asarray(
         jax.jit(process_logits)(jnp.asarray(logits), SamplingBatch.stack(rows), history, generated, stop_ids)
     )
