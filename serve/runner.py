@@ -4,7 +4,9 @@ Device state lives between steps and is changed only by the steps themselves (vL
 
     pool        the paged KV pool (donated into every step, updated in place)
     DeviceBatch per slot (one per running sequence, plus a padding slot): its block table at full width, its
-                last sampled token (the next decode input) and its sampling parameters
+                last sampled token (the next decode input), its sampling parameters (penalties and logit bias
+                too), prompt length and stop ids (held back under min_tokens), and its token history (per-token
+                counts of what it generated and a mask of its prompt, for the penalties)
 
 A step's host inputs are small: decode rows (slot, position), prompt-chunk rows (tokens, slot, start, length),
 and the block-table entries that changed since the last step. One jitted program per step
@@ -12,8 +14,9 @@ and the block-table entries that changed since the last step. One jitted program
     tables ← tables + updates
     decode rows:  decode_step over tables[slots, :width]    → sample → tokens[slot]
     chunk rows:   prefill(start_positions) over the same pool → sample at each chunk's end → tokens[slot]
+                  (and, when a row asks, the log-probabilities of its prompt tokens from every position)
 
-returns the sampled tokens, which the host starts copying back at once and reads one step later, after it has
+returns the sampled tokens (with their log-probabilities where asked), which the host starts copying back at once and reads one step later, after it has
 dispatched the next step: the device never waits on the host's bookkeeping. Sampled tokens feed the next decode
 on the device, so a decoding sequence's token never makes the round trip before it is used.
 
@@ -39,14 +42,18 @@ import jax.numpy as jnp
 import numpy as np
 
 from qoq_jax.kv_cache import PagedKVCache
+from qoq_jax.logits_processors import TokenHistory
+from qoq_jax.logprobs import TokenLogprobs, no_logprobs, prompt_logprobs
 from qoq_jax.params import Params
-from qoq_jax.sampling import SamplingBatch, sample
-from qoq_jax.steps import DecodeState, decode_step, prefill
+from qoq_jax.sampling import SampledTokens, SamplingBatch, SamplingParams, sample_next
+from qoq_jax.steps import DecodeState, decode_step, last_positions, lm_head, prefill_hidden
 from serve.scheduler import SchedulerOutput
 
 log = logging.getLogger(__name__)
 
 WARMUP_MODES = ("all", "cover", "none")
+MAX_LOGIT_BIAS = 256  # logit_bias entries a request may give (a slot holds that many)
+MAX_HELD_STOP_IDS = 32  # stop ids (EOS included) a request with min_tokens may hold back
 
 
 @jax.tree_util.register_dataclass
@@ -57,6 +64,9 @@ class DeviceBatch:
     tables: jax.Array  # [slots + 1, pages per sequence] int32
     tokens: jax.Array  # [slots + 1] int32: each slot's last sampled token
     sampling: SamplingBatch  # [slots + 1]
+    prompt_lengths: jax.Array  # [slots + 1] int32
+    stop_ids: jax.Array  # [slots + 1, MAX_HELD_STOP_IDS] int32: held back under min_tokens; -1 pads
+    history: TokenHistory  # [slots + 1, vocab]
 
 
 @jax.tree_util.register_dataclass
@@ -74,7 +84,11 @@ class ChunkRows:
     starts: jax.Array  # [R] int32
     lengths: jax.Array  # [R] int32; padding rows: 0
     samples: jax.Array  # [R] bool: the row ends its sequence's chunk and its token is kept
-    sampling: SamplingBatch  # [R]: written into the rows' slots
+    sampling: SamplingBatch  # [R]: written into the rows' slots, with the next three
+    prompt_lengths: jax.Array  # [R] int32
+    stop_ids: jax.Array  # [R, MAX_HELD_STOP_IDS] int32
+    targets: jax.Array  # [R, T] int32: the token after each position (prompt log-probabilities)
+    wants_prompt_logprobs: jax.Array  # [R] bool
 
 
 @jax.tree_util.register_dataclass
@@ -103,30 +117,45 @@ class StepShape:
 
 @dataclasses.dataclass(frozen=True)
 class RunnerOutput:
-    """The tokens one step sampled: one per decode row, and one per chunk (kept only where it samples); issue
-    15's logprobs would ride here too."""
+    """The tokens one step sampled: one per decode row, and one per chunk row (kept only where it samples); their
+    log-probabilities (TokenLogprobs of numpy arrays) when a row of the step asked, else None; and the prompt
+    log-probabilities [R, T] of the chunk rows (position t scores the token after it) when one asked."""
 
     decode_token_ids: np.ndarray
     chunk_token_ids: np.ndarray
+    decode_logprobs: TokenLogprobs | None = None
+    chunk_logprobs: TokenLogprobs | None = None
+    prompt_logprobs: TokenLogprobs | None = None
 
 
 class InFlightStep:
-    """A dispatched step: what it was asked to do, and its sampled tokens on their way to the host."""
+    """A dispatched step: what it was asked to do, and its sampled tokens (and the log-probabilities its
+    requests asked for) on their way to the host."""
 
-    def __init__(self, scheduled: SchedulerOutput, epochs: tuple[int, ...], decode_tokens, chunk_tokens, index: int):
+    def __init__(self, scheduled: SchedulerOutput, epochs: tuple[int, ...], outputs, index: int):
         self.scheduled = scheduled
         self.epochs = epochs  # of decode rows, then chunks, when planned
         self.index = index
-        self._decode_tokens, self._chunk_tokens = decode_tokens, chunk_tokens
-        for array in (decode_tokens, chunk_tokens):
-            if array is not None:
-                array.copy_to_host_async()
+        decode, chunk, prompt = outputs  # SampledTokens, SampledTokens, TokenLogprobs; None where absent
+        sequences = list(scheduled.decode) + [c.seq for c in scheduled.chunks]
+        wants = any(s.request.sampling.logprobs is not None for s in sequences)
+        wants_prompt = any(c.seq.request.sampling.prompt_logprobs is not None for c in scheduled.chunks)
+        self._arrays = [
+            None if decode is None else decode.tokens,
+            None if chunk is None else chunk.tokens,
+            None if decode is None or not wants else decode.logprobs,
+            None if chunk is None or not wants else chunk.logprobs,
+            prompt if wants_prompt else None,
+        ]
+        for array in jax.tree.leaves(self._arrays):
+            array.copy_to_host_async()
 
     def result(self) -> RunnerOutput:
         """Blocks until the step has run."""
-        decode = np.zeros((0,), np.int32) if self._decode_tokens is None else np.asarray(self._decode_tokens)
-        chunk = np.zeros((0,), np.int32) if self._chunk_tokens is None else np.asarray(self._chunk_tokens)
-        return RunnerOutput(decode[: len(self.scheduled.decode)], chunk)
+        decode, chunk, *logprobs = jax.tree.map(np.asarray, self._arrays)
+        decode = np.zeros((0,), np.int32) if decode is None else decode
+        chunk = np.zeros((0,), np.int32) if chunk is None else chunk
+        return RunnerOutput(decode[: len(self.scheduled.decode)], chunk, *logprobs)
 
 
 class ModelRunner:
@@ -177,7 +206,10 @@ class ModelRunner:
         batch = DeviceBatch(
             tables=np.full((slots, self.pages_per_seq), self.num_pages, np.int32),
             tokens=np.zeros((slots,), np.int32),
-            sampling=_sampling_arrays(np.zeros((slots, 4))),
+            sampling=SamplingBatch.stack([SamplingParams()] * slots, logit_bias_width=MAX_LOGIT_BIAS),
+            prompt_lengths=np.zeros((slots,), np.int32),
+            stop_ids=np.full((slots, MAX_HELD_STOP_IDS), -1, np.int32),
+            history=jax.tree.map(np.asarray, TokenHistory.empty(slots, params.config.vocab_size)),
         )
         self.pool = empty_pool() if parallel is None else parallel.build(empty_pool)
         self.batch = jax.device_put(batch) if parallel is None else parallel.place(batch)
@@ -232,9 +264,9 @@ class ModelRunner:
         shape, program = self._programs.get(self.shape_of(scheduled))
         inputs = self._inputs(scheduled, shape)
         epochs = tuple(s.epoch for s in scheduled.decode) + tuple(c.seq.epoch for c in scheduled.chunks)
-        self.pool, self.batch, decode_tokens, chunk_tokens = program(self.params, self.pool, self.batch, inputs)
+        self.pool, self.batch, *outputs = program(self.params, self.pool, self.batch, inputs)
         self.num_dispatched += 1
-        return InFlightStep(scheduled, epochs, decode_tokens, chunk_tokens, self.num_dispatched)
+        return InFlightStep(scheduled, epochs, outputs, self.num_dispatched)
 
     def shape_of(self, scheduled: SchedulerOutput) -> StepShape:
         """The smallest buckets holding the step: rows, and pages of its longest sequence."""
@@ -264,20 +296,31 @@ class ModelRunner:
         if shape.chunk_rows:
             rows = shape.chunk_rows
             tokens = np.zeros((rows, self.row_tokens), np.int32)
-            meta = np.zeros((4, rows), np.int32)  # slot, start, length, samples
+            targets = np.zeros((rows, self.row_tokens), np.int32)
+            meta = np.zeros((6, rows), np.int32)  # slot, start, length, samples, prompt length, wants prompt logprobs
             meta[0] = padding
-            sampling = np.zeros((rows, 4))
+            stop_ids = np.full((rows, MAX_HELD_STOP_IDS), -1, np.int32)
+            sampling = [SamplingParams()] * rows
             row = 0
             for chunk in () if scheduled is None else scheduled.chunks:
                 seq = chunk.seq
+                request = seq.request
                 for start in range(chunk.start, chunk.start + chunk.num_tokens, self.row_tokens):
                     length = min(self.row_tokens, chunk.start + chunk.num_tokens - start)
                     tokens[row, :length] = seq.token_ids[start : start + length]
-                    meta[:, row] = seq.slot, start, length, 0
-                    sampling[row] = seq.sampling_row
+                    following = seq.token_ids[start + 1 : start + length + 1]
+                    targets[row, : len(following)] = following
+                    wants_prompt = request.sampling.prompt_logprobs is not None
+                    meta[:, row] = seq.slot, start, length, 0, len(request.prompt_token_ids), wants_prompt
+                    stop_ids[row, : len(seq.held_stop_ids)] = seq.held_stop_ids
+                    sampling[row] = request.sampling
                     row += 1
                 meta[3, row - 1] = chunk.samples
-            chunks = ChunkRows(tokens, meta[0], meta[1], meta[2], meta[3].astype(bool), _sampling_arrays(sampling))
+            chunks = ChunkRows(
+                tokens, meta[0], meta[1], meta[2], meta[3].astype(bool),
+                SamplingBatch.stack(sampling, logit_bias_width=MAX_LOGIT_BIAS),
+                meta[4], stop_ids, targets, meta[5].astype(bool),
+            )  # fmt: skip
         if scheduled is not None:
             entries = [
                 (update.slot, update.first_index + i, page)
@@ -290,49 +333,83 @@ class ModelRunner:
                 updates[: len(entries)] = entries
         return StepInputs(updates, decode, chunks)
 
-    def chunk_last_rows(self, scheduled: SchedulerOutput) -> list[int]:
-        """The row of each chunk's last token in the step's chunk rows."""
-        ends = itertools.accumulate(-(-c.num_tokens // self.row_tokens) for c in scheduled.chunks)
-        return [end - 1 for end in ends]
-
-
-def _sampling_arrays(rows: np.ndarray) -> SamplingBatch:
-    """[rows, 4] (temperature, top_k, top_p, seed) as the sampler's dtypes."""
-    return SamplingBatch(
-        temperature=rows[:, 0].astype(np.float32),
-        top_k=rows[:, 1].astype(np.int32),
-        top_p=rows[:, 2].astype(np.float32),
-        seed=rows[:, 3].astype(np.uint32),
-    )
+    def chunk_rows(self, scheduled: SchedulerOutput) -> list[range]:
+        """The step's chunk rows holding each chunk, in order (its last one samples)."""
+        ends = list(itertools.accumulate(-(-c.num_tokens // self.row_tokens) for c in scheduled.chunks))
+        return [range(start, end) for start, end in zip([0] + ends, ends)]
 
 
 @functools.partial(jax.jit, static_argnames=("width",), donate_argnames=("pool", "batch"))
 def _step(params: Params, pool: PagedKVCache, batch: DeviceBatch, inputs: StepInputs, *, width: int):
-    """One engine step: decode rows and prompt-chunk rows over the one pool, sampling on the device."""
+    """One engine step: decode rows and prompt-chunk rows over the one pool, sampling on the device.
+
+    Returns the pool, the batch, the decode rows' and the chunk rows' SampledTokens (None where the step has no
+    such rows) and the chunk rows' prompt TokenLogprobs [R, T] (None without chunk rows)."""
     dropped = batch.tokens.shape[0]  # one past the padding slot: scatters there are dropped
     slots, indices, pages = inputs.table_updates.T
     tables = batch.tables.at[slots, indices].set(pages, mode="drop")
-    tokens, sampling = batch.tokens, batch.sampling
-    decode_tokens = chunk_tokens = None
+    tokens, sampling, prompt_lengths, stop_ids, history = (
+        batch.tokens, batch.sampling, batch.prompt_lengths, batch.stop_ids, batch.history
+    )  # fmt: skip
+    decoded = sampled_chunks = prompt = None
     chunks = inputs.chunks
     if chunks is not None:
         owned = jnp.where(chunks.lengths > 0, chunks.slots, dropped)
-        sampling = jax.tree.map(lambda old, new: old.at[owned].set(new, mode="drop"), sampling, chunks.sampling)
+
+        def write(old, new):
+            return old.at[owned].set(new, mode="drop")
+
+        sampling = jax.tree.map(write, sampling, chunks.sampling)
+        prompt_lengths, stop_ids = write(prompt_lengths, chunks.prompt_lengths), write(stop_ids, chunks.stop_ids)
+        # A sequence's history starts with its first chunk (sequences with penalties never start on a cached
+        # prefix); tokens past the prompt are outputs being recomputed after a preemption.
+        history = history.restart(jnp.where(chunks.starts == 0, owned, dropped))
+        offsets = jnp.arange(chunks.tokens.shape[1])[None, :]
+        generated = chunks.starts[:, None] + offsets >= chunks.prompt_lengths[:, None]
+        history = history.record(owned, chunks.tokens, generated, offsets < chunks.lengths[:, None])
     if inputs.decode is not None:
         rows = inputs.decode
         cache = dataclasses.replace(pool, block_tables=tables[rows.slots, :width])
         state, logits = decode_step(params, DecodeState(cache=cache, lengths=rows.positions), tokens[rows.slots])
-        decode_tokens = sample(logits, jax.tree.map(lambda x: x[rows.slots], sampling), state.lengths)
-        tokens = tokens.at[jnp.where(rows.slots < dropped - 1, rows.slots, dropped)].set(decode_tokens, mode="drop")
+        decoded, history = _sample(logits, rows.slots, state.lengths, sampling, prompt_lengths, stop_ids, history)
+        tokens = tokens.at[jnp.where(rows.slots < dropped - 1, rows.slots, dropped)].set(decoded.tokens, mode="drop")
         pool = state.cache
     if chunks is not None:
         cache = dataclasses.replace(pool, block_tables=tables[chunks.slots, :width])
-        state, logits = prefill(params, chunks.tokens, chunks.lengths, cache=cache, start_positions=chunks.starts)
-        chunk_tokens = sample(logits, jax.tree.map(lambda x: x[chunks.slots], sampling), state.lengths)
-        tokens = tokens.at[jnp.where(chunks.samples, chunks.slots, dropped)].set(chunk_tokens, mode="drop")
+        state, hidden = prefill_hidden(
+            params, chunks.tokens, chunks.lengths, cache=cache, start_positions=chunks.starts
+        )
+        logits = lm_head(params, last_positions(hidden, chunks.lengths))
+        sampling_slots = jnp.where(chunks.samples, chunks.slots, dropped)
+        sampled_chunks, history = _sample(
+            logits, sampling_slots, state.lengths, sampling, prompt_lengths, stop_ids, history
+        )
+        tokens = tokens.at[sampling_slots].set(sampled_chunks.tokens, mode="drop")
+        prompt = jax.lax.cond(
+            jnp.any(chunks.wants_prompt_logprobs),
+            lambda: prompt_logprobs(params, hidden, chunks.targets),
+            lambda: no_logprobs(chunks.tokens.shape, params.config.vocab_size),
+        )
         pool = state.cache
     pool = dataclasses.replace(pool, block_tables=jnp.zeros((1, 1), jnp.int32))
-    return pool, DeviceBatch(tables, tokens, sampling), decode_tokens, chunk_tokens
+    batch = DeviceBatch(tables, tokens, sampling, prompt_lengths, stop_ids, history)
+    return pool, batch, decoded, sampled_chunks, prompt
+
+
+def _sample(logits, slots, positions, sampling, prompt_lengths, stop_ids, history):
+    """SampledTokens of rows on `slots` (out of range: not kept) from their slots' settings; the kept tokens are
+    recorded in the slots' history."""
+    slot_rows = jnp.minimum(slots, prompt_lengths.shape[0] - 1)  # a row not kept reads the padding slot
+    sampled = sample_next(
+        logits,
+        jax.tree.map(lambda x: x[slot_rows], sampling),
+        history,
+        positions,
+        positions - prompt_lengths[slot_rows],
+        stop_ids[slot_rows],
+        history_rows_b=slot_rows,
+    )
+    return sampled, history.record(slots, sampled.tokens[:, None], True, True)
 
 
 class _Programs:
