@@ -204,7 +204,8 @@ class Scheduler:
         if self.prefix_caching and seq.shares_prefix:  # else its history and prompt logprobs need every token
             seq.num_computed = self.kv_cache.share_prefix(seq_id, seq.token_ids)
         if self.kv_cache.allocate(seq_id, seq.num_computed + self._chunk_size(seq, budget, rows)) is None:
-            self.kv_cache.release(seq_id)
+            if seq_id in self.kv_cache:  # the shared prefix it holds (nothing when it shares none)
+                self.kv_cache.release(seq_id)
             seq.num_computed = 0
             return False
         self.num_prefix_hit_tokens += seq.num_computed
