@@ -253,9 +253,9 @@ def test_request_errors_answer_in_openai_shape(served):
     assert temperature.status_code == 400 and temperature.body["param"] == "temperature"
     top_p = _error(lambda: create(model=MODEL, prompt=PROMPT, max_tokens=4, top_p=0))
     assert top_p.status_code == 400 and top_p.body["param"] == "top_p"
-    n = _error(lambda: create(model=MODEL, prompt=PROMPT, max_tokens=4, n=2))
+    n = _error(lambda: create(model=MODEL, prompt=PROMPT, max_tokens=4, n=0))
     assert n.status_code == 400 and n.body["param"] == "n"
-    logprobs = _error(lambda: create(model=MODEL, prompt=PROMPT, max_tokens=4, logprobs=1))
+    logprobs = _error(lambda: create(model=MODEL, prompt=PROMPT, max_tokens=4, logprobs=21))
     assert logprobs.status_code == 400 and logprobs.body["param"] == "logprobs"
     bad_token = _error(lambda: create(model=MODEL, prompt=[5, 10_000], max_tokens=4))
     assert bad_token.status_code == 400 and "token ids" in bad_token.body["message"]
