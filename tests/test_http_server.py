@@ -517,7 +517,7 @@ def test_serve_command_passes_engine_options(monkeypatch, params, capsys):
         kv_memory_bytes=2**29, warmup="none", prefix_caching=False,
     )  # fmt: skip
     assert "[some-dir: sized and described]" in capsys.readouterr().err
-    assert seen["app"] == dict(model_name="some-dir", api_key="k")
+    assert seen["app"] == dict(model_name="some-dir", api_key="k", logprobs_mode="raw")
     assert seen["run"] == ("app", "127.0.0.1", 8123)
 
 
