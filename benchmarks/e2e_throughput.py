@@ -526,7 +526,8 @@ def main(argv=None) -> dict:
         "smoke": args.smoke,
         "method": "QServe qserve_benchmark.py: random weights, random prompts, largest batch in the budget, "
         "tokens/s = batch × gen_len / wall time including prefill (median of repeats after a compile run); "
-        "ms_per_token_batch1 = decode time per step at batch 1 (hf_torch and the engine: the whole time per generated token)",
+        "ms_per_token_batch1 = decode time per step at batch 1 (hf_torch and the engine: the whole time per "
+        "generated token)",
         "rows": rows,
         "goal": goals(rows, device),
     }

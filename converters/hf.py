@@ -17,43 +17,120 @@ from tqdm.auto import tqdm
 
 from qoq_jax.config import ModelConfig
 from qoq_jax.errors import CheckpointError, ConfigError
-from qoq_jax.params import Params, ParamPath, assemble_params
+from qoq_jax.params import Params, ParamPath, assemble_params, expected_shapes
 
-Transform = Callable[[np.ndarray], np.ndarray]
-
-
-def _transpose(w: np.ndarray) -> np.ndarray:
-    return np.ascontiguousarray(w.T)
+Transform = Callable[[np.ndarray, ModelConfig], tuple[np.ndarray, ...]]
+"""An HF tensor → the arrays of its target paths (one, or the parts of a fused tensor)."""
 
 
-def _same(w: np.ndarray) -> np.ndarray:
-    return w
+def _transpose(w: np.ndarray, config: ModelConfig) -> tuple[np.ndarray, ...]:
+    return (np.ascontiguousarray(w.T),)
+
+
+def _same(w: np.ndarray, config: ModelConfig) -> tuple[np.ndarray, ...]:
+    return (w,)
+
+
+def _per_query_head(w: np.ndarray, config: ModelConfig) -> tuple[np.ndarray, ...]:
+    """transformers' one q_norm weight [head_dim], copied to every query head (the model keeps one per head)."""
+    return (np.ascontiguousarray(np.broadcast_to(w, (config.num_heads, *w.shape))),)
+
+
+def _per_kv_head(w: np.ndarray, config: ModelConfig) -> tuple[np.ndarray, ...]:
+    return (np.ascontiguousarray(np.broadcast_to(w, (config.num_kv_heads, *w.shape))),)
+
+
+def split_fused_rows(w: np.ndarray, sizes: tuple[int, ...]) -> tuple[np.ndarray, ...]:
+    """A fused [sum(sizes), in] weight (Phi-3's qkv_proj, gate_up_proj) cut into its parts, each transposed to
+    [in, out]; a fused tensor of the wrong height is refused with the sizes it should have."""
+    if w.ndim != 2 or w.shape[0] != sum(sizes):
+        raise CheckpointError(
+            f"has shape {tuple(w.shape)}; the config needs {sum(sizes)} rows (parts of {' + '.join(map(str, sizes))})"
+        )
+    return tuple(np.ascontiguousarray(part.T) for part in np.split(w, np.cumsum(sizes)[:-1], axis=0))
+
+
+def _split_qkv(w: np.ndarray, config: ModelConfig) -> tuple[np.ndarray, ...]:
+    q, kv = config.num_heads * config.head_dim, config.num_kv_heads * config.head_dim
+    return split_fused_rows(w, (q, kv, kv))
+
+
+def _split_gate_up(w: np.ndarray, config: ModelConfig) -> tuple[np.ndarray, ...]:
+    return split_fused_rows(w, (config.intermediate_size,) * 2)
 
 
 _LAYER = r"model\.layers\.(\d+)\."
-# (regex over the HF name, dotted model path with {0}/{1} for the groups, transform)
-HF_NAME_TABLE: list[tuple[str, str, Transform]] = [
-    (r"model\.embed_tokens\.weight", "embed_tokens", _same),
-    (r"model\.norm\.weight", "norm.weight", _same),
-    (r"lm_head\.weight", "lm_head.kernel", _transpose),
-    (_LAYER + r"(input_layernorm|post_attention_layernorm)\.weight", "layers.{0}.{1}.weight", _same),
-    (_LAYER + r"self_attn\.([qkvo]_proj)\.weight", "layers.{0}.self_attn.{1}.kernel", _transpose),
-    (_LAYER + r"self_attn\.([qkvo]_proj)\.bias", "layers.{0}.self_attn.{1}.bias", _same),
-    (_LAYER + r"mlp\.(gate_proj|up_proj|down_proj)\.weight", "layers.{0}.mlp.{1}.kernel", _transpose),
-    (_LAYER + r"mlp\.(gate_proj|up_proj|down_proj)\.bias", "layers.{0}.mlp.{1}.bias", _same),
+# (regex over the HF name, dotted model path(s) with {0}/{1} for the groups, transform)
+HF_NAME_TABLE: list[tuple[str, tuple[str, ...], Transform]] = [
+    (r"model\.embed_tokens\.weight", ("embed_tokens",), _same),
+    (r"model\.norm\.weight", ("norm.weight",), _same),
+    (r"lm_head\.weight", ("lm_head.kernel",), _transpose),
+    (_LAYER + r"(\w+_layernorm)\.weight", ("layers.{0}.{1}.weight",), _same),
+    (_LAYER + r"self_attn\.q_norm\.weight", ("layers.{0}.self_attn.q_norm.weight",), _per_query_head),
+    (_LAYER + r"self_attn\.k_norm\.weight", ("layers.{0}.self_attn.k_norm.weight",), _per_kv_head),
+    (_LAYER + r"self_attn\.([qkvo]_proj)\.weight", ("layers.{0}.self_attn.{1}.kernel",), _transpose),
+    (_LAYER + r"self_attn\.([qkvo]_proj)\.bias", ("layers.{0}.self_attn.{1}.bias",), _same),
+    (_LAYER + r"mlp\.(gate_proj|up_proj|down_proj)\.weight", ("layers.{0}.mlp.{1}.kernel",), _transpose),
+    (_LAYER + r"mlp\.(gate_proj|up_proj|down_proj)\.bias", ("layers.{0}.mlp.{1}.bias",), _same),
+    (
+        _LAYER + r"self_attn\.qkv_proj\.weight",
+        tuple(f"layers.{{0}}.self_attn.{name}.kernel" for name in ("q_proj", "k_proj", "v_proj")),
+        _split_qkv,
+    ),
+    (
+        _LAYER + r"mlp\.gate_up_proj\.weight",
+        ("layers.{0}.mlp.gate_proj.kernel", "layers.{0}.mlp.up_proj.kernel"),
+        _split_gate_up,
+    ),
 ]
+# Gemma's norm names → ours, which name norms by role (its post_attention_layernorm normalizes the attention's
+# output; its pre_feedforward_layernorm is what Llama calls post_attention_layernorm).
+_POST_NORM_NAMES = {
+    "post_attention_layernorm": "attention_output_norm",
+    "pre_feedforward_layernorm": "post_attention_layernorm",
+    "post_feedforward_layernorm": "mlp_output_norm",
+}
+_MODEL_NORM_NAMES = {ours: theirs for theirs, ours in _POST_NORM_NAMES.items()}
+# Families whose checkpoints store fused projections, and which of our linears each fused tensor fills.
+_FUSED = {
+    "Phi3ForCausalLM": {
+        **dict.fromkeys(("q_proj", "k_proj", "v_proj"), "qkv_proj"),
+        **dict.fromkeys(("gate_proj", "up_proj"), "gate_up_proj"),
+    }
+}
 # Buffers some exports carry that the model recomputes.
 _IGNORED = re.compile(r".*rotary_emb\.inv_freq")
 
 
-def map_hf_name(name: str) -> tuple[ParamPath, Transform] | None:
-    """The model path and transform for an HF tensor name, or None if the name is not a model weight."""
-    for pattern, template, transform in HF_NAME_TABLE:
+def map_hf_name(name: str, config: ModelConfig) -> tuple[tuple[ParamPath, ...], Transform] | None:
+    """The model paths and transform for an HF tensor name, or None if the name is not a model weight."""
+    for pattern, templates, transform in HF_NAME_TABLE:
         match = re.fullmatch(pattern, name)
         if match:
-            parts = template.format(*match.groups()).split(".")
-            return tuple(int(part) if part.isdigit() else part for part in parts), transform
+            groups = match.groups()
+            if config.post_norms and len(groups) > 1:
+                groups = (groups[0], _POST_NORM_NAMES.get(groups[1], groups[1]), *groups[2:])
+            paths = tuple(_path(template.format(*groups)) for template in templates)
+            return paths, transform
     return None
+
+
+def hf_tensor_name(path: ParamPath, config: ModelConfig) -> str:
+    """The transformers name of the tensor that fills a model path (the fused one in a family that fuses), so an
+    incomplete checkpoint is described in its own names."""
+    if path[0] != "layers":
+        return {"embed_tokens": "model.embed_tokens.weight", "norm": "model.norm.weight"}.get(path[0], "lm_head.weight")
+    layer, *rest = path[1:]
+    if config.post_norms:
+        rest[0] = _MODEL_NORM_NAMES.get(rest[0], rest[0])
+    if len(rest) == 3:  # block.linear.leaf
+        rest[1] = _FUSED.get(config.architecture, {}).get(rest[1], rest[1])
+    rest[-1] = "weight" if rest[-1] == "kernel" else rest[-1]
+    return ".".join(["model.layers", str(layer), *rest])
+
+
+def _path(dotted: str) -> ParamPath:
+    return tuple(int(part) if part.isdigit() else part for part in dotted.split("."))
 
 
 def import_hf_directory(directory: str | Path, *, dtype=None, mesh: Mesh | None = None) -> Params:
@@ -77,14 +154,22 @@ def import_hf_directory(directory: str | Path, *, dtype=None, mesh: Mesh | None 
     for name, read in tqdm(_iter_tensors(files), desc=f"loading {directory.name}", unit="tensor", leave=False):
         if _IGNORED.fullmatch(name) or (name == "lm_head.weight" and config.tie_word_embeddings):
             continue
-        mapped = map_hf_name(name)
+        mapped = map_hf_name(name, config)
         if mapped is None:
             unknown.append(name)
             continue
-        path, transform = mapped
-        tensors[path] = transform(read())
+        paths, transform = mapped
+        try:
+            arrays = transform(read(), config)
+        except CheckpointError as err:
+            raise CheckpointError(f"{directory}: tensor {name} {err}") from err
+        tensors.update(zip(paths, arrays, strict=True))
     if unknown:
         raise CheckpointError(f"{directory}: tensors the model does not have: {', '.join(unknown[:10])}")
+    missing = sorted({hf_tensor_name(path, config) for path in expected_shapes(config) if path not in tensors})
+    if missing:
+        listed = ", ".join(missing[:10]) + (f" and {len(missing) - 10} more" if len(missing) > 10 else "")
+        raise CheckpointError(f"{directory}: {config.architecture} needs tensors the checkpoint lacks: {listed}")
     tokenizer = load_tokenizer(directory)
     return assemble_params(config, tensors, dtype=dtype, tokenizer=tokenizer, source=str(directory), mesh=mesh)
 

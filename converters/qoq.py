@@ -1,7 +1,8 @@
 """QoQ calibration (../shared/spec/qoq-algorithm.md §1): equivalence transforms, then every decoder linear
 quantized with GPTQ, walking the layers once.
 
-Order: untie → fold norms → residual Hadamard → per-head Hadamard on v/o (model-wide, exact, data-free), then
+Order: untie → fold norms → residual Hadamard (models with post-norms: fold norms → online Hadamard of the block
+inputs) → per-head Hadamard on v/o (model-wide, exact, data-free), then
 per layer: one jitted pass over the calibration set collects |max| of post-RoPE q/k and of down_proj's input,
 the four input Hessians (q/k/v share one, gate/up share one) and a strided token sample; the layer is reordered
 (g128) and smoothed (SmoothAttention, SmoothLinear on down_proj), the down_proj Hessian follows the transforms
@@ -156,15 +157,19 @@ def quantize_model(
 
     weights = jax.tree.map(lambda a: np.asarray(a, np.float32), nnx.to_pure_dict(params.state))
     if recipe.rotate:
-        weights, config = equivalence.untie_embeddings(weights, config)
-        weights = equivalence.fold_norms(weights, config)
-        weights = equivalence.rotate_residual(weights, config)
+        if config.post_norms:  # the residual stream cannot rotate through post-norms: the block inputs rotate online
+            weights = equivalence.fold_norms(weights, config)
+            weights, config = equivalence.rotate_block_inputs(weights, config)
+        else:
+            weights, config = equivalence.untie_embeddings(weights, config)
+            weights = equivalence.fold_norms(weights, config)
+            weights = equivalence.rotate_residual(weights, config)
         weights = equivalence.rotate_value_heads(weights, config)
     float_model = assemble_params(config, _flatten(weights), dtype=jnp.float32).model()
 
     tokens = jnp.asarray(calibration_tokens, jnp.int32)
     if recipe.needs_statistics:
-        hidden = jnp.take(float_model.embed_tokens[...], tokens, axis=0)
+        hidden = float_model.embed(tokens, ())
         sample_rows, sample_starts = _sample_blocks(*tokens.shape)
     bar = tqdm(total=config.num_layers * (2 + len(_LINEARS_BY_INPUT)), desc=f"QoQ {recipe.name}", disable=not progress)
     quantized_layers, disabled_stages = {}, []

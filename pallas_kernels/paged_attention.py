@@ -31,6 +31,13 @@ the table, with an online softmax; pages past the sequence's length are never vi
 page is masked. Each split writes its normalized partial output with its (max, sum), and `_combine_splits`
 merges the splits in float32. `paged_decode_attention_reference` is the same attention in plain jnp.
 
+Sliding windows and soft-capping (Mistral, Qwen, Gemma, Phi-3)
+--------------------------------------------------------------
+With `window` W a query at position p sees only positions p − W + 1 … p. The walk over a row's pages then
+starts at the page holding p − W + 1 (unaligned to `pages_per_block`, each split's table is padded so its last
+step stays inside it): pages entirely before the window are never read, and the earlier tokens of the first page
+are masked. With `softcap` c the scaled logits become c·tanh(logits / c) before the mask (Gemma 2).
+
 Masking (both kernels here and in `paged_prefill_attention`, which shares the step helpers below)
 ------------------------------------------------------------------------------------------------
 A token counts only if it is within the row's length and its block-table entry is a real page (0 ≤ id <
@@ -174,7 +181,7 @@ def _initial_carry(q_groups):
     )
 
 
-def _attend_step(carry, q_groups, q_sum, pool_refs, pages, readable, visible, *, bits, sm_scale):
+def _attend_step(carry, q_groups, q_sum, pool_refs, pages, readable, visible, *, bits, sm_scale, softcap):
     """One online-softmax step over the tokens of the gathered `pages`.
 
     `visible` [rows, tokens] says which query row sees which token; `readable` [tokens] which tokens hold data
@@ -190,7 +197,8 @@ def _attend_step(carry, q_groups, q_sum, pool_refs, pages, readable, visible, *,
         k_scale_ref, k_zero_ref, v_scale_ref, v_zero_ref = scale_refs
         logits = _per_token(k_scale_ref, pages)[None, :] * logits
         logits -= q_sum[:, None] * _per_token(k_zero_ref, pages)[None, :]
-    logits = jnp.where(visible, logits * sm_scale, _MASK_VALUE)
+    logits = _capped(logits * sm_scale, softcap)
+    logits = jnp.where(visible, logits, _MASK_VALUE)
     m_next = jnp.maximum(m_prev, jnp.max(logits, axis=1))
     correction = jnp.exp(m_prev - m_next)
     probs = jnp.where(visible, jnp.exp(logits - m_next[:, None]), 0.0)
@@ -211,6 +219,26 @@ def _attend_step(carry, q_groups, q_sum, pool_refs, pages, readable, visible, *,
     return (m_next, l_next, *acc)
 
 
+def _capped(logits, softcap: float | None):
+    """Soft-capping c·tanh(x / c) of scaled logits (Gemma 2); None: unchanged."""
+    return logits if softcap is None else softcap * jnp.tanh(logits / softcap)
+
+
+def window_start(ends, window: int | None):
+    """The first position a query at position ends − 1 sees: ends − window (≥ 0), or 0 without a window."""
+    return jnp.zeros_like(ends) if window is None else jnp.maximum(ends - window, 0)
+
+
+def decode_walk(length, window: int | None, split_first, split_end, *, page_size: int, pages_per_block: int):
+    """(first page, steps) of a split's walk over pages split_first … split_end − 1 of a row of `length` tokens:
+    from the page holding the window's first token (or the split's first page, if later) to the one holding the
+    last token, `pages_per_block` pages a step. Pages wholly before the window, or past the length, are never
+    visited."""
+    first_page = jnp.maximum(split_first, window_start(length, window) // page_size)
+    end_page = jnp.minimum(-(-length // page_size), split_end)
+    return first_page, jnp.maximum(-(-(end_page - first_page) // pages_per_block), 0)
+
+
 def _store_normalized(o_ref, carry, bits):
     """Writes acc / row sum into o_ref [rows, D] in its dtype (rows that saw no token get zeros)."""
     _, row_sum, *acc = carry
@@ -223,24 +251,43 @@ def _store_normalized(o_ref, carry, bits):
         o_ref[...] = (acc[0] * inverse).astype(o_ref.dtype)
 
 
-def _decode_kernel(tables_ref, lengths_ref, q_ref, k_ref, v_ref, *refs, bits, page_size, pages_per_block, sm_scale):
+def _decode_kernel(
+    tables_ref,
+    lengths_ref,
+    q_ref,
+    k_ref,
+    v_ref,
+    *refs,
+    bits,
+    page_size,
+    pages_per_block,
+    pages_per_split,
+    sm_scale,
+    softcap,
+    window,
+):
     *scale_refs, o_ref, max_ref, sum_ref = refs
     rows = q_ref.shape[0]
-    pages_per_split = tables_ref.shape[0]
     block_tokens = pages_per_block * page_size
     length = lengths_ref[0]
-    first_page = pl.program_id(2) * pages_per_split
-    end_page = jnp.minimum(pl.cdiv(length, page_size), first_page + pages_per_split)
-    num_steps = pl.cdiv(end_page - first_page, pages_per_block)
+    start = window_start(length, window)
+    split_first = pl.program_id(2) * pages_per_split
+    split_end = split_first + pages_per_split
+    first_page, num_steps = decode_walk(
+        length, window, split_first, split_end, page_size=page_size, pages_per_block=pages_per_block
+    )
     q_groups, q_sum = _query_groups(q_ref, bits)
     pool_refs = (k_ref, v_ref, *scale_refs)
 
     def step(i, carry):
-        pages, on_page = _step_pages(tables_ref, i * pages_per_block, pages_per_block, page_size, k_ref.shape[0])
-        tokens = (first_page + i * pages_per_block) * page_size + jnp.arange(block_tokens)
-        readable = (tokens < length) & on_page
+        page = first_page + i * pages_per_block
+        pages, on_page = _step_pages(tables_ref, page - split_first, pages_per_block, page_size, k_ref.shape[0])
+        tokens = page * page_size + jnp.arange(block_tokens)
+        readable = (tokens >= start) & (tokens < length) & (tokens < split_end * page_size) & on_page
         visible = jnp.broadcast_to(readable[None, :], (rows, block_tokens))
-        return _attend_step(carry, q_groups, q_sum, pool_refs, pages, readable, visible, bits=bits, sm_scale=sm_scale)
+        return _attend_step(
+            carry, q_groups, q_sum, pool_refs, pages, readable, visible, bits=bits, sm_scale=sm_scale, softcap=softcap
+        )
 
     carry = jax.lax.fori_loop(0, num_steps, step, _initial_carry(q_groups))
     _store_normalized(o_ref, carry, bits)
@@ -261,14 +308,15 @@ def _pool_specs_and_operands(k_codes, v_codes, scales, bits):
     return specs, operands
 
 
-def _padded_tables(block_tables, multiple, num_pages):
-    """Tables [B, pages] padded on the right to a multiple of `multiple` slots with `num_pages` (no page)."""
-    width = -(-block_tables.shape[1] // multiple) * multiple
-    padding = ((0, 0), (0, width - block_tables.shape[1]))
+def _padded_tables(block_tables, multiple, num_pages, *, extra: int = 0):
+    """Tables [..., pages] padded on the right with `num_pages` (no page) to a multiple of `multiple` slots, then
+    `extra` more (room for a walk that starts mid-way through a block of pages)."""
+    width = -(-block_tables.shape[-1] // multiple) * multiple + extra
+    padding = ((0, 0),) * (block_tables.ndim - 1) + ((0, width - block_tables.shape[-1]),)
     return jnp.pad(block_tables.astype(jnp.int32), padding, constant_values=num_pages)
 
 
-@functools.partial(jax.jit, static_argnames=("bits", "sm_scale", "block_sizes", "interpret"))
+@functools.partial(jax.jit, static_argnames=("bits", "sm_scale", "softcap", "window", "block_sizes", "interpret"))
 def paged_decode_attention(
     q: jax.Array,
     k_codes: jax.Array,
@@ -282,10 +330,14 @@ def paged_decode_attention(
     *,
     bits: int,
     sm_scale: float | None = None,
+    softcap: float | None = None,
+    window: int | None = None,
     block_sizes: DecodeAttentionBlockSizes | None = None,
     interpret: bool = False,
 ) -> jax.Array:
-    """Attention of one query per sequence, q [B, Hq, D], over the first `lengths[b]` tokens of its pages.
+    """Attention of one query per sequence, q [B, Hq, D], over the first `lengths[b]` tokens of its pages (with
+    `window`, only the last `window` of them: pages before those are never read; with `softcap`, the scaled
+    logits capped as c·tanh(x / c)).
 
     k_codes / v_codes and their fp16 scale / zero are page pools in the layout above; block_tables [B, pages]
     int32 maps each sequence's page slots to pool pages. Entries past ceil(length / page_size) never affect the
@@ -315,10 +367,12 @@ def paged_decode_attention(
     lengths = jnp.minimum(lengths.astype(jnp.int32), block_tables.shape[1] * page_size)  # never into the padding
     tables = _padded_tables(block_tables, splits * per_block, num_pages).reshape(batch, splits, -1)
     pages_per_split = tables.shape[2]
+    if window is not None:  # a walk starting at the window's first page may run past its split's slots
+        tables = _padded_tables(tables, 1, num_pages, extra=per_block)
 
     pool_specs, pool_operands = _pool_specs_and_operands(k_codes, v_codes, scales, bits)
     in_specs = [
-        pl.BlockSpec((None, None, pages_per_split), lambda b, h, s: (b, s, 0)),
+        pl.BlockSpec((None, None, tables.shape[2]), lambda b, h, s: (b, s, 0)),
         pl.BlockSpec((1,), lambda b, h, s: (b,)),
         pl.BlockSpec((None, None, rows, head_dim), lambda b, h, s: (b, h, 0, 0)),
         *pool_specs,
@@ -330,7 +384,10 @@ def paged_decode_attention(
         bits=bits,
         page_size=page_size,
         pages_per_block=per_block,
+        pages_per_split=pages_per_split,
         sm_scale=float(head_dim**-0.5 if sm_scale is None else sm_scale),
+        softcap=softcap,
+        window=window,
     )
     out, row_max, row_sum = pl.pallas_call(
         kernel,
@@ -348,10 +405,15 @@ def paged_decode_attention(
         ],
         compiler_params=plgpu.CompilerParams(num_warps=blocks.num_warps, num_stages=blocks.num_stages),
         interpret=interpret,
-        name=f"paged_decode_attention_kv{bits}_p{page_size}_b{per_block}_s{splits}",
+        name=f"paged_decode_attention_kv{bits}_p{page_size}_b{per_block}_s{splits}{_variant_name(softcap, window)}",
     )(*operands)
     out = _combine_splits(out, row_max, row_sum)[:, :, :group]
     return out.reshape(batch, num_heads, head_dim).astype(q.dtype)
+
+
+def _variant_name(softcap: float | None, window: int | None) -> str:
+    """The kernel-name suffix of a soft-capped or windowed variant (profiles tell them apart)."""
+    return ("" if softcap is None else "_capped") + ("" if window is None else f"_w{window}")
 
 
 def _combine_splits(out, row_max, row_sum):
@@ -362,16 +424,20 @@ def _combine_splits(out, row_max, row_sum):
     return merged / jnp.where(total > 0, total, 1.0)[..., None]
 
 
-def readable_tokens(block_tables, lengths, page_size: int, num_pages: int) -> jax.Array:
-    """[B, slots·page_size] bool: the tokens a row's pages hold, its first lengths[b] that lie on real pages."""
+def readable_tokens(block_tables, lengths, page_size: int, num_pages: int, begins=None) -> jax.Array:
+    """[B, slots·page_size] bool: the tokens a row's pages hold, its tokens begins[b] (default 0) … lengths[b] − 1
+    that lie on real pages."""
     on_page = (block_tables >= 0) & (block_tables < num_pages)
     tokens = jnp.repeat(on_page, page_size, axis=1)
-    return tokens & (jnp.arange(tokens.shape[1])[None, :] < lengths[:, None])
+    positions = jnp.arange(tokens.shape[1])[None, :]
+    begins = jnp.zeros_like(lengths) if begins is None else begins
+    return tokens & (positions < lengths[:, None]) & (positions >= begins[:, None])
 
 
-def gather_kv(codes, scale, zero, block_tables, lengths, *, bits: int) -> jax.Array:
-    """The first lengths[b] tokens of each row's pages read back dequantized, float32 [B, Hkv, slots·page_size, D];
-    every other slot (past the length, on an out-of-range page id) reads 0, whatever the pool holds there."""
+def gather_kv(codes, scale, zero, block_tables, lengths, *, bits: int, begins=None) -> jax.Array:
+    """Tokens begins[b] (default 0) … lengths[b] − 1 of each row's pages read back dequantized, float32
+    [B, Hkv, slots·page_size, D]; every other slot (outside that range, on an out-of-range page id) reads 0,
+    whatever the pool holds there."""
     num_pages, page_size = codes.shape[1:3]
     tables = jnp.clip(block_tables.astype(jnp.int32), 0, num_pages - 1)
     pages = jnp.moveaxis(codes[:, tables], 0, 1)  # [B, Hkv, slots, page_size, width]
@@ -386,20 +452,22 @@ def gather_kv(codes, scale, zero, block_tables, lengths, *, bits: int) -> jax.Ar
             return jnp.moveaxis(x[:, tables], 0, 1).reshape(batch, num_kv_heads, -1, 1).astype(jnp.float32)
 
         values = values * per_token(scale) - per_token(zero)
-    readable = readable_tokens(block_tables, lengths, page_size, num_pages)
+    readable = readable_tokens(block_tables, lengths, page_size, num_pages, begins)
     return jnp.where(readable[:, None, :, None], values, 0.0)
 
 
-def attend_gathered(q_btkgd, keys_bksd, values_bksd, visible_bts, sm_scale: float) -> jax.Array:
+def attend_gathered(
+    q_btkgd, keys_bksd, values_bksd, visible_bts, sm_scale: float, softcap: float | None = None
+) -> jax.Array:
     """GQA attention in float32 of queries [B, T, Hkv, G, D] over gathered keys and values [B, Hkv, S, D]:
     query t of row b sees key s where visible[b, t, s]; a query that sees none gets zeros. [B, T, Hkv, G, D]."""
-    logits = jnp.einsum("btkgd,bksd->bkgts", q_btkgd.astype(jnp.float32), keys_bksd) * sm_scale
+    logits = _capped(jnp.einsum("btkgd,bksd->bkgts", q_btkgd.astype(jnp.float32), keys_bksd) * sm_scale, softcap)
     visible = visible_bts[:, None, None]
     probs = jnp.where(visible, jax.nn.softmax(jnp.where(visible, logits, _MASK_VALUE), axis=-1), 0.0)
     return jnp.einsum("bkgts,bksd->btkgd", probs, values_bksd)
 
 
-@functools.partial(jax.jit, static_argnames=("bits", "sm_scale"))
+@functools.partial(jax.jit, static_argnames=("bits", "sm_scale", "softcap", "window"))
 def paged_decode_attention_reference(
     q: jax.Array,
     k_codes: jax.Array,
@@ -413,6 +481,8 @@ def paged_decode_attention_reference(
     *,
     bits: int,
     sm_scale: float | None = None,
+    softcap: float | None = None,
+    window: int | None = None,
 ) -> jax.Array:
     """`paged_decode_attention` in plain jnp: gather and dequantize the row's pages (as wide as the table passed),
     then a masked float32 softmax."""
@@ -420,9 +490,11 @@ def paged_decode_attention_reference(
     batch, num_heads, head_dim, num_kv_heads, num_pages, page_size = _check_pools(
         q, k_codes, v_codes, block_tables, lengths, scales, bits
     )
-    keys = gather_kv(k_codes, k_scale, k_zero, block_tables, lengths, bits=bits)
-    values = gather_kv(v_codes, v_scale, v_zero, block_tables, lengths, bits=bits)
-    visible = readable_tokens(block_tables, lengths, page_size, num_pages)[:, None, :]
+    begins = window_start(lengths, window)
+    keys = gather_kv(k_codes, k_scale, k_zero, block_tables, lengths, bits=bits, begins=begins)
+    values = gather_kv(v_codes, v_scale, v_zero, block_tables, lengths, bits=bits, begins=begins)
+    visible = readable_tokens(block_tables, lengths, page_size, num_pages, begins)[:, None, :]
     q_grouped = q.reshape(batch, 1, num_kv_heads, num_heads // num_kv_heads, head_dim)
-    out = attend_gathered(q_grouped, keys, values, visible, head_dim**-0.5 if sm_scale is None else sm_scale)
+    scale = head_dim**-0.5 if sm_scale is None else sm_scale
+    out = attend_gathered(q_grouped, keys, values, visible, scale, softcap)
     return out.reshape(batch, num_heads, head_dim).astype(q.dtype)

@@ -9,6 +9,10 @@ quantized keys and values. Page layout, the algebraic scale folding and the mask
 below the row's end and on a real page; nothing else, even NaN, reaches the output) are those of
 `pallas_kernels.paged_attention`, whose layout and step helpers this kernel shares.
 
+With `window` W query p sees positions p − W + 1 … p only: a program's walk starts at the page holding its first
+query's window start, so pages entirely before every query's window are never read. With `softcap`, the scaled
+logits are capped as in decode.
+
 Kernel (Pallas, Triton lowering; `interpret=True` runs it on CPU)
 ----------------------------------------------------------------
 Grid (batch, KV heads, query blocks). Program (b, h, i) serves `query_tokens` consecutive queries of row b for
@@ -45,10 +49,12 @@ from pallas_kernels.paged_attention import (
     _query_groups,
     _step_pages,
     _store_normalized,
+    _variant_name,
     attend_gathered,
     gather_kv,
     kernel_supports,
     readable_tokens,
+    window_start,
 )
 
 
@@ -88,6 +94,8 @@ def _prefill_kernel(
     pages_per_block,
     query_tokens,
     sm_scale,
+    softcap,
+    window,
 ):
     *scale_refs, o_ref = refs
     rows = q_ref.shape[0]
@@ -97,23 +105,48 @@ def _prefill_kernel(
     queries = first_query + jnp.arange(rows) % query_tokens  # row r: query r % query_tokens of head r // query_tokens
     positions = start + queries
     is_query = queries < length
-    # Keys up to the block's last query, never past the table.
-    end = jnp.minimum(start + jnp.minimum(length, first_query + query_tokens), tables_ref.shape[0] * page_size)
-    num_steps = jnp.where(first_query < length, pl.cdiv(end, block_tokens), 0)
+    first_key, first_page, end, num_steps = prefill_walk(
+        start,
+        length,
+        first_query,
+        window,
+        query_tokens=query_tokens,
+        table_tokens=tables_ref.shape[0] * page_size,
+        page_size=page_size,
+        pages_per_block=pages_per_block,
+    )
     q_groups, q_sum = _query_groups(q_ref, bits)
     pool_refs = (k_ref, v_ref, *scale_refs)
 
     def step(j, carry):
-        pages, on_page = _step_pages(tables_ref, j * pages_per_block, pages_per_block, page_size, k_ref.shape[0])
-        keys = j * block_tokens + jnp.arange(block_tokens)
-        readable = (keys < end) & on_page
+        page = first_page + j * pages_per_block
+        pages, on_page = _step_pages(tables_ref, page, pages_per_block, page_size, k_ref.shape[0])
+        keys = page * page_size + jnp.arange(block_tokens)
+        readable = (keys >= first_key) & (keys < end) & on_page
         visible = (keys[None, :] <= positions[:, None]) & is_query[:, None] & readable[None, :]
-        return _attend_step(carry, q_groups, q_sum, pool_refs, pages, readable, visible, bits=bits, sm_scale=sm_scale)
+        if window is not None:
+            visible &= keys[None, :] > positions[:, None] - window
+        return _attend_step(
+            carry, q_groups, q_sum, pool_refs, pages, readable, visible, bits=bits, sm_scale=sm_scale, softcap=softcap
+        )
 
     _store_normalized(o_ref, jax.lax.fori_loop(0, num_steps, step, _initial_carry(q_groups)), bits)
 
 
-def _prefill_unbatched(q_rows, k_codes, v_codes, tables, starts, lengths, scales, *, bits, blocks, sm_scale, interpret):
+def prefill_walk(start, length, first_query, window, *, query_tokens, table_tokens, page_size, pages_per_block):
+    """(first key, first page, end, steps) of a query block's walk: keys from the window start of its first query
+    (page-aligned down: pages wholly before every query's window are never visited) to its last query, never past
+    the table; no step for a block past the row's length."""
+    first_key = window_start(start + first_query + 1, window)
+    first_page = first_key // page_size
+    end = jnp.minimum(start + jnp.minimum(length, first_query + query_tokens), table_tokens)
+    steps = -(-(end - first_page * page_size) // (pages_per_block * page_size))
+    return first_key, first_page, end, jnp.where(first_query < length, jnp.maximum(steps, 0), 0)
+
+
+def _prefill_unbatched(
+    q_rows, k_codes, v_codes, tables, starts, lengths, scales, *, bits, blocks, sm_scale, softcap, window, interpret
+):
     """The one pallas_call: q_rows [B, Hkv, query blocks, rows, D] → the same shape in q's dtype."""
     batch, num_kv_heads, num_blocks, rows, head_dim = q_rows.shape
     page_size = k_codes.shape[2]
@@ -126,6 +159,8 @@ def _prefill_unbatched(q_rows, k_codes, v_codes, tables, starts, lengths, scales
         pages_per_block=blocks.pages_per_block,
         query_tokens=blocks.query_tokens,
         sm_scale=sm_scale,
+        softcap=softcap,
+        window=window,
     )
     return pl.pallas_call(
         kernel,
@@ -143,12 +178,12 @@ def _prefill_unbatched(q_rows, k_codes, v_codes, tables, starts, lengths, scales
         interpret=interpret,
         name=(
             f"paged_prefill_attention_kv{bits}_p{page_size}_q{blocks.query_tokens}_r{rows}"
-            f"_b{blocks.pages_per_block}"
+            f"_b{blocks.pages_per_block}{_variant_name(softcap, window)}"
         ),
     )(tables, starts, lengths, q_rows, *pool_operands)
 
 
-@functools.partial(jax.jit, static_argnames=("bits", "sm_scale", "block_sizes", "interpret"))
+@functools.partial(jax.jit, static_argnames=("bits", "sm_scale", "softcap", "window", "block_sizes", "interpret"))
 def paged_prefill_attention(
     q: jax.Array,
     k_codes: jax.Array,
@@ -163,13 +198,16 @@ def paged_prefill_attention(
     *,
     bits: int,
     sm_scale: float | None = None,
+    softcap: float | None = None,
+    window: int | None = None,
     block_sizes: PrefillAttentionBlockSizes | None = None,
     interpret: bool = False,
 ) -> jax.Array:
     """Causal attention of prompt chunks q [B, T, Hq, D] over their rows' pages.
 
     Query t of row b (valid for t < lengths[b]) sits at position starts[b] + t and sees the row's tokens at
-    positions 0 … starts[b] + t, which must already be in the pages. k_codes / v_codes and their fp16 scale /
+    positions 0 … starts[b] + t (with `window`, only the last `window` of them), which must already be in the
+    pages; `softcap` caps the scaled logits as c·tanh(x / c). k_codes / v_codes and their fp16 scale /
     zero are page pools in `pallas_kernels.paged_attention`'s layout; block_tables [B, pages] int32 maps a row's
     page slots to pool pages, any width: entries past ceil((starts + lengths) / page_size) never affect the
     result, an out-of-range id (a padding row's `num_pages`) holds no token, and keys past the table do not
@@ -194,7 +232,7 @@ def paged_prefill_attention(
             f"query_tokens={query_tokens} × the padded GQA group {padded_group} must be a power of two ≥ "
             f"{_MIN_QUERY_ROWS} (the rows of a tensor-core dot); got {rows}"
         )
-    num_blocks = -(-chunk // query_tokens)
+    num_blocks, per_block = -(-chunk // query_tokens), blocks.pages_per_block
     # [B, T, Hkv·G, D] → [B, Hkv, query blocks, G·query_tokens, D], head-major within a block.
     q_rows = q.reshape(batch, chunk, num_kv_heads, group, head_dim)
     padding = ((0, 0), (0, num_blocks * query_tokens - chunk), (0, 0), (0, padded_group - group), (0, 0))
@@ -205,13 +243,16 @@ def paged_prefill_attention(
         q_rows,
         k_codes,
         v_codes,
-        _padded_tables(block_tables, blocks.pages_per_block, num_pages),
+        # A walk from a window's first page may start mid-block: room for one more block of slots.
+        _padded_tables(block_tables, per_block, num_pages, extra=0 if window is None else per_block),
         starts.astype(jnp.int32),
         lengths.astype(jnp.int32),
         scales,
         bits=bits,
         blocks=blocks,
         sm_scale=float(head_dim**-0.5 if sm_scale is None else sm_scale),
+        softcap=softcap,
+        window=window,
         interpret=interpret,
     )
     out = out.reshape(batch, num_kv_heads, num_blocks, padded_group, query_tokens, head_dim)
@@ -233,7 +274,7 @@ def _check_inputs(q, k_codes, v_codes, block_tables, starts, lengths, scales, bi
     return batch, chunk, num_heads, head_dim, num_kv_heads, num_pages, page_size
 
 
-@functools.partial(jax.jit, static_argnames=("bits", "sm_scale"))
+@functools.partial(jax.jit, static_argnames=("bits", "sm_scale", "softcap", "window"))
 def paged_prefill_attention_reference(
     q: jax.Array,
     k_codes: jax.Array,
@@ -248,6 +289,8 @@ def paged_prefill_attention_reference(
     *,
     bits: int,
     sm_scale: float | None = None,
+    softcap: float | None = None,
+    window: int | None = None,
 ) -> jax.Array:
     """`paged_prefill_attention` in plain jnp: gather and dequantize the rows' pages (as wide as the table
     passed, each row's tokens past starts + lengths read as absent), then a causally masked float32 softmax."""
@@ -256,13 +299,18 @@ def paged_prefill_attention_reference(
         q, k_codes, v_codes, block_tables, starts, lengths, scales, bits
     )
     ends = starts.astype(jnp.int32) + lengths.astype(jnp.int32)
-    keys = gather_kv(k_codes, k_scale, k_zero, block_tables, ends, bits=bits)
-    values = gather_kv(v_codes, v_scale, v_zero, block_tables, ends, bits=bits)
+    begins = window_start(starts.astype(jnp.int32) + 1, window)  # the first query's window: no query sees less
+    keys = gather_kv(k_codes, k_scale, k_zero, block_tables, ends, bits=bits, begins=begins)
+    values = gather_kv(v_codes, v_scale, v_zero, block_tables, ends, bits=bits, begins=begins)
     queries = jnp.arange(chunk)
     positions = starts[:, None] + queries[None, :]  # [B, T]
-    causal = jnp.arange(keys.shape[2])[None, None, :] <= positions[:, :, None]
+    key_positions = jnp.arange(keys.shape[2])[None, None, :]
+    causal = key_positions <= positions[:, :, None]
+    in_window = key_positions >= window_start(positions + 1, window)[:, :, None]
     is_query = queries[None, :] < lengths[:, None]
-    visible = causal & is_query[:, :, None] & readable_tokens(block_tables, ends, page_size, num_pages)[:, None, :]
+    readable = readable_tokens(block_tables, ends, page_size, num_pages, begins)[:, None, :]
+    visible = causal & in_window & is_query[:, :, None] & readable
     q_grouped = q.reshape(batch, chunk, num_kv_heads, num_heads // num_kv_heads, head_dim)
-    out = attend_gathered(q_grouped, keys, values, visible, head_dim**-0.5 if sm_scale is None else sm_scale)
+    scale = head_dim**-0.5 if sm_scale is None else sm_scale
+    out = attend_gathered(q_grouped, keys, values, visible, scale, softcap)
     return out.reshape(batch, chunk, num_heads, head_dim).astype(q.dtype)

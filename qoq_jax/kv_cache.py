@@ -1,7 +1,8 @@
 """The KV cache the model attends through: paged pools of KV4 / KV8 / KV16 pages, and its memory budget.
 
-The model calls `cache.attend(layer, q, k, v, positions, valid)` once per layer with post-RoPE queries, keys and
-values (SmoothAttention is folded into the q/k weights), so how K/V are stored and read is the cache's business.
+The model calls `cache.attend(layer, q, k, v, positions, valid, attention)` once per layer with post-RoPE queries,
+keys and values (SmoothAttention is folded into the q/k weights) and the layer's `LayerAttention` (its scale,
+soft-cap and sliding window), so how K/V are stored and read is the cache's business.
 Every attention reads keys and values exactly as the cache holds them (the quantize → dequantize round trip at
 KV4/KV8), so one-shot prefill, chunked prefill, a prefix-cache hit, a recompute and `forward` agree:
 
@@ -37,9 +38,35 @@ DEFAULT_PAGE_SIZE = 64
 _SCALE_ZERO_BYTES = 4  # fp16 scale + fp16 zero per token per KV head
 
 
+@dataclasses.dataclass(frozen=True)
+class LayerAttention:
+    """What one layer's attention does beyond causal GQA softmax(q·k / √head_dim): its own logit `scale`
+    (Gemma's query_pre_attn_scalar^−½), soft-capping `softcap`·tanh(logits / softcap) (Gemma 2), and a sliding
+    `window`: a query at position p sees positions p − window + 1 … p (Mistral, Qwen, Gemma's local layers, Phi-3).
+    Static (hashable): it is part of each layer's compiled attention."""
+
+    scale: float | None = None
+    softcap: float | None = None
+    window: int | None = None
+
+    @classmethod
+    def of_layer(cls, config: ModelConfig, layer: int) -> "LayerAttention":
+        scale = None if config.query_pre_attn_scalar is None else config.attention_scale
+        return cls(scale=scale, softcap=config.attn_logit_softcap, window=config.layer_window(layer))
+
+    def kernel_options(self) -> dict:
+        """The keyword arguments of the paged kernels and their references."""
+        return dict(sm_scale=self.scale, softcap=self.softcap, window=self.window)
+
+
+FULL_ATTENTION = LayerAttention()
+
+
 class KVCache(abc.ABC):
     @abc.abstractmethod
-    def attend(self, layer: int, q_bthd, k_bthd, v_bthd, positions_bt, valid_bt) -> tuple[jax.Array, "KVCache"]:
+    def attend(
+        self, layer: int, q_bthd, k_bthd, v_bthd, positions_bt, valid_bt, attention: LayerAttention = FULL_ATTENTION
+    ) -> tuple[jax.Array, "KVCache"]:
         """Stores the new tokens' keys and values (invalid ones are dropped) and returns the causal attention
         of the new queries [B, T, Hq, D], in q's dtype, with the updated cache."""
 
@@ -56,23 +83,32 @@ class NoKVCache(KVCache):
     kv_bits: int = dataclasses.field(default=16, metadata=dict(static=True))
     kernel: str = dataclasses.field(default="auto", metadata=dict(static=True))
 
-    def attend(self, layer, q_bthd, k_bthd, v_bthd, positions_bt, valid_bt):
-        return round_trip_attention(q_bthd, k_bthd, v_bthd, valid_bt, bits=self.kv_bits, kernel=self.kernel), self
+    def attend(self, layer, q_bthd, k_bthd, v_bthd, positions_bt, valid_bt, attention=FULL_ATTENTION):
+        out = round_trip_attention(q_bthd, k_bthd, v_bthd, valid_bt, attention, bits=self.kv_bits, kernel=self.kernel)
+        return out, self
 
 
-def round_trip_attention(q_bthd, k_bthd, v_bthd, valid_bt, *, bits: int, kernel: str) -> jax.Array:
+def round_trip_attention(
+    q_bthd, k_bthd, v_bthd, valid_bt, attention: LayerAttention, *, bits: int, kernel: str
+) -> jax.Array:
     """Causal attention of right-padded prompts starting at position 0 over their own keys and values as
     `bits`-bit pages hold them (`quantize_kv` then dequantized, in the model dtype): what a later chunk or decode
     step reads back from the pages."""
     k_bthd, v_bthd = (fake_quantize_kv(x, bits) for x in (k_bthd, v_bthd))
-    return prompt_attention(q_bthd, k_bthd, v_bthd, jnp.sum(valid_bt, axis=1, dtype=jnp.int32), kernel=kernel)
+    lengths = jnp.sum(valid_bt, axis=1, dtype=jnp.int32)
+    return prompt_attention(q_bthd, k_bthd, v_bthd, lengths, attention, kernel=kernel)
 
 
-def prompt_attention(q_bthd, k_bthd, v_bthd, lengths_b, *, kernel: str = "auto") -> jax.Array:
+def prompt_attention(
+    q_bthd, k_bthd, v_bthd, lengths_b, attention: LayerAttention = FULL_ATTENTION, *, kernel: str = "auto"
+) -> jax.Array:
     """Causal GQA attention of right-padded prompts starting at position 0 (rows past a length give zeros):
     cuDNN flash attention or XLA's, as `prefill_implementation` decides."""
     _, length, num_heads, head_dim = q_bthd.shape
-    implementation, _ = prefill_implementation(num_heads, k_bthd.shape[2], head_dim, q_bthd.dtype, kernel)
+    softcapped = attention.softcap is not None
+    implementation, _ = prefill_implementation(
+        num_heads, k_bthd.shape[2], head_dim, q_bthd.dtype, kernel, softcapped, attention.window
+    )
     positions = jnp.arange(length)
     valid_query = positions[None, :] < lengths_b[:, None]
     if implementation == "cudnn":
@@ -80,23 +116,31 @@ def prompt_attention(q_bthd, k_bthd, v_bthd, lengths_b, *, kernel: str = "auto")
             q_bthd,
             k_bthd,
             v_bthd,
+            scale=attention.scale,
             is_causal=True,
             query_seq_lengths=lengths_b,
             key_value_seq_lengths=lengths_b,
+            local_window_size=None if attention.window is None else (attention.window - 1, 0),
             implementation="cudnn",
         )
         return jnp.where(valid_query[:, :, None, None], out, jnp.zeros_like(out))  # padding rows: zeros, never NaN
     causal = positions[None, :] <= positions[:, None]
-    return grouped_attention(q_bthd, k_bthd, v_bthd, causal[None] & valid_query[:, :, None])
+    if attention.window is not None:
+        causal &= positions[None, :] > positions[:, None] - attention.window
+    return grouped_attention(q_bthd, k_bthd, v_bthd, causal[None] & valid_query[:, :, None], attention)
 
 
-def grouped_attention(q_bthd, k_bshd, v_bshd, mask_bts) -> jax.Array:
-    """GQA softmax attention (query head h reads KV head h // (Hq / Hkv)); fully masked rows give zeros."""
+def grouped_attention(q_bthd, k_bshd, v_bshd, mask_bts, attention: LayerAttention = FULL_ATTENTION) -> jax.Array:
+    """GQA softmax attention (query head h reads KV head h // (Hq / Hkv)) with the layer's scale and soft-cap;
+    fully masked rows give zeros."""
     batch, length, num_heads, head_dim = q_bthd.shape
     num_kv_heads = k_bshd.shape[2]
     q = q_bthd.reshape(batch, length, num_kv_heads, num_heads // num_kv_heads, head_dim)
     # Matmuls in the model dtype (as transformers does), softmax in float32.
-    logits = jnp.einsum("btkgd,bskd->bkgts", q, k_bshd).astype(jnp.float32) * (1.0 / head_dim**0.5)
+    scale = head_dim**-0.5 if attention.scale is None else attention.scale
+    logits = jnp.einsum("btkgd,bskd->bkgts", q, k_bshd).astype(jnp.float32) * scale
+    if attention.softcap is not None:
+        logits = attention.softcap * jnp.tanh(logits / attention.softcap)
     mask = mask_bts[:, None, None]
     probs = jnp.where(mask, jax.nn.softmax(jnp.where(mask, logits, jnp.finfo(jnp.float32).min), axis=-1), 0.0)
     out = jnp.einsum("bkgts,bskd->btkgd", probs.astype(v_bshd.dtype), v_bshd)
@@ -209,7 +253,7 @@ class PagedKVCache(KVCache):
         """Tokens each row's block table can hold."""
         return self.block_tables.shape[1] * self.page_size
 
-    def attend(self, layer, q_bthd, k_bthd, v_bthd, positions_bt, valid_bt):
+    def attend(self, layer, q_bthd, k_bthd, v_bthd, positions_bt, valid_bt, attention=FULL_ATTENTION):
         num_pages = self.keys[layer].num_pages
         slot_index = jnp.minimum(positions_bt // self.page_size, self.block_tables.shape[1] - 1)
         pages = jnp.take_along_axis(self.block_tables, slot_index, axis=1)
@@ -221,32 +265,34 @@ class PagedKVCache(KVCache):
         cache = dataclasses.replace(self, keys=tuple(keys), values=tuple(values))
         if q_bthd.shape[1] == 1:
             lengths = jnp.where(valid_bt[:, 0], positions_bt[:, 0] + 1, 0)
-            return cache.decode_attention(layer, q_bthd[:, 0], lengths)[:, None], cache
+            return cache.decode_attention(layer, q_bthd[:, 0], lengths, attention)[:, None], cache
         if self.continues_prefix:
             lengths = jnp.sum(valid_bt, axis=1, dtype=jnp.int32)
-            return cache.extend_attention(layer, q_bthd, positions_bt[:, 0], lengths), cache
+            return cache.extend_attention(layer, q_bthd, positions_bt[:, 0], lengths, attention), cache
         bits = self.keys[layer].bits
-        return round_trip_attention(q_bthd, k_bthd, v_bthd, valid_bt, bits=bits, kernel=self.kernel), cache
+        out = round_trip_attention(q_bthd, k_bthd, v_bthd, valid_bt, attention, bits=bits, kernel=self.kernel)
+        return out, cache
 
-    def extend_attention(self, layer: int, q_bthd, starts_b, lengths_b) -> jax.Array:
+    def extend_attention(self, layer: int, q_bthd, starts_b, lengths_b, attention=FULL_ATTENTION) -> jax.Array:
         """Causal attention of chunks [B, T, Hq, D] at positions starts..starts+lengths−1 over their rows' pages,
         which already hold the chunks: the cached prefix and the chunk read back exactly as decode sees them."""
         prefill = paged_prefill_attention
         kernels = prefill.paged_prefill_attention, prefill.paged_prefill_attention_reference
-        return self._over_pages(layer, q_bthd, kernels, starts_b, lengths_b)
+        return self._over_pages(layer, q_bthd, kernels, attention, starts_b, lengths_b)
 
-    def decode_attention(self, layer: int, q_bhd, lengths_b) -> jax.Array:
-        """One query per row [B, Hq, D] over the first lengths[b] tokens of its pages."""
+    def decode_attention(self, layer: int, q_bhd, lengths_b, attention=FULL_ATTENTION) -> jax.Array:
+        """One query per row [B, Hq, D] over the first lengths[b] tokens of its pages (the last `window` of them
+        in a sliding-window layer: earlier pages are not read)."""
         kernels = paged_attention.paged_decode_attention, paged_attention.paged_decode_attention_reference
-        return self._over_pages(layer, q_bhd, kernels, lengths_b)
+        return self._over_pages(layer, q_bhd, kernels, attention, lengths_b)
 
-    def _over_pages(self, layer: int, q, kernels, *row_arrays) -> jax.Array:
+    def _over_pages(self, layer: int, q, kernels, attention: LayerAttention, *row_arrays) -> jax.Array:
         """Runs the (Pallas kernel, jnp reference) pair's choice over a layer's pools and the block tables."""
         implementation, _ = paged_implementation(self.kernel, self.page_size, q.shape[-1])
-        attention = kernels[0] if implementation == "pallas" else kernels[1]
+        run = kernels[0] if implementation == "pallas" else kernels[1]
         k, v = self.keys[layer], self.values[layer]
         pools = (k.codes, v.codes, self.block_tables, *row_arrays, k.scale, k.zero, v.scale, v.zero)
-        return attention(q, *pools, bits=k.bits)
+        return run(q, *pools, bits=k.bits, **attention.kernel_options())
 
 
 @dataclasses.dataclass(frozen=True)
@@ -267,8 +313,10 @@ def attention_implementations(config: ModelConfig, *, page_size: int, dtype, ker
     """The implementations `PagedKVCache` and `NoKVCache` pick for this model, page size, dtype and kernel choice
     (a model's `params.kernel`) on the default backend: the same functions decide both, so this is what runs."""
     paged, paged_reason = paged_implementation(kernel, page_size, config.head_dim)
+    softcapped = config.attn_logit_softcap is not None
     prefill, prefill_reason = prefill_implementation(
-        config.num_heads, config.num_kv_heads, config.head_dim, jnp.dtype(dtype), kernel
+        config.num_heads, config.num_kv_heads, config.head_dim, jnp.dtype(dtype), kernel, softcapped,
+        config.sliding_window,
     )
     reasons = tuple(reason for reason in (paged_reason, prefill_reason) if reason)
     return AttentionImplementations(decode=paged, extend=paged, prefill=prefill, fallbacks=reasons)
@@ -294,20 +342,30 @@ def paged_implementation(kernel: str, page_size: int, head_dim: int) -> tuple[st
 
 
 @functools.cache
-def prefill_implementation(num_heads: int, num_kv_heads: int, head_dim: int, dtype, kernel: str):
+def prefill_implementation(
+    num_heads: int,
+    num_kv_heads: int,
+    head_dim: int,
+    dtype,
+    kernel: str,
+    softcapped: bool = False,
+    window: int | None = None,
+):
     """Attention of prompts with nothing cached: ("cudnn" | "xla", why it fell back or None).
 
-    cuDNN flash attention on GPU when cuDNN takes the shapes and dtype, decided once by tracing it on abstract
-    inputs (its own checks: fp16/bf16, head_dim); otherwise XLA's attention with a warning (logged once). Off
-    GPU, and with kernel="reference" (no vendor or Pallas kernels at all), XLA's attention is the choice, not a
-    fallback."""
+    cuDNN flash attention on GPU when cuDNN takes the shapes, dtype and window, decided once by tracing it on
+    abstract inputs (its own checks: fp16/bf16, head_dim); otherwise XLA's attention with a warning (logged once):
+    always for soft-capped logits (Gemma 2), which jax's cuDNN attention does not offer. Off GPU, and with
+    kernel="reference" (no vendor or Pallas kernels at all), XLA's attention is the choice, not a fallback."""
     if kernel == "reference" or jax.default_backend() != "gpu":
         return "xla", None
     dtype = jnp.dtype(dtype)
     if dtype not in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)):
         refusal = f"cuDNN flash attention needs float16 or bfloat16, the model computes in {dtype}"
+    elif softcapped:
+        refusal = "jax's cuDNN flash attention has no logit soft-capping"
     else:
-        refusal = _cudnn_refusal(num_heads, num_kv_heads, head_dim, dtype)
+        refusal = _cudnn_refusal(num_heads, num_kv_heads, head_dim, dtype, window)
     if refusal is None:
         return "cudnn", None
     reason = f"prefill attention runs XLA's attention instead of cuDNN's: {refusal}"
@@ -315,12 +373,17 @@ def prefill_implementation(num_heads: int, num_kv_heads: int, head_dim: int, dty
     return "xla", reason
 
 
-def _cudnn_refusal(num_heads: int, num_kv_heads: int, head_dim: int, dtype) -> str | None:
-    """Why cuDNN refuses causal attention of these heads (its trace-time checks), or None."""
+def _cudnn_refusal(num_heads: int, num_kv_heads: int, head_dim: int, dtype, window: int | None) -> str | None:
+    """Why cuDNN refuses causal (sliding-window) attention of these heads (its trace-time checks), or None."""
     q = jax.ShapeDtypeStruct((1, 64, num_heads, head_dim), dtype)
     kv = jax.ShapeDtypeStruct((1, 64, num_kv_heads, head_dim), dtype)
     lengths = jax.ShapeDtypeStruct((1,), jnp.int32)
-    attention = functools.partial(jax.nn.dot_product_attention, is_causal=True, implementation="cudnn")
+    attention = functools.partial(
+        jax.nn.dot_product_attention,
+        is_causal=True,
+        local_window_size=None if window is None else (window - 1, 0),
+        implementation="cudnn",
+    )
     try:
         jax.eval_shape(
             lambda q, k, v, n: attention(q, k, v, query_seq_lengths=n, key_value_seq_lengths=n), q, kv, kv, lengths

@@ -1,12 +1,19 @@
-"""The Llama-family decoder in Flax NNX: Llama 1/2/3/3.1, Mistral, Qwen2 (q/k/v bias), Yi.
+"""The one decoder in Flax NNX for every family: Llama 1/2/3/3.1, Mistral, Qwen2 (q/k/v bias), Qwen3 (q/k norms),
+Gemma 2/3 (offset norms, post-norms, GeGLU, soft-capping, local/global layers), Phi-3/4 (partial LongRoPE), Yi.
 
-Module and parameter names follow transformers' (`layers[i].self_attn.q_proj.kernel`), so converters map
-names one to one. Linear kernels are stored [in, out]. The model never branches on precision: `linear`
-is the one matmul dispatcher that quantized weight types plug into.
+What differs between families is a field of `ModelConfig`, read here as module structure (a norm exists or not)
+or a static value (activation, rope, scales); no layer looks at an architecture name. Module and parameter names
+follow transformers' Llama (`layers[i].self_attn.q_proj.kernel`); the norms are named by role:
+`input_layernorm` feeds attention, `post_attention_layernorm` feeds the MLP (Gemma calls it
+`pre_feedforward_layernorm`), `attention_output_norm` and `mlp_output_norm` are Gemma's post-norms (its
+`post_attention_layernorm` and `post_feedforward_layernorm`), as llama.cpp names them. Linear kernels are stored
+[in, out]. The model never branches on precision: `linear` is the one matmul dispatcher that quantized weight
+types plug into.
 """
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 
 import jax
@@ -14,9 +21,9 @@ import jax.numpy as jnp
 from flax import nnx
 
 from qoq_jax.config import ModelConfig
-from qoq_jax.kv_cache import KVCache
+from qoq_jax.kv_cache import KVCache, LayerAttention
 from qoq_jax.quant import QuantFormat, QuantizedWeight
-from qoq_jax.rope import apply_rope, inverse_frequencies
+from qoq_jax.rope import apply_rope, rotary_angles
 
 Axes = tuple[str, ...]
 """Mesh axes a tensor-parallel model is split over inside `shard_map`; () on one device."""
@@ -79,18 +86,50 @@ class Linear(nnx.Module):
 
 
 class RMSNorm(nnx.Module):
-    def __init__(self, dim: int, *, eps: float, dtype):
-        self.weight = nnx.Param(jnp.ones((dim,), dtype))
+    """x / rms(x) over the last axis, scaled by `offset` + weight (weight [..., dim]: one per head for q/k norms).
+
+    Offset 0 is Llama's norm (normalized, cast, then scaled in the model dtype); offset 1 is Gemma's (scaled by
+    1 + w in float32, then cast), each as transformers computes it. A fresh norm scales by 1."""
+
+    def __init__(self, shape: int | tuple[int, ...], *, eps: float, offset: float, dtype):
+        self.weight = nnx.Param(jnp.full(shape, 1.0 - offset, dtype))
         self.eps = eps
+        self.offset = offset
 
     def __call__(self, x: jax.Array) -> jax.Array:
         x32 = x.astype(jnp.float32)
         normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        if self.offset:
+            return (normed * (self.weight[...].astype(jnp.float32) + self.offset)).astype(x.dtype)
         return self.weight[...] * normed.astype(x.dtype)
 
 
+def _norm(config: ModelConfig, shape: int | tuple[int, ...], dtype) -> RMSNorm:
+    return RMSNorm(shape, eps=config.rms_norm_eps, offset=config.norm_weight_offset, dtype=dtype)
+
+
+class InputRotation(nnx.Module):
+    """x [..., p·q] ↦ x·kron(outer, inner)/√(p·q) without forming the product: two small matmuls.
+
+    QoQ's rotation of models with post-norms (Gemma), whose residual stream cannot be rotated offline: the
+    normalized inputs of q/k/v and gate/up are rotated here, and those kernels hold the inverse rotation. The
+    factors are ±1 Hadamard matrices (exact in any dtype); a fresh module is the identity."""
+
+    def __init__(self, outer_size: int, inner_size: int, *, dtype):
+        self.outer = nnx.Param(jnp.eye(outer_size, dtype=dtype) * outer_size**0.5)
+        self.inner = nnx.Param(jnp.eye(inner_size, dtype=dtype) * inner_size**0.5)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        """In float32 (p + q multiply-adds per element, against the linears' hidden-size many)."""
+        outer, inner = self.outer[...].astype(jnp.float32), self.inner[...].astype(jnp.float32)
+        p, q = outer.shape[0], inner.shape[0]
+        blocks = x.astype(jnp.float32).reshape(*x.shape[:-1], p, q)
+        rotated = jnp.einsum("...ij,ia,jb->...ab", blocks, outer, inner) * (p * q) ** -0.5
+        return rotated.reshape(x.shape).astype(x.dtype)
+
+
 class Attention(nnx.Module):
-    def __init__(self, config: ModelConfig, *, dtype, key: jax.Array, quant: QuantFormat | None = None):
+    def __init__(self, config: ModelConfig, layer: int, *, dtype, key: jax.Array, quant: QuantFormat | None = None):
         c = config
         self.head_dim = c.head_dim  # head counts follow from the q/k/v widths: a device holds only its share
         q_key, k_key, v_key, o_key = jax.random.split(key, 4)
@@ -99,7 +138,12 @@ class Attention(nnx.Module):
         self.k_proj = Linear(c.hidden_size, c.num_kv_heads * c.head_dim, use_bias=c.qkv_bias, key=k_key, **kw)
         self.v_proj = Linear(c.hidden_size, c.num_kv_heads * c.head_dim, use_bias=c.qkv_bias, key=v_key, **kw)
         self.o_proj = Linear(c.num_heads * c.head_dim, c.hidden_size, use_bias=c.o_bias, key=o_key, **kw)
-        self.rope = c.rope
+        # One weight per head (transformers shares one over the heads): SmoothAttention's per-channel scales of
+        # the post-RoPE q/k fold into these norms, the last per-channel step before RoPE (see equivalence.py).
+        self.q_norm = _norm(c, (c.num_heads, c.head_dim), dtype) if c.qk_norm else None
+        self.k_norm = _norm(c, (c.num_kv_heads, c.head_dim), dtype) if c.qk_norm else None
+        self.rope = c.layer_rope(layer)
+        self.layer_attention = LayerAttention.of_layer(c, layer)  # scale, soft-cap, sliding window
 
     def __call__(
         self, x_btd, positions_bt, valid_bt, cache: KVCache, layer: int, observe: Observer | None, tensor_axes: Axes
@@ -110,15 +154,20 @@ class Attention(nnx.Module):
         q = self.q_proj(x_btd).reshape(batch, length, -1, self.head_dim)
         k = self.k_proj(x_btd).reshape(batch, length, -1, self.head_dim)
         v = self.v_proj(x_btd).reshape(batch, length, -1, self.head_dim)
-        inv_freq = inverse_frequencies(self.rope, self.head_dim)
-        q = apply_rope(q, positions_bt, inv_freq)
-        k = apply_rope(k, positions_bt, inv_freq)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        cos, sin = rotary_angles(self.rope, self.head_dim, positions_bt)
+        q = apply_rope(q, cos, sin)
+        k = apply_rope(k, cos, sin)
         _observe(observe, "query", q)
         _observe(observe, "key", k)
-        out, cache = cache.attend(layer, q, k, v, positions_bt, valid_bt)
+        out, cache = cache.attend(layer, q, k, v, positions_bt, valid_bt, self.layer_attention)
         out = out.reshape(batch, length, -1)
         _observe(observe, "o_input", out)
         return self.o_proj(out, split_over=tensor_axes), cache
+
+
+_ACTIVATIONS = {"silu": jax.nn.silu, "gelu_tanh": functools.partial(jax.nn.gelu, approximate=True)}
 
 
 class MLP(nnx.Module):
@@ -129,21 +178,26 @@ class MLP(nnx.Module):
         self.gate_proj = Linear(c.hidden_size, c.intermediate_size, key=gate_key, **kw)
         self.up_proj = Linear(c.hidden_size, c.intermediate_size, key=up_key, **kw)
         self.down_proj = Linear(c.intermediate_size, c.hidden_size, key=down_key, **kw)
+        self.hidden_act = c.hidden_act
 
     def __call__(self, x_btd, observe: Observer | None, tensor_axes: Axes):
         _observe(observe, "mlp_input", x_btd)
-        hidden = jax.nn.silu(self.gate_proj(x_btd)) * self.up_proj(x_btd)
+        hidden = _ACTIVATIONS[self.hidden_act](self.gate_proj(x_btd)) * self.up_proj(x_btd)
         _observe(observe, "down_input", hidden)
         return self.down_proj(hidden, split_over=tensor_axes)
 
 
 class DecoderLayer(nnx.Module):
-    def __init__(self, config: ModelConfig, *, dtype, key: jax.Array, quant: QuantFormat | None = None):
+    def __init__(self, config: ModelConfig, layer: int, *, dtype, key: jax.Array, quant: QuantFormat | None = None):
+        c = config
         attention_key, mlp_key = jax.random.split(key)
-        self.input_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps, dtype=dtype)
-        self.self_attn = Attention(config, dtype=dtype, key=attention_key, quant=quant)
-        self.post_attention_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps, dtype=dtype)
-        self.mlp = MLP(config, dtype=dtype, key=mlp_key, quant=quant)
+        self.input_layernorm = _norm(c, c.hidden_size, dtype)
+        self.self_attn = Attention(c, layer, dtype=dtype, key=attention_key, quant=quant)
+        self.post_attention_layernorm = _norm(c, c.hidden_size, dtype)
+        self.mlp = MLP(c, dtype=dtype, key=mlp_key, quant=quant)
+        self.attention_output_norm = _norm(c, c.hidden_size, dtype) if c.post_norms else None
+        self.mlp_output_norm = _norm(c, c.hidden_size, dtype) if c.post_norms else None
+        self.input_rotation = None if c.input_rotation is None else InputRotation(*c.input_rotation, dtype=dtype)
 
     def __call__(
         self,
@@ -157,11 +211,20 @@ class DecoderLayer(nnx.Module):
     ):
         """`observe` sees each linear's input and the post-RoPE queries and keys (names in `Observer` calls:
         attn_input, query, key, o_input, mlp_input, down_input)."""
-        normed = self.input_layernorm(x_btd)
-        attn_out, cache = self.self_attn(normed, positions_bt, valid_bt, cache, layer, observe, tensor_axes)
-        x_btd = x_btd + attn_out
-        x_btd = x_btd + self.mlp(self.post_attention_layernorm(x_btd), observe, tensor_axes)
-        return x_btd, cache
+        attn_out, cache = self.self_attn(
+            self._block_input(self.input_layernorm, x_btd), positions_bt, valid_bt, cache, layer, observe, tensor_axes
+        )
+        x_btd = x_btd + self._block_output(self.attention_output_norm, attn_out)
+        mlp_out = self.mlp(self._block_input(self.post_attention_layernorm, x_btd), observe, tensor_axes)
+        return x_btd + self._block_output(self.mlp_output_norm, mlp_out), cache
+
+    def _block_input(self, norm: RMSNorm, x_btd):
+        normed = norm(x_btd)
+        return normed if self.input_rotation is None else self.input_rotation(normed)
+
+    @staticmethod
+    def _block_output(norm: RMSNorm | None, out_btd):
+        return out_btd if norm is None else norm(out_btd)
 
 
 class CausalLM(nnx.Module):
@@ -175,8 +238,10 @@ class CausalLM(nnx.Module):
         embed_key, head_key, *layer_keys = jax.random.split(rngs.params(), 2 + config.num_layers)
         embed_init = nnx.initializers.normal(0.02)
         self.embed_tokens = nnx.Param(embed_init(embed_key, (config.vocab_size, config.hidden_size), dtype))
-        self.layers = nnx.List([DecoderLayer(config, dtype=dtype, key=key, quant=quant) for key in layer_keys])
-        self.norm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps, dtype=dtype)
+        self.layers = nnx.List(
+            [DecoderLayer(config, index, dtype=dtype, key=key, quant=quant) for index, key in enumerate(layer_keys)]
+        )
+        self.norm = _norm(config, config.hidden_size, dtype)
         self.lm_head = (
             None
             if config.tie_word_embeddings
@@ -198,16 +263,20 @@ class CausalLM(nnx.Module):
         table = self.embed_tokens[...]
         rows = table.shape[0]
         if rows == self.config.vocab_size:
-            return jnp.take(table, tokens_bt, axis=0)
-        local = tokens_bt - jax.lax.axis_index(tensor_axes) * rows
-        mine = (local >= 0) & (local < rows)
-        x = jnp.where(mine[..., None], jnp.take(table, jnp.clip(local, 0, rows - 1), axis=0), 0)
-        return jax.lax.psum(x, tensor_axes)
+            x = jnp.take(table, tokens_bt, axis=0)
+        else:
+            local = tokens_bt - jax.lax.axis_index(tensor_axes) * rows
+            mine = (local >= 0) & (local < rows)
+            x = jnp.where(mine[..., None], jnp.take(table, jnp.clip(local, 0, rows - 1), axis=0), 0)
+            x = jax.lax.psum(x, tensor_axes)
+        multiplier = self.config.embedding_multiplier
+        return x if multiplier == 1.0 else x * jnp.asarray(multiplier, x.dtype)  # in the model dtype, as Gemma
 
     def logits(self, hidden: jax.Array) -> jax.Array:
-        """LM head over hidden states [..., D] → float32 logits [..., vocab]."""
+        """LM head over hidden states [..., D] → float32 logits [..., vocab], soft-capped where the model caps."""
         if self.lm_head is None:
             out = jnp.einsum("...d,vd->...v", hidden, self.embed_tokens[...], preferred_element_type=jnp.float32)
         else:
             out = jnp.einsum("...d,dv->...v", hidden, self.lm_head.kernel[...], preferred_element_type=jnp.float32)
-        return out
+        cap = self.config.final_logit_softcap
+        return out if cap is None else cap * jnp.tanh(out / cap)

@@ -156,9 +156,7 @@ def sample(logits_bv: jax.Array, sampling: SamplingBatch, positions_b: jax.Array
     """Next tokens [B] int32 from float32 logits [B, V]; `positions_b` is the position the token will take."""
     greedy = greedy_tokens(logits_bv)
     stochastic = sampling.temperature > 0
-    drawn = jax.lax.cond(
-        jnp.any(stochastic), lambda: _draw(logits_bv, sampling, positions_b), lambda: greedy
-    )
+    drawn = jax.lax.cond(jnp.any(stochastic), lambda: _draw(logits_bv, sampling, positions_b), lambda: greedy)
     return jnp.where(stochastic, drawn, greedy)
 
 

@@ -8,11 +8,12 @@ scales, so a row-parallel layer quantizes its split input exactly as one device 
 
 Logical axes of the arrays (the rules of jax-llm-examples' `llama3_jax`):
 
-* heads: q/k/v outputs and o_proj inputs; mlp: gate/up outputs and down_proj inputs; vocab: embedding rows and
-  lm_head columns. All split over the whole tensor group.
-* kv_heads: k/v outputs and the cache pools' leading axis, split over the group's first axis only. Internally
-  the tensor axis is viewed as (kv shards × kv replicas): with fewer KV heads than devices each KV head is
-  replicated on the devices that hold its query heads, and every device still holds whole KV heads.
+* heads: q outputs, q_norm's per-head weights and o_proj inputs; mlp: gate/up outputs and down_proj inputs; vocab:
+  embedding rows and lm_head columns. All split over the whole tensor group.
+* kv_heads: k/v outputs, k_norm's per-head weights and the cache pools' leading axis, split over the group's first
+  axis only. Internally the tensor axis is viewed as (kv shards × kv replicas): with fewer KV heads than devices
+  each KV head is replicated on the devices that hold its query heads, and every device still holds whole KV heads.
+* Everything else (norms, post-norms, the online input rotation's factors) is replicated.
 
 A linear's [in, out] leaves split on `out` (column-parallel) or `in` (row-parallel); quantized weights split
 their packed uint4 codes, s2/zero groups and per-channel scales the same way, so a device holds whole 64-channel
@@ -43,6 +44,7 @@ TENSOR_AXES = (KV_SHARD_AXIS, KV_REPLICA_AXIS)
 
 _COLUMN_PARALLEL = {"q_proj": "heads", "k_proj": "kv_heads", "v_proj": "kv_heads", "gate_proj": "mlp", "up_proj": "mlp"}
 _ROW_PARALLEL = {"o_proj": "heads", "down_proj": "mlp"}
+_PER_HEAD = {"q_norm": "heads", "k_norm": "kv_heads"}  # q/k norm weights [heads, head_dim] split with their heads
 _CACHE_POOLS = ("keys", "values")
 
 T = TypeVar("T")
@@ -147,6 +149,9 @@ class TensorParallel:
             return P(None, split) if ndim == 2 else P(split)
         if linear in _ROW_PARALLEL:  # split inputs; per-output-channel leaves and biases are whole everywhere
             return P(self._axes(_ROW_PARALLEL[linear]), None) if ndim == 2 else P()
+        norm = next((part for part in parts if part in _PER_HEAD), None)
+        if norm is not None:
+            return P(self._axes(_PER_HEAD[norm]), None)
         if "embed_tokens" in parts:
             return P(self._axes("vocab"), None)
         if "lm_head" in parts:

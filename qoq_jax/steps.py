@@ -88,9 +88,13 @@ def _check_prefill(params: Params, token_ids, lengths=None, *, cache=None, start
     _check_token_ids(params, token_ids, "token_ids", ndim=2)
     batch, width = jnp.shape(token_ids)
     given = None if lengths is None else _check_rows("lengths", lengths, batch)
-    if given is not None and np.any((given < 1) | (given > width)):
-        row = int(np.argmax((given < 1) | (given > width)))
-        raise InvalidRequestError(f"lengths[{row}] = {given[row]} is outside [1, {width}], the prompt block")
+    shortest = 1 if cache is None else 0  # into a given cache a row of length 0 is padding: it writes nothing
+    if given is not None and np.any((given < shortest) | (given > width)):
+        row = int(np.argmax((given < shortest) | (given > width)))
+        raise InvalidRequestError(
+            f"lengths[{row}] = {given[row]} is outside [{shortest}, {width}], the prompt block"
+            + ("" if shortest else " (length 0 is a padding row, only into a given cache)")
+        )
     if start_positions is None or cache is None:
         return
     starts = _check_rows("start_positions", start_positions, batch)

@@ -9,10 +9,11 @@ outputs, so the host's work for step N (outputs, detokenizing, streaming, planni
 computes N+1 (see `serve.scheduler` for what that means for stop rules and pages).
 
 Failures stay with the request that caused them. A step that raises is dropped and undone, and its sequences
-recomputed. When exactly one of them is new (in its first step), that request ends with an error (finish_reason
-"error"): inputs that fail, fail at once (so does a request failing alone). When several are new, they become suspects, each admitted later as the
-only new sequence of its step, so the guilty one fails alone. A failure with no new request (one that shows only
-later in a request's decoding) counts against every request in the step, and one in three such steps is ended.
+recomputed. When exactly one of them is new (in its first step), or the step held only one, that request ends
+with an error (finish_reason "error"): inputs that fail, fail at once. When several are new, they become
+suspects, each admitted later as the only new sequence of its step, so the guilty one fails alone. A failure with
+no new request (one that shows only later in a request's decoding) counts against every request in the step, and
+one in three such steps is ended.
 A failure while the step ran on the device, or one that lost the device state, also restarts the device state:
 a fresh pool, every running request recomputed (counted and logged). Four failed steps in a row, whoever was
 blamed, mean the device is gone: the engine stops (`EngineDeadError`), which makes /health fail.
@@ -34,7 +35,6 @@ import time
 from collections.abc import AsyncIterator
 
 import jax
-import numpy as np
 from jax.sharding import Mesh
 
 from qoq_jax.errors import InvalidRequestError, InvalidSamplingError, PromptTooLongError
@@ -62,13 +62,18 @@ _FAILURES_TO_BLAME = 3  # failed steps a request was in, none with a single new 
 @dataclasses.dataclass
 class StepTimes:
     """Host seconds spent in each part of `step()` since the engine started: planning (inbox and scheduler),
-    preparing and dispatching the device call, waiting for the previous step's tokens, and output processing."""
+    preparing and dispatching the device call, output processing, as wall time and as this thread's CPU time
+    (on a CPU device the host's wall time stretches while the step computes on the same cores), and the wall
+    time spent waiting for the previous step's tokens."""
 
     steps: int = 0
     schedule: float = 0.0
     prepare: float = 0.0
-    wait: float = 0.0
     outputs: float = 0.0
+    schedule_cpu: float = 0.0
+    prepare_cpu: float = 0.0
+    outputs_cpu: float = 0.0
+    wait: float = 0.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -159,6 +164,8 @@ class Engine:
         self._failures_in_a_row = 0
         self.work_available = threading.Event()
         self._counters = collections.Counter()
+        self._generated = 0  # tokens emitted (one per sampled token a live request kept)
+        self._page_size = config.page_size
         self.step_times = StepTimes()
         self.warmup()
 
@@ -208,7 +215,9 @@ class Engine:
         """The start-up line: capacity, budget and what runs attention."""
         config, params = self.config, self.params
         kv_shards = 1 if params.parallel is None else params.parallel.kv_shards
-        page_bytes = kv_bytes_per_page(params.config, config.page_size, params.kv_bits, params.dtype, kv_shards=kv_shards)
+        page_bytes = kv_bytes_per_page(
+            params.config, config.page_size, params.kv_bits, params.dtype, kv_shards=kv_shards
+        )
         return (
             f"KV{params.kv_bits} pool of {config.num_pages} pages × {config.page_size} tokens "
             f"({config.num_pages * page_bytes / 2**30:.2f} GiB per device), max_num_seqs {config.max_num_seqs}, "
@@ -280,21 +289,22 @@ class Engine:
             kv_pages_free=kv_cache.num_free_pages,
             kv_pages_total=kv_cache.num_pages,
             prompt_tokens_total=self._counters["prompt_tokens"],
-            generation_tokens_total=self._counters["generation_tokens"],
+            generation_tokens_total=self._generated,
             prefix_cache_hit_tokens_total=scheduler.num_prefix_hit_tokens,
             preemptions_total=scheduler.num_preemptions,
             requests_failed_total=self._counters["requests_failed"],
             engine_restarts_total=self._counters["restarts"],
+            step_programs_compiling=self.runner.num_compiling,
         )
 
     # --- one iteration (the engine thread) ---------------------------------------------------------------
 
     def step(self) -> list[RequestOutput]:
         """Plans and dispatches the next step, then turns the previous step's tokens into outputs."""
-        times, started = self.step_times, time.perf_counter()
+        times, started, started_cpu = self.step_times, time.perf_counter(), time.thread_time()
         outputs = self._take_inbox()
         scheduled = self.scheduler.schedule()
-        planned = time.perf_counter()
+        planned, planned_cpu = time.perf_counter(), time.thread_time()
         launched = refused = None
         if not scheduled.empty:
             try:
@@ -302,6 +312,7 @@ class Engine:
             except Exception as error:  # noqa: BLE001 - contained: see _recover, after the step before it
                 refused = error
         dispatched = waited = time.perf_counter()
+        dispatched_cpu = waited_cpu = time.thread_time()
         previous, self._in_flight = self._in_flight, None
         if previous is not None:
             try:
@@ -311,17 +322,20 @@ class Engine:
                 launched = None  # it ran on the failed step's outputs
                 outputs += self._recover(dropped, error, ran=True)
             else:
-                waited = time.perf_counter()
+                waited, waited_cpu = time.perf_counter(), time.thread_time()
                 outputs += self._process(previous, result)
         if refused is not None:
             outputs += self._recover([scheduled], refused, ran=False)
         self._in_flight = launched
-        ended = time.perf_counter()
+        ended, ended_cpu = time.perf_counter(), time.thread_time()
         times.steps += 1
         times.schedule += planned - started
         times.prepare += dispatched - planned
         times.wait += waited - dispatched
         times.outputs += ended - waited
+        times.schedule_cpu += planned_cpu - started_cpu
+        times.prepare_cpu += dispatched_cpu - planned_cpu
+        times.outputs_cpu += ended_cpu - waited_cpu
         return outputs
 
     def _take_inbox(self) -> list[RequestOutput]:
@@ -350,41 +364,52 @@ class Engine:
     def _process(self, step: InFlightStep, result: RunnerOutput) -> list[RequestOutput]:
         """Step N's sampled tokens through the stop rules; each row's failure stays with its request."""
         scheduled, outputs = step.scheduled, []
-        epochs = iter(step.epochs)
-        for row, (seq, position) in enumerate(zip(scheduled.decode, scheduled.decode_positions)):
-            token = _sampled(result.decode_token_ids, result.decode_logprobs, row, seq)
-            self._accept(seq, next(epochs), position + 1, token, outputs)
-        for chunk, rows in zip(scheduled.chunks, self.runner.chunk_rows(scheduled)):
+        decode_tokens = result.decode_token_ids.tolist()
+        decode_epochs = step.epochs[: len(scheduled.decode)]
+        rows = zip(scheduled.decode, decode_epochs, scheduled.decode_positions)
+        for row, (seq, epoch, position) in enumerate(rows):
+            token = decode_tokens[row]
+            logprob = _token_logprob(token, result.decode_logprobs, row, seq)
+            self._accept(seq, epoch, position + 1, token, outputs, logprob)
+        chunk_tokens = result.chunk_token_ids.tolist()
+        chunk_epochs = step.epochs[len(scheduled.decode) :]
+        for chunk, epoch, rows in zip(scheduled.chunks, chunk_epochs, self.runner.chunk_rows(scheduled)):
             self._counters["prompt_tokens"] += chunk.num_tokens
             seq = chunk.seq
             if result.prompt_logprobs is not None and seq.request.sampling.prompt_logprobs is not None:
                 for row, start in zip(rows, range(chunk.start, chunk.start + chunk.num_tokens, self.runner.row_tokens)):
                     scored = jax.tree.map(lambda x: x[row], result.prompt_logprobs)
                     self.outputs.add_prompt_logprobs(seq.request, seq.state, start, scored)
-            token = _sampled(result.chunk_token_ids, result.chunk_logprobs, rows[-1], seq) if chunk.samples else None
-            self._accept(seq, next(epochs), chunk.start + chunk.num_tokens, token, outputs)
+            token = logprob = None
+            if chunk.samples:
+                token = chunk_tokens[rows[-1]]
+                logprob = _token_logprob(token, result.chunk_logprobs, rows[-1], seq)
+            self._accept(seq, epoch, chunk.start + chunk.num_tokens, token, outputs, logprob)
         self._failures_in_a_row = 0
         return outputs
 
-    def _accept(self, seq: Sequence, epoch: int, num_computed: int, token, outputs: list) -> None:
-        """`token`: (id, TokenLogprob or None) sampled for seq at this step, or None (a chunk that samples none)."""
+    def _accept(
+        self, seq: Sequence, epoch: int, num_computed: int, token: int | None, outputs: list, logprob=None
+    ) -> None:
+        """One row's result (the hot path: once per running sequence per step): `token` sampled for seq at this
+        step (None: a chunk that samples none), with its TokenLogprob when the request asked."""
         if seq.finished:
             return  # it stopped one step earlier: this row's token is past its end
         seq.proven = True
         try:
-            self.scheduler.cache_prefix(seq, epoch, num_computed)
+            if num_computed >= seq.cached_through + self._page_size:
+                self.scheduler.cache_prefix(seq, epoch, num_computed)
             if token is None:
                 return
-            token_id, logprob = token
             seq.num_pending -= 1
-            seq.token_ids.append(token_id)
-            self._counters["generation_tokens"] += 1
-            output = self.outputs.append(seq.request, seq.state, token_id, logprob)
+            seq.token_ids.append(token)
+            self._generated += 1
+            output = self.outputs.append(seq.request, seq.state, token, logprob)
         except Exception as error:  # noqa: BLE001 - one request's bad state must not stop the others
             log.exception("request %s failed while its output was processed", seq.request_id)
             outputs.append(self._end(seq, "error", f"{type(error).__name__}: {error}"))
             return
-        if output.finished:
+        if output.finish_reason is not None:
             self._release(seq)
         outputs.append(output)
 
@@ -421,8 +446,8 @@ class Engine:
                 seq.suspect = True
                 seq.failures += 1
             blamed = [s for s in failed if s.failures >= _FAILURES_TO_BLAME]
-        log.warning("a step of %d requests failed (%r); %s", len(failed), error,
-                    f"blaming {[s.request_id for s in blamed]}" if blamed else f"{len(new or failed)} suspects")  # fmt: skip
+        verdict = f"blaming {[s.request_id for s in blamed]}" if blamed else f"{len(new or failed)} suspects"
+        log.warning("a step of %d requests failed (%r); %s", len(failed), error, verdict)
         message = f"the request's step failed on the device: {type(error).__name__}: {error}"
         outputs = [self._end(seq, "error", message) for seq in blamed]
         for scheduled in dropped:  # their planned tokens never happened: recompute them
@@ -448,14 +473,13 @@ def _sequences_of(scheduled: SchedulerOutput) -> list[Sequence]:
     return list(scheduled.decode) + [chunk.seq for chunk in scheduled.chunks]
 
 
-def _sampled(token_ids: np.ndarray, logprobs, row: int, seq: Sequence) -> tuple[int, TokenLogprob | None]:
-    """A row's sampled token and, when its request asked, its TokenLogprob."""
-    token = int(token_ids[row])
+def _token_logprob(token: int, logprobs, row: int, seq: Sequence) -> TokenLogprob | None:
+    """A row's TokenLogprob when its request asked (`logprobs`: the step's rows', None when none asked)."""
     num_top = seq.request.sampling.logprobs
     if num_top is None or logprobs is None:
-        return token, None
+        return None
     [entry] = host_logprobs([token], jax.tree.map(lambda x: x[row : row + 1], logprobs), num_top)
-    return token, entry
+    return entry
 
 
 def _sized(config: EngineConfig, num_pages: int, pages_per_seq: int) -> EngineConfig:

@@ -236,6 +236,7 @@ class _EngineCollector:
             ("qoq_kv_pages_used", "KV cache pages in use.", stats.kv_pages_used),
             ("qoq_kv_pages_free", "KV cache pages free.", stats.kv_pages_free),
             ("qoq_kv_pages_total", "KV cache pages in the pool.", stats.kv_pages_total),
+            ("qoq_step_programs_compiling", "Step shapes compiling in the background.", stats.step_programs_compiling),
             ("qoq_prompt_throughput_tokens_per_second", "Prompt tokens/s over the last 10 s.", prompt_rate),
             ("qoq_generation_throughput_tokens_per_second", "Generated tokens/s over the last 10 s.", generation_rate),
         ]
@@ -260,7 +261,9 @@ class _EngineCollector:
         attention = getattr(self._engine, "attention", None)
         if attention is not None:
             info = GaugeMetricFamily(
-                "qoq_attention_implementation", "What runs each attention (1 for the one in use).", labels=["phase", "implementation"]
+                "qoq_attention_implementation",
+                "What runs each attention (1 for the one in use).",
+                labels=["phase", "implementation"],
             )
             for phase in ("decode", "extend", "prefill"):
                 info.add_metric([phase, getattr(attention, phase)], 1)

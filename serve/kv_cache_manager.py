@@ -22,6 +22,7 @@ from collections.abc import Hashable, Iterable, Sequence
 
 import numpy as np
 
+
 def _count(name: str, value: int, minimum: int) -> int:
     """Accept numpy integers as well as ints, but refuse floats and bools that would silently truncate."""
     if isinstance(value, bool):

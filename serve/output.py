@@ -26,6 +26,7 @@ class OutputState:
 
     continuation: Continuation
     holdback: int  # characters kept back while unfinished
+    num_prompt_tokens: int
     unsent: str = ""
     sent_chars: int = 0
     sent_tokens: int = 0
@@ -52,7 +53,8 @@ class OutputProcessor:
             is_text=self.tokenizer is not None,
             min_tokens=request.sampling.min_tokens,
         )
-        state = OutputState(continuation, holdback=max((len(s) for s in request.stop), default=1) - 1)
+        holdback = max((len(s) for s in request.stop), default=1) - 1
+        state = OutputState(continuation, holdback, len(request.prompt_token_ids))
         if request.sampling.prompt_logprobs is not None:
             state.prompt_logprobs = [None] * (len(request.prompt_token_ids) - 1)
         return state
@@ -65,15 +67,14 @@ class OutputProcessor:
         fresh = [p for p in positions if known[p] is None]
         if fresh:
             rows = [p - start for p in fresh]
-            entries = host_logprobs(
-                [prompt[p + 1] for p in fresh], jax.tree.map(lambda x: x[rows], scored), request.sampling.prompt_logprobs
-            )
+            scored = jax.tree.map(lambda x: x[rows], scored)
+            entries = host_logprobs([prompt[p + 1] for p in fresh], scored, request.sampling.prompt_logprobs)
             for p, entry in zip(fresh, entries):
                 known[p] = entry
 
     def append(self, request: Request, state: OutputState, token: int, logprob: TokenLogprob | None = None):
         """The output one sampled token (with its TokenLogprob, when asked) makes; `finished` once the stop rules
-        end the request."""
+        end the request. (Called for every running sequence at every step: kept to plain attribute work.)"""
         continuation = state.continuation
         kept = len(continuation.tokens)
         piece = continuation.append(token)
@@ -88,6 +89,9 @@ class OutputProcessor:
             if ready > 0:
                 piece, state.unsent = state.unsent[:ready], state.unsent[ready:]
         state.sent_chars += len(piece)
+        if logprob is None and state.prompt_logprobs is None:  # the common case, without `_output`'s slicing
+            state.sent_tokens += 1
+            return RequestOutput(request.request_id, (token,), piece, state.num_prompt_tokens, state.sent_tokens)
         return self._output(request, state, piece, None)
 
     def finish(self, request: Request, state: OutputState, reason: str, error: str | None = None) -> RequestOutput:
@@ -110,7 +114,7 @@ class OutputProcessor:
             request_id=request.request_id,
             new_token_ids=new_tokens,
             new_text=text,
-            num_prompt_tokens=len(request.prompt_token_ids),
+            num_prompt_tokens=state.num_prompt_tokens,
             num_generated_tokens=len(tokens),
             finish_reason=reason,
             error=error,

@@ -8,15 +8,17 @@ Device state lives between steps and is changed only by the steps themselves (vL
                 too), prompt length and stop ids (held back under min_tokens), and its token history (per-token
                 counts of what it generated and a mask of its prompt, for the penalties)
 
-A step's host inputs are small: decode rows (slot, position), prompt-chunk rows (tokens, slot, start, length),
-and the block-table entries that changed since the last step. One jitted program per step
+A step's host inputs are small: decode rows (slot, position), prompt-chunk rows (tokens, slot, start, length,
+the settings their slot takes on), and the block-table entries that changed since the last step, packed in one
+int32 and one float32 array (two transfers). One jitted program per step
 
     tables ← tables + updates
     decode rows:  decode_step over tables[slots, :width]    → sample → tokens[slot]
     chunk rows:   prefill(start_positions) over the same pool → sample at each chunk's end → tokens[slot]
                   (and, when a row asks, the log-probabilities of its prompt tokens from every position)
 
-returns the sampled tokens (with their log-probabilities where asked), which the host starts copying back at once and reads one step later, after it has
+returns the sampled tokens (their log-probabilities only where a request asked), which the host starts copying
+back at once and reads one step later, after it has
 dispatched the next step: the device never waits on the host's bookkeeping. Sampled tokens feed the next decode
 on the device, so a decoding sequence's token never makes the round trip before it is used.
 
@@ -42,10 +44,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from qoq_jax.kv_cache import PagedKVCache
-from qoq_jax.logits_processors import TokenHistory
+from qoq_jax.logits_processors import NO_TOKEN, TokenHistory
 from qoq_jax.logprobs import TokenLogprobs, no_logprobs, prompt_logprobs
 from qoq_jax.params import Params
-from qoq_jax.sampling import SampledTokens, SamplingBatch, SamplingParams, sample_next
+from qoq_jax.sampling import SamplingBatch, SamplingParams, sample_next
 from qoq_jax.steps import DecodeState, decode_step, last_positions, lm_head, prefill_hidden
 from serve.scheduler import SchedulerOutput
 
@@ -69,14 +71,12 @@ class DeviceBatch:
     history: TokenHistory  # [slots + 1, vocab]
 
 
-@jax.tree_util.register_dataclass
 @dataclasses.dataclass
 class DecodeRows:
     slots: jax.Array  # [B] int32; padding rows: the padding slot
     positions: jax.Array  # [B] int32: tokens already in the cache; padding rows: 0
 
 
-@jax.tree_util.register_dataclass
 @dataclasses.dataclass
 class ChunkRows:
     tokens: jax.Array  # [R, T] int32
@@ -91,12 +91,128 @@ class ChunkRows:
     wants_prompt_logprobs: jax.Array  # [R] bool
 
 
-@jax.tree_util.register_dataclass
-@dataclasses.dataclass
-class StepInputs:
-    table_updates: jax.Array  # [K, 3] int32 (slot, index, page); padding: slot out of range, dropped
-    decode: DecodeRows | None
-    chunks: ChunkRows | None
+_SAMPLING_INTS = ("top_k", "seed", "min_tokens")  # SamplingParams' integers (the seed as its uint32's bits)
+_SAMPLING_FLOATS = ("temperature", "top_p", "presence_penalty", "frequency_penalty", "repetition_penalty")
+_CHUNK_SCALARS = ("slots", "starts", "lengths", "samples", "prompt_lengths", "wants_prompt_logprobs")
+_CHUNK_FLAGS = ("wants_logprobs", "processed_logprobs")
+
+
+def _columns(widths: dict[str, int | None]) -> dict[str, slice | int]:
+    """Consecutive columns of the given widths (None: one column, indexed as a scalar)."""
+    columns, at = {}, 0
+    for name, width in widths.items():
+        columns[name] = at if width is None else slice(at, at + width)
+        at += 1 if width is None else width
+    return columns
+
+
+@dataclasses.dataclass(frozen=True)
+class StepLayout:
+    """Where a step's host inputs sit in its two flat arrays (one int32, one float32: two transfers a step).
+    ints: table updates (slot, index, page) × K, decode slots × B, decode positions × B, then R chunk rows of
+    `int_columns`; floats: R chunk rows of `float_columns` (with the settings each row writes into its slot)."""
+
+    decode_rows: int
+    chunk_rows: int
+    row_tokens: int
+    table_updates: int
+
+    @functools.cached_property
+    def int_columns(self) -> dict[str, slice | int]:
+        widths = {"tokens": self.row_tokens, "targets": self.row_tokens, "stop_ids": MAX_HELD_STOP_IDS}
+        widths["logit_bias_ids"] = MAX_LOGIT_BIAS
+        return _columns(widths | dict.fromkeys(_CHUNK_SCALARS + _SAMPLING_INTS + _CHUNK_FLAGS))
+
+    @functools.cached_property
+    def float_columns(self) -> dict[str, slice | int]:
+        return _columns({"logit_bias": MAX_LOGIT_BIAS} | dict.fromkeys(_SAMPLING_FLOATS))
+
+    @property
+    def num_ints(self) -> int:
+        return 3 * self.table_updates + 2 * self.decode_rows + self.chunk_rows * _width(self.int_columns)
+
+    @property
+    def num_floats(self) -> int:
+        return self.chunk_rows * _width(self.float_columns)
+
+    def views(self, ints, floats):
+        """The table updates [K, 3], decode slots and positions [B], chunk rows' ints and floats [R, columns]:
+        numpy views to fill on the host, or the device arrays' slices."""
+        ends = np.cumsum([3 * self.table_updates, self.decode_rows, self.decode_rows])
+        updates, slots, positions = ints[: ends[0]], ints[ends[0] : ends[1]], ints[ends[1] : ends[2]]
+        rows = self.chunk_rows
+        return updates.reshape(-1, 3), slots, positions, ints[ends[2] :].reshape(rows, -1), floats.reshape(rows, -1)
+
+    def unpack(self, ints: jax.Array, floats: jax.Array):
+        """The table updates [K, 3], DecodeRows or None, ChunkRows or None."""
+        updates, slots, positions, chunk_ints, chunk_floats = self.views(ints, floats)
+        decode = DecodeRows(slots, positions) if self.decode_rows else None
+        if not self.chunk_rows:
+            return updates, decode, None
+        column = {name: chunk_ints[:, at] for name, at in self.int_columns.items()}
+        float_column = {name: chunk_floats[:, at] for name, at in self.float_columns.items()}
+        sampling = SamplingBatch(
+            **{name: float_column[name] for name in _SAMPLING_FLOATS},
+            top_k=column["top_k"],
+            seed=jax.lax.bitcast_convert_type(column["seed"], jnp.uint32),
+            min_tokens=column["min_tokens"],
+            logit_bias_ids=column["logit_bias_ids"],
+            logit_bias=float_column["logit_bias"],
+            **{name: column[name] > 0 for name in _CHUNK_FLAGS},
+        )
+        chunks = ChunkRows(
+            tokens=column["tokens"],
+            slots=column["slots"],
+            starts=column["starts"],
+            lengths=column["lengths"],
+            samples=column["samples"] > 0,
+            sampling=sampling,
+            prompt_lengths=column["prompt_lengths"],
+            stop_ids=column["stop_ids"],
+            targets=column["targets"],
+            wants_prompt_logprobs=column["wants_prompt_logprobs"] > 0,
+        )
+        return updates, decode, chunks
+
+    def settings_row(self, sampling: SamplingParams, held_stop_ids=(), num_prompt_tokens: int = 0):
+        """A chunk row's ints and floats holding a request's settings (tokens, slot and position left at 0)."""
+        column, float_column = self.int_columns, self.float_columns
+        ints, floats = np.zeros((_width(column),), np.int32), np.zeros((_width(float_column),), np.float32)
+        ints[column["stop_ids"]] = -1
+        ints[column["stop_ids"]][: len(held_stop_ids)] = held_stop_ids
+        ints[column["logit_bias_ids"]] = NO_TOKEN
+        if sampling.logit_bias:
+            ids, biases = zip(*sampling.logit_bias)
+            ints[column["logit_bias_ids"]][: len(ids)], floats[float_column["logit_bias"]][: len(ids)] = ids, biases
+        for name in _SAMPLING_INTS:
+            ints[column[name]] = np.uint32(getattr(sampling, name)).view(np.int32)  # int32 values keep their bits
+        for name in _SAMPLING_FLOATS:
+            floats[float_column[name]] = getattr(sampling, name)
+        ints[column["wants_logprobs"]] = sampling.logprobs is not None
+        ints[column["processed_logprobs"]] = sampling.logprobs_mode == "processed"
+        ints[column["prompt_lengths"]] = num_prompt_tokens
+        ints[column["wants_prompt_logprobs"]] = sampling.prompt_logprobs is not None
+        return ints, floats
+
+
+_SAMPLING_INTS = ("top_k", "seed", "min_tokens")  # SamplingParams' integers (the seed as its uint32's bits)
+_SAMPLING_FLOATS = ("temperature", "top_p", "presence_penalty", "frequency_penalty", "repetition_penalty")
+_CHUNK_SCALARS = ("slots", "starts", "lengths", "samples", "prompt_lengths", "wants_prompt_logprobs")
+_CHUNK_FLAGS = ("wants_logprobs", "processed_logprobs")
+
+
+def _columns(widths: dict[str, int | None]) -> dict[str, slice | int]:
+    """Consecutive columns of the given widths (None: one column, indexed as a scalar)."""
+    columns, at = {}, 0
+    for name, width in widths.items():
+        columns[name] = at if width is None else slice(at, at + width)
+        at += 1 if width is None else width
+    return columns
+
+
+def _width(columns: dict[str, slice | int]) -> int:
+    last = list(columns.values())[-1]
+    return last + 1 if isinstance(last, int) else last.stop
 
 
 @dataclasses.dataclass(frozen=True, order=True)
@@ -108,7 +224,9 @@ class StepShape:
     width: int
 
     def covers(self, other: "StepShape") -> bool:
-        return self.decode_rows >= other.decode_rows and self.chunk_rows >= other.chunk_rows and self.width >= other.width
+        return (
+            self.decode_rows >= other.decode_rows and self.chunk_rows >= other.chunk_rows and self.width >= other.width
+        )
 
     def cost(self, row_tokens: int) -> tuple[int, int]:
         """Tokens computed, then width: the order in which a fallback program is preferred."""
@@ -117,9 +235,10 @@ class StepShape:
 
 @dataclasses.dataclass(frozen=True)
 class RunnerOutput:
-    """The tokens one step sampled: one per decode row, and one per chunk row (kept only where it samples); their
-    log-probabilities (TokenLogprobs of numpy arrays) when a row of the step asked, else None; and the prompt
-    log-probabilities [R, T] of the chunk rows (position t scores the token after it) when one asked."""
+    """The tokens one step sampled: one per decode row, and one per chunk row (kept only where a chunk
+    samples); their log-probabilities (TokenLogprobs of numpy arrays) when a request of the step asked, else None;
+    and the prompt log-probabilities [R, T] of the chunk rows (position t scores the token after it) when one
+    asked."""
 
     decode_token_ids: np.ndarray
     chunk_token_ids: np.ndarray
@@ -132,30 +251,27 @@ class InFlightStep:
     """A dispatched step: what it was asked to do, and its sampled tokens (and the log-probabilities its
     requests asked for) on their way to the host."""
 
-    def __init__(self, scheduled: SchedulerOutput, epochs: tuple[int, ...], outputs, index: int):
+    def __init__(self, scheduled: SchedulerOutput, shape: "StepShape", epochs: tuple[int, ...], outputs, index: int):
         self.scheduled = scheduled
         self.epochs = epochs  # of decode rows, then chunks, when planned
         self.index = index
-        decode, chunk, prompt = outputs  # SampledTokens, SampledTokens, TokenLogprobs; None where absent
-        sequences = list(scheduled.decode) + [c.seq for c in scheduled.chunks]
-        wants = any(s.request.sampling.logprobs is not None for s in sequences)
+        self._decode_rows = shape.decode_rows
+        sampled, logprobs, prompt = outputs  # [decode rows + chunk rows] tokens and TokenLogprobs; [R, T]
+        wants = any(s.request.sampling.logprobs is not None for s in _sequences(scheduled))
         wants_prompt = any(c.seq.request.sampling.prompt_logprobs is not None for c in scheduled.chunks)
-        self._arrays = [
-            None if decode is None else decode.tokens,
-            None if chunk is None else chunk.tokens,
-            None if decode is None or not wants else decode.logprobs,
-            None if chunk is None or not wants else chunk.logprobs,
-            prompt if wants_prompt else None,
-        ]
+        self._arrays = [sampled, logprobs if wants else None, prompt if wants_prompt else None]
         for array in jax.tree.leaves(self._arrays):
             array.copy_to_host_async()
 
     def result(self) -> RunnerOutput:
         """Blocks until the step has run."""
-        decode, chunk, *logprobs = jax.tree.map(np.asarray, self._arrays)
-        decode = np.zeros((0,), np.int32) if decode is None else decode
-        chunk = np.zeros((0,), np.int32) if chunk is None else chunk
-        return RunnerOutput(decode[: len(self.scheduled.decode)], chunk, *logprobs)
+        sampled, logprobs, prompt = jax.tree.map(np.asarray, self._arrays)
+        decode_logprobs = chunk_logprobs = None
+        if logprobs is not None:
+            decode_logprobs = jax.tree.map(lambda x: x[: self._decode_rows], logprobs)
+            chunk_logprobs = jax.tree.map(lambda x: x[self._decode_rows :], logprobs)
+        decode, chunk = sampled[: len(self.scheduled.decode)], sampled[self._decode_rows :]
+        return RunnerOutput(decode, chunk, decode_logprobs, chunk_logprobs, prompt)
 
 
 class ModelRunner:
@@ -179,8 +295,7 @@ class ModelRunner:
         self.row_tokens = prefill_row_tokens
         self.decode_buckets = [0] + _powers_of_two(max_num_seqs)
         self.chunk_buckets = [0] + _powers_of_two(max_prefill_rows)
-        min_width = -(-prefill_row_tokens // page_size)  # a chunk's rows fit its table
-        self.width_buckets = sorted({min(max(w, min_width), pages_per_seq) for w in _powers_of_two(pages_per_seq)})
+        self.width_buckets = sorted({min(w, pages_per_seq) for w in _powers_of_two(pages_per_seq)})
         # Entries a step can add: a page per decode row; a whole table per admitted sequence (one per row at most).
         self.max_table_updates = max_num_seqs + max_prefill_rows * (pages_per_seq + 1)
         self.num_dispatched = 0
@@ -229,6 +344,10 @@ class ModelRunner:
     def num_compiled(self) -> int:
         return self._programs.num_compiled
 
+    @property
+    def num_compiling(self) -> int:
+        return self._programs.num_compiling
+
     def wait_for_compilations(self) -> None:
         """Blocks until the programs queued for background compilation are ready (benchmarks, tests)."""
         self._programs.wait()
@@ -248,90 +367,77 @@ class ModelRunner:
         return [StepShape(*rows, w) for w in self.width_buckets for rows in ((d, 0), (0, c), (d, c))]
 
     def warmup(self, mode: str, threads: int = 1) -> None:
-        if mode not in WARMUP_MODES:
-            raise ValueError(f"warmup must be one of {WARMUP_MODES}; got {mode!r}")
+        """Compiles the programs of a warm-up mode (one of WARMUP_MODES) before serving."""
         if mode != "none":
             self._programs.compile_all(self.all_shapes() if mode == "all" else self.cover_shapes(), threads)
 
+    def _layout(self, shape: StepShape) -> StepLayout:
+        return StepLayout(shape.decode_rows, shape.chunk_rows, self.row_tokens, self.max_table_updates)
+
     def _compile(self, shape: StepShape):
-        inputs = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), self._inputs(None, shape))
-        return _step.lower(self.params, *self._abstract_state, inputs, width=shape.width).compile()
+        inputs = [jax.ShapeDtypeStruct(x.shape, x.dtype) for x in self._inputs(None, shape)]
+        layout = self._layout(shape)
+        return _step.lower(self.params, *self._abstract_state, *inputs, layout=layout, width=shape.width).compile()
 
     # --- one step ---------------------------------------------------------------------------------------------
 
     def dispatch(self, scheduled: SchedulerOutput) -> InFlightStep:
         """Runs `scheduled` on the device without waiting for it."""
         shape, program = self._programs.get(self.shape_of(scheduled))
-        inputs = self._inputs(scheduled, shape)
+        ints, floats = self._inputs(scheduled, shape)
         epochs = tuple(s.epoch for s in scheduled.decode) + tuple(c.seq.epoch for c in scheduled.chunks)
-        self.pool, self.batch, *outputs = program(self.params, self.pool, self.batch, inputs)
+        self.pool, self.batch, *outputs = program(self.params, self.pool, self.batch, ints, floats)
         self.num_dispatched += 1
-        return InFlightStep(scheduled, epochs, outputs, self.num_dispatched)
+        return InFlightStep(scheduled, shape, epochs, outputs, self.num_dispatched)
 
     def shape_of(self, scheduled: SchedulerOutput) -> StepShape:
         """The smallest buckets holding the step: rows, and pages of its longest sequence."""
         rows = sum(-(-c.num_tokens // self.row_tokens) for c in scheduled.chunks)
-        longest = max(
-            [p + 1 for p in scheduled.decode_positions] + [c.start + c.num_tokens for c in scheduled.chunks]
-        )
+        longest = max([p + 1 for p in scheduled.decode_positions] + [c.start + c.num_tokens for c in scheduled.chunks])
         return StepShape(
             _bucket(len(scheduled.decode), self.decode_buckets),
             _bucket(rows, self.chunk_buckets),
             _bucket(-(-longest // self.page_size), self.width_buckets),
         )
 
-    def _inputs(self, scheduled: SchedulerOutput | None, shape: StepShape) -> StepInputs:
-        """Host arrays of `shape` holding `scheduled` (None: all padding, for compiling)."""
-        padding, dropped = self.num_slots, self.num_slots + 1
-        updates = np.full((self.max_table_updates, 3), (dropped, 0, 0), np.int32)
-        decode = chunks = None
-        if shape.decode_rows:
-            slots = np.full((shape.decode_rows,), padding, np.int32)
-            positions = np.zeros((shape.decode_rows,), np.int32)
-            if scheduled is not None and scheduled.decode:
-                count = len(scheduled.decode)
-                slots[:count] = [s.slot for s in scheduled.decode]
-                positions[:count] = scheduled.decode_positions
-            decode = DecodeRows(slots, positions)
-        if shape.chunk_rows:
-            rows = shape.chunk_rows
-            tokens = np.zeros((rows, self.row_tokens), np.int32)
-            targets = np.zeros((rows, self.row_tokens), np.int32)
-            meta = np.zeros((6, rows), np.int32)  # slot, start, length, samples, prompt length, wants prompt logprobs
-            meta[0] = padding
-            stop_ids = np.full((rows, MAX_HELD_STOP_IDS), -1, np.int32)
-            sampling = [SamplingParams()] * rows
-            row = 0
-            for chunk in () if scheduled is None else scheduled.chunks:
-                seq = chunk.seq
-                request = seq.request
-                for start in range(chunk.start, chunk.start + chunk.num_tokens, self.row_tokens):
-                    length = min(self.row_tokens, chunk.start + chunk.num_tokens - start)
-                    tokens[row, :length] = seq.token_ids[start : start + length]
-                    following = seq.token_ids[start + 1 : start + length + 1]
-                    targets[row, : len(following)] = following
-                    wants_prompt = request.sampling.prompt_logprobs is not None
-                    meta[:, row] = seq.slot, start, length, 0, len(request.prompt_token_ids), wants_prompt
-                    stop_ids[row, : len(seq.held_stop_ids)] = seq.held_stop_ids
-                    sampling[row] = request.sampling
-                    row += 1
-                meta[3, row - 1] = chunk.samples
-            chunks = ChunkRows(
-                tokens, meta[0], meta[1], meta[2], meta[3].astype(bool),
-                SamplingBatch.stack(sampling, logit_bias_width=MAX_LOGIT_BIAS),
-                meta[4], stop_ids, targets, meta[5].astype(bool),
-            )  # fmt: skip
-        if scheduled is not None:
-            entries = [
-                (update.slot, update.first_index + i, page)
-                for update in scheduled.table_updates
-                for i, page in enumerate(update.pages)
-            ]
-            if len(entries) > self.max_table_updates:
-                raise RuntimeError(f"{len(entries)} block-table entries in one step; at most {self.max_table_updates}")
-            if entries:
-                updates[: len(entries)] = entries
-        return StepInputs(updates, decode, chunks)
+    def _inputs(self, scheduled: SchedulerOutput | None, shape: StepShape) -> tuple[np.ndarray, np.ndarray]:
+        """The two host arrays of `shape`'s layout holding `scheduled` (None: all padding, for compiling)."""
+        layout, padding, dropped = self._layout(shape), self.num_slots, self.num_slots + 1
+        ints = np.zeros((layout.num_ints,), np.int32)
+        floats = np.zeros((layout.num_floats,), np.float32)
+        updates, slots, positions, chunk_ints, chunk_floats = layout.views(ints, floats)
+        updates[:, 0] = dropped
+        slots[:] = padding
+        column = layout.int_columns
+        chunk_ints[:], chunk_floats[:] = layout.settings_row(SamplingParams())
+        chunk_ints[:, column["slots"]] = padding
+        if scheduled is None:
+            return ints, floats
+        if scheduled.decode:
+            count = len(scheduled.decode)
+            slots[:count] = [s.slot for s in scheduled.decode]
+            positions[:count] = scheduled.decode_positions
+        row = 0
+        for chunk in scheduled.chunks:
+            seq = chunk.seq
+            request = seq.request
+            settings = layout.settings_row(request.sampling, seq.held_stop_ids, len(request.prompt_token_ids))
+            for start in range(chunk.start, chunk.start + chunk.num_tokens, self.row_tokens):
+                length = min(self.row_tokens, chunk.start + chunk.num_tokens - start)
+                chunk_ints[row], chunk_floats[row] = settings
+                following = seq.token_ids[start + 1 : start + length + 1]
+                chunk_ints[row, column["tokens"]][:length] = seq.token_ids[start : start + length]
+                chunk_ints[row, column["targets"]][: len(following)] = following
+                chunk_ints[row, column["slots"]], chunk_ints[row, column["starts"]] = seq.slot, start
+                chunk_ints[row, column["lengths"]] = length
+                row += 1
+            chunk_ints[row - 1, column["samples"]] = chunk.samples
+        entries = [(u.slot, u.first_index + i, page) for u in scheduled.table_updates for i, page in enumerate(u.pages)]
+        if len(entries) > layout.table_updates:
+            raise RuntimeError(f"{len(entries)} block-table entries in one step; at most {layout.table_updates}")
+        if entries:
+            updates[: len(entries)] = entries
+        return ints, floats
 
     def chunk_rows(self, scheduled: SchedulerOutput) -> list[range]:
         """The step's chunk rows holding each chunk, in order (its last one samples)."""
@@ -339,20 +445,23 @@ class ModelRunner:
         return [range(start, end) for start, end in zip([0] + ends, ends)]
 
 
-@functools.partial(jax.jit, static_argnames=("width",), donate_argnames=("pool", "batch"))
-def _step(params: Params, pool: PagedKVCache, batch: DeviceBatch, inputs: StepInputs, *, width: int):
+def _sequences(scheduled: SchedulerOutput):
+    return itertools.chain(scheduled.decode, (chunk.seq for chunk in scheduled.chunks))
+
+
+@functools.partial(jax.jit, static_argnames=("layout", "width"), donate_argnames=("pool", "batch"))
+def _step(params: Params, pool: PagedKVCache, batch: DeviceBatch, ints, floats, *, layout: StepLayout, width: int):
     """One engine step: decode rows and prompt-chunk rows over the one pool, sampling on the device.
 
-    Returns the pool, the batch, the decode rows' and the chunk rows' SampledTokens (None where the step has no
-    such rows) and the chunk rows' prompt TokenLogprobs [R, T] (None without chunk rows)."""
+    Returns the pool, the batch, the tokens sampled for the decode rows, then the chunk rows, with their
+    TokenLogprobs, and the chunk rows' prompt TokenLogprobs [R, T] (None without chunk rows)."""
+    updates, decode, chunks = layout.unpack(ints, floats)
     dropped = batch.tokens.shape[0]  # one past the padding slot: scatters there are dropped
-    slots, indices, pages = inputs.table_updates.T
-    tables = batch.tables.at[slots, indices].set(pages, mode="drop")
+    tables = batch.tables.at[updates[:, 0], updates[:, 1]].set(updates[:, 2], mode="drop")
     tokens, sampling, prompt_lengths, stop_ids, history = (
         batch.tokens, batch.sampling, batch.prompt_lengths, batch.stop_ids, batch.history
     )  # fmt: skip
-    decoded = sampled_chunks = prompt = None
-    chunks = inputs.chunks
+    sampled, prompt = [], None
     if chunks is not None:
         owned = jnp.where(chunks.lengths > 0, chunks.slots, dropped)
 
@@ -367,13 +476,13 @@ def _step(params: Params, pool: PagedKVCache, batch: DeviceBatch, inputs: StepIn
         offsets = jnp.arange(chunks.tokens.shape[1])[None, :]
         generated = chunks.starts[:, None] + offsets >= chunks.prompt_lengths[:, None]
         history = history.record(owned, chunks.tokens, generated, offsets < chunks.lengths[:, None])
-    if inputs.decode is not None:
-        rows = inputs.decode
-        cache = dataclasses.replace(pool, block_tables=tables[rows.slots, :width])
-        state, logits = decode_step(params, DecodeState(cache=cache, lengths=rows.positions), tokens[rows.slots])
-        decoded, history = _sample(logits, rows.slots, state.lengths, sampling, prompt_lengths, stop_ids, history)
-        tokens = tokens.at[jnp.where(rows.slots < dropped - 1, rows.slots, dropped)].set(decoded.tokens, mode="drop")
+    if decode is not None:
+        cache = dataclasses.replace(pool, block_tables=tables[decode.slots, :width])
+        state, logits = decode_step(params, DecodeState(cache=cache, lengths=decode.positions), tokens[decode.slots])
+        drawn, history = _sample(logits, decode.slots, state.lengths, sampling, prompt_lengths, stop_ids, history)
+        tokens = tokens.at[jnp.where(decode.slots < dropped - 1, decode.slots, dropped)].set(drawn.tokens, mode="drop")
         pool = state.cache
+        sampled.append(drawn)
     if chunks is not None:
         cache = dataclasses.replace(pool, block_tables=tables[chunks.slots, :width])
         state, hidden = prefill_hidden(
@@ -381,19 +490,19 @@ def _step(params: Params, pool: PagedKVCache, batch: DeviceBatch, inputs: StepIn
         )
         logits = lm_head(params, last_positions(hidden, chunks.lengths))
         sampling_slots = jnp.where(chunks.samples, chunks.slots, dropped)
-        sampled_chunks, history = _sample(
-            logits, sampling_slots, state.lengths, sampling, prompt_lengths, stop_ids, history
-        )
-        tokens = tokens.at[sampling_slots].set(sampled_chunks.tokens, mode="drop")
+        drawn, history = _sample(logits, sampling_slots, state.lengths, sampling, prompt_lengths, stop_ids, history)
+        tokens = tokens.at[sampling_slots].set(drawn.tokens, mode="drop")
         prompt = jax.lax.cond(
             jnp.any(chunks.wants_prompt_logprobs),
             lambda: prompt_logprobs(params, hidden, chunks.targets),
             lambda: no_logprobs(chunks.tokens.shape, params.config.vocab_size),
         )
         pool = state.cache
+        sampled.append(drawn)
     pool = dataclasses.replace(pool, block_tables=jnp.zeros((1, 1), jnp.int32))
     batch = DeviceBatch(tables, tokens, sampling, prompt_lengths, stop_ids, history)
-    return pool, batch, decoded, sampled_chunks, prompt
+    sampled = jax.tree.map(lambda *rows: jnp.concatenate(rows), *sampled)
+    return pool, batch, sampled.tokens, sampled.logprobs, prompt
 
 
 def _sample(logits, slots, positions, sampling, prompt_lengths, stop_ids, history):
@@ -452,6 +561,10 @@ class _Programs:
             return shape, program
         best = min(covering, key=lambda s: s.cost(self._row_tokens))
         return best, self._ready[best]
+
+    @property
+    def num_compiling(self) -> int:
+        return sum(not future.done() for future in list(self._queued.values()))
 
     def wait(self) -> None:
         """Until the background compilations queued so far are done."""

@@ -41,6 +41,7 @@ class Sequence:
     held_stop_ids: tuple[int, ...] = ()  # with min_tokens: its stop ids (EOS included), held back until then
     shares_prefix: bool = True  # may start on cached pages (not with penalties or prompt logprobs: see _admit)
     slot: int | None = None  # its row in the device batch while running
+    capacity: int = 0  # tokens its pages hold
     num_computed: int = 0  # tokens whose keys and values the planned steps write
     num_pending: int = 0  # sampled tokens not read back yet
     on_device: bool = False  # its last token is in its device slot: it decodes from there
@@ -48,6 +49,7 @@ class Sequence:
     proven: bool = False  # a step of it has run: a failing step is not its fault if it holds a newer one
     suspect: bool = False  # new in a failed step beside other new ones: admitted as the only new one of a step
     failures: int = 0  # failed steps it was in without a single new request to blame
+    cached_through: int = 0  # tokens in pages registered in the prefix cache: the next registration is a page on
     finished: bool = False
     state: object = None  # the output processor's per-sequence state
 
@@ -145,18 +147,20 @@ class Scheduler:
         updates: list[TableUpdate] = []
         preempted_before = self.num_preemptions
         decode, positions, chunks = [], [], []
-        decoding = sum(1 for s in self.running if s.decoding and s.num_tokens < s.max_num_tokens)
-        for seq in list(self.running):
+        running = list(self.running)
+        decoding = sum(1 for s in running if s.decoding and s.num_tokens < s.max_num_tokens)
+        for seq in running:  # the hot loop at large batches: plain attributes, pages only at page boundaries
             if seq.slot is None:
                 continue  # preempted in this pass
-            if seq.decoding:
-                if seq.num_tokens >= seq.max_num_tokens:
+            computed = seq.num_computed
+            if seq.on_device and computed == len(seq.token_ids) + seq.num_pending - 1:  # decoding
+                if computed + 1 >= seq.max_num_tokens:
                     continue  # every token it may have is sampled; it finishes when they are read back
                 decoding -= 1
-                if self._grow(seq, seq.num_computed + 1, updates):
+                if computed < seq.capacity or self._grow(seq, computed + 1, updates):
                     decode.append(seq)
-                    positions.append(seq.num_computed)
-                    seq.num_computed += 1
+                    positions.append(computed)
+                    seq.num_computed = computed + 1
                     seq.num_pending += 1
                     budget -= 1
                 continue
@@ -212,7 +216,10 @@ class Scheduler:
         self.waiting.popleft()
         seq.slot = self._free_slots.pop()
         bisect.insort(self.running, seq, key=lambda s: s.order)
-        updates.append(TableUpdate(seq.slot, 0, tuple(self.kv_cache.block_table(seq_id))))
+        table = self.kv_cache.block_table(seq_id)
+        updates.append(TableUpdate(seq.slot, 0, tuple(table)))
+        seq.capacity = len(table) * self.kv_cache.page_size
+        seq.cached_through = seq.num_computed  # the shared pages
         return True
 
     def _grow(self, seq: Sequence, num_tokens: int, updates: list[TableUpdate]) -> bool:
@@ -227,6 +234,7 @@ class Scheduler:
                 return False
         if added:
             updates.append(TableUpdate(seq.slot, before, tuple(added)))
+            seq.capacity = (before + len(added)) * self.kv_cache.page_size
         return True
 
     # --- changes of state ----------------------------------------------------------------------------------
@@ -254,10 +262,13 @@ class Scheduler:
         self.running.remove(seq)
         self.kv_cache.release(seq.request_id)
         self._free_slots.append(seq.slot)
-        seq.slot = None
+        seq.slot, seq.capacity = None, 0
 
     def cache_prefix(self, seq: Sequence, epoch: int, num_computed: int) -> None:
         """Registers seq's full pages among its first `num_computed` tokens (written by a step planned in
         `epoch`, their token ids all read back) in the prefix cache."""
-        if self.prefix_caching and seq.epoch == epoch and seq.slot is not None:
+        if seq.epoch != epoch or seq.slot is None:
+            return  # preempted since: those pages are no longer its
+        if self.prefix_caching:
             self.kv_cache.cache_prefix(seq.request_id, seq.token_ids, num_computed)
+        seq.cached_through = num_computed - num_computed % self.kv_cache.page_size

@@ -11,11 +11,12 @@ CPU_DEVICES = 4
 if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
     os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={CPU_DEVICES}"
 
-import zlib  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
+from seeding import seed_of  # noqa: E402
+from parity_report import print_parity_table  # noqa: E402
 from suite_guard import OUTCOMES  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
@@ -32,7 +33,7 @@ def gpl_text() -> str:
 @pytest.fixture
 def rng(request) -> np.random.Generator:
     """The test's own generator, seeded by its id: the same inputs on every run, whatever ran before it."""
-    return np.random.default_rng(zlib.crc32(request.node.nodeid.encode()))
+    return np.random.default_rng(seed_of(request.node.nodeid))
 
 
 @pytest.hookimpl(wrapper=True)
@@ -42,3 +43,8 @@ def pytest_runtest_makereport(item, call):
     if report.when == "call" or (report.when == "setup" and report.outcome != "passed"):
         item.config.stash.setdefault(OUTCOMES, {})[item.nodeid] = report.outcome
     return report
+
+
+def pytest_terminal_summary(terminalreporter, config):
+    """After the run: the per-family logit errors against transformers (tests/test_families.py)."""
+    print_parity_table(terminalreporter)

@@ -10,12 +10,6 @@ from pallas_kernels.paged_attention import pack_kv_codes
 from qoq_jax.quant import quantize_kv
 
 
-def fresh_rng() -> tuple[np.random.Generator, int]:
-    """A generator with a fresh seed, returned for the failure message."""
-    seed = int(np.random.SeedSequence().entropy % 2**63)
-    return np.random.default_rng(seed), seed
-
-
 def make_pools(rng, bits, *, num_kv_heads, head_dim, num_pages, page_size, dtype=jnp.float32):
     """K and V pools of random tokens quantized as the cache writes them: (codes, scale, zero) each. Keys get
     an offset per channel and heads get different ranges, so zeros and scales vary as in a real model."""
@@ -44,29 +38,33 @@ def row_tokens(codes, scale, zero, table_row, *, bits) -> np.ndarray:
     return pages.reshape(pages.shape[0], -1, pages.shape[-1])
 
 
-def float64_softmax_attention(q_hd, keys_hsd, values_hsd) -> np.ndarray:
-    """One query [Hq, D] over keys and values [Hkv, S, D] (GQA), float64; zeros when S is 0."""
+def float64_softmax_attention(q_hd, keys_hsd, values_hsd, *, sm_scale=None, softcap=None) -> np.ndarray:
+    """One query [Hq, D] over keys and values [Hkv, S, D] (GQA), float64, logits scaled by sm_scale (default
+    head_dim^−½) and soft-capped as softcap·tanh(x / softcap) if given; zeros when S is 0."""
     num_heads, head_dim = q_hd.shape
     group = num_heads // keys_hsd.shape[0]
     out = np.zeros((num_heads, head_dim))
     if keys_hsd.shape[1] == 0:
         return out
     for h in range(num_heads):
-        logits = keys_hsd[h // group] @ q_hd[h] / np.sqrt(head_dim)
+        logits = keys_hsd[h // group] @ q_hd[h] * (head_dim**-0.5 if sm_scale is None else sm_scale)
+        if softcap is not None:
+            logits = softcap * np.tanh(logits / softcap)
         weights = np.exp(logits - logits.max())
         out[h] = weights @ values_hsd[h // group] / weights.sum()
     return out
 
 
-def poison_unread(pool, tables, ends, page_size):
-    """The (codes, scale, zero) pool with NaN in every slot no row reads (row b reads its first ends[b] tokens
-    through tables[b]; out-of-range table entries read nothing): in the values at 16 bits, else in the scale
-    and zero. A kernel that lets an unread slot reach its output returns NaN."""
+def poison_unread(pool, tables, ends, page_size, begins=None):
+    """The (codes, scale, zero) pool with NaN in every slot no row reads (row b reads its tokens begins[b] (default
+    0) … ends[b] − 1 through tables[b]; out-of-range table entries read nothing): in the values at 16 bits, else in
+    the scale and zero. A kernel that lets an unread slot reach its output returns NaN."""
     codes, scale, zero = (None if x is None else np.array(x) for x in pool)
     num_pages = codes.shape[1]
     read = np.zeros((num_pages, page_size), bool)
-    for row, end in zip(np.asarray(tables), np.asarray(ends)):
-        for token in range(int(end)):
+    begins = np.zeros(len(np.asarray(ends)), int) if begins is None else np.asarray(begins)
+    for row, begin, end in zip(np.asarray(tables), begins, np.asarray(ends)):
+        for token in range(int(begin), int(end)):
             page = row[token // page_size]
             if 0 <= page < num_pages:
                 read[page, token % page_size] = True

@@ -21,8 +21,9 @@ RECIPE = {"name": "qoq-rtn", "parameters": {"seed": 3, "ratios": [0.9, 1.0]}, "s
 TEXT = "This program is free software: you can redistribute it"
 
 
-def make_params(name: str, dtype: str, quant: QuantFormat | None, tokenizer=None, seed: int = 0):
+def make_params(name: str, dtype: str, quant: QuantFormat | None, tokenizer=None, seed: int = 0, **changes):
     config = qoq_jax.ModelConfig.from_hf(TINY_CONFIGS[name]().to_dict())
+    config = dataclasses.replace(config, **changes)
     return qoq_jax.init_params(config, dtype=dtype, seed=seed, tokenizer=tokenizer, quant=quant)
 
 
@@ -39,17 +40,21 @@ def tokenizer(gpl_text):
 
 
 @pytest.mark.parametrize(
-    "name, dtype, quant",
+    "name, dtype, quant, changes",
     [
-        ("llama_quantizable", "float32", None),
-        ("qwen2_quantizable_tied", "bfloat16", None),
-        ("llama_quantizable", "float32", QuantFormat("w4a8-g128", group_size=64)),
-        ("qwen2_quantizable_tied", "bfloat16", QuantFormat("w4a8-chn")),
-        ("llama_quantizable", "bfloat16", QuantFormat("w8a8", kv_bits=8)),
+        ("llama_quantizable", "float32", None, {}),
+        ("qwen2_quantizable_tied", "bfloat16", None, {}),
+        ("llama_quantizable", "float32", QuantFormat("w4a8-g128", group_size=64), {}),
+        ("qwen2_quantizable_tied", "bfloat16", QuantFormat("w4a8-chn"), {}),
+        ("llama_quantizable", "bfloat16", QuantFormat("w8a8", kv_bits=8), {}),
+        # Gemma 3 as QoQ leaves it (per-head q/k norms, post-norms, local rope, the online rotation's factors) and
+        # Phi-4-mini's LongRoPE factors: every config field and parameter kind survives the round trip.
+        ("gemma3_quantizable", "float32", None, {"input_rotation": (16, 8)}),
+        ("phi4_mini_quantizable", "float32", None, {}),
     ],
 )
-def test_round_trip_is_exact(name, dtype, quant, tokenizer, tmp_path):
-    params = make_params(name, dtype, quant, tokenizer)
+def test_round_trip_is_exact(name, dtype, quant, changes, tokenizer, tmp_path):
+    params = make_params(name, dtype, quant, tokenizer, **changes)
     path = qoq_jax.save_checkpoint(params, tmp_path / "ckpt", recipe=RECIPE)
     assert is_checkpoint(path) and not list(tmp_path.glob("*.tmp-*"))
 

@@ -33,6 +33,10 @@ MODEL_NAMES = (
     "qwen2_bias_tied",
     "llama_head_dim_24_mqa_bias",
     "llama_hidden_72_head_dim_20",
+    "qwen3",  # q/k norms take SmoothAttention's scales
+    "gemma2",  # (1 + w) norms, post-norms: the inputs of the linears rotate online
+    "gemma3",  # both, and q/k norms with (1 + w)
+    "phi4_mini_longrope",  # partial rotary: only the rotating channels pair up
 )
 
 
@@ -41,8 +45,8 @@ def random_weights(config: ModelConfig, rng: np.random.Generator) -> dict:
     flat = {}
     for path, shape in expected_shapes(config).items():
         kind = path[-1]
-        if kind == "weight":  # RMSNorm γ
-            value = rng.normal(1.0, 0.3, shape)
+        if kind == "weight":  # RMSNorm γ (stored as γ − offset)
+            value = rng.normal(1.0, 0.3, shape) - config.norm_weight_offset
         elif kind == "bias":
             value = rng.normal(0.0, 0.3, shape)
         elif kind == "kernel":
@@ -100,6 +104,10 @@ def rotate_residual(weights, config, rng):
     return equivalence.rotate_residual(weights, config), config
 
 
+def rotate_block_inputs(weights, config, rng):
+    return equivalence.rotate_block_inputs(weights, config)
+
+
 def rotate_value_heads(weights, config, rng):
     return equivalence.rotate_value_heads(weights, config), config
 
@@ -128,9 +136,15 @@ def smooth_down(weights, config, rng):
     return per_layer(weights, smooth_layer), config
 
 
-CHAIN = (untie, fold, rotate_residual, rotate_value_heads, reorder, smooth_attention, smooth_down)
-# What each step needs done first (folding needs an untied head; the rotation needs folded norms).
-PREREQUISITES = {fold: (untie,), rotate_residual: (untie, fold)}
+# What each step needs done first (the rotations need folded norms, the residual one an untied head).
+PREREQUISITES = {rotate_residual: (untie, fold), rotate_block_inputs: (fold,)}
+
+
+def chain(config: ModelConfig) -> tuple:
+    """QoQ's order: post-norm models rotate their block inputs online, the others the residual stream."""
+    if config.post_norms:
+        return (fold, rotate_block_inputs, rotate_value_heads, reorder, smooth_attention, smooth_down)
+    return (untie, fold, rotate_residual, rotate_value_heads, reorder, smooth_attention, smooth_down)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -157,7 +171,15 @@ def run(steps, weights, config, rng):
     return weights, config
 
 
-@pytest.mark.parametrize("step", CHAIN, ids=lambda step: step.__name__)
+# Each model's own chain, and the online rotation on one model without post-norms (a non-power-of-two hidden).
+STEP_CASES = [(name, step) for name in MODEL_NAMES for step in chain(_config(name))] + [
+    ("llama_hidden_72_head_dim_20", rotate_block_inputs)
+]
+
+
+@pytest.mark.parametrize(
+    "model, step", STEP_CASES, indirect=["model"], ids=[f"{name}-{step.__name__}" for name, step in STEP_CASES]
+)
 def test_each_transform_keeps_the_logits(model, step):
     rng = np.random.default_rng(206)
     prepared, prepared_config = run(PREREQUISITES.get(step, ()), model.weights, model.config, rng)
@@ -171,10 +193,24 @@ def test_each_transform_keeps_the_logits(model, step):
 
 def test_the_whole_chain_keeps_the_logits_and_its_input(model):
     snapshot = {path: array.copy() for path, array in flatten(model.weights).items()}
-    new_weights, new_config = run(CHAIN, model.weights, model.config, np.random.default_rng(207))
-    assert not new_config.tie_word_embeddings
+    new_weights, new_config = run(chain(model.config), model.weights, model.config, np.random.default_rng(207))
+    assert new_config.tie_word_embeddings == (model.config.tie_word_embeddings and model.config.post_norms)
+    assert (new_config.input_rotation is not None) == model.config.post_norms
     assert all(np.array_equal(array, snapshot[path]) for path, array in flatten(model.weights).items())
     assert_same_function(model, new_config, new_weights)
+
+
+def test_a_hidden_size_without_buildable_hadamard_factors_is_refused_by_name():
+    with pytest.raises(UnsupportedModelError, match="hidden size 3328 has no factorization"):  # 52·64, 13·256
+        equivalence.rotation_factors(3328)
+
+
+def test_residual_rotation_refuses_post_norms():
+    config = _config("gemma2")
+    weights = random_weights(config, np.random.default_rng(216))
+    untied, untied_config = equivalence.untie_embeddings(weights, config)
+    with pytest.raises(ValueError, match="post-norms.*rotate_block_inputs"):
+        equivalence.rotate_residual(equivalence.fold_norms(untied, untied_config), untied_config)
 
 
 def test_rotation_refuses_unfolded_norms_and_tied_embeddings():
@@ -185,8 +221,50 @@ def test_rotation_refuses_unfolded_norms_and_tied_embeddings():
     untied, untied_config = equivalence.untie_embeddings(weights, config)
     with pytest.raises(ValueError, match="folded norms"):
         equivalence.rotate_residual(untied, untied_config)
-    with pytest.raises(ValueError, match="untie"):
-        equivalence.fold_norms(weights, config)
+    with pytest.raises(ValueError, match="folded norms"):
+        equivalence.rotate_block_inputs(weights, config)
+    # A tied head keeps its final norm (the shared embedding cannot carry γ); the blocks' norms fold.
+    folded = equivalence.fold_norms(weights, config)
+    np.testing.assert_array_equal(folded["norm"]["weight"], weights["norm"]["weight"])
+    assert np.all(folded["layers"][0]["input_layernorm"]["weight"] == 1.0)
+
+
+@pytest.mark.parametrize("name", ["qwen3", "gemma3"])
+def test_smooth_attention_scales_the_qk_norms_not_the_projections(name):
+    """With q/k norms before RoPE a scale on k_proj's output would be normalized away: λ goes into the norms'
+    per-head γ (offset included) and the projections stay as they were."""
+    config = _config(name)
+    rng = np.random.default_rng(218)
+    layer = random_weights(config, rng)["layers"][0]
+    k_absmax = rng.uniform(0.05, 5.0, config.num_kv_heads * config.head_dim)
+    smoothed, lam = equivalence.smooth_attention(layer, config, k_absmax)
+    attention, original = smoothed["self_attn"], layer["self_attn"]
+    for proj in ("q_proj", "k_proj"):
+        np.testing.assert_array_equal(attention[proj]["kernel"], original[proj]["kernel"])
+    offset = config.norm_weight_offset
+    lam_kv = lam.reshape(config.num_kv_heads, config.head_dim)
+    np.testing.assert_allclose(
+        attention["k_norm"]["weight"] + offset, (original["k_norm"]["weight"] + offset) / lam_kv, rtol=1e-5
+    )
+    np.testing.assert_allclose(
+        attention["q_norm"]["weight"] + offset,
+        (original["q_norm"]["weight"] + offset) * np.repeat(lam_kv, config.num_groups, axis=0),
+        rtol=1e-5,
+    )
+
+
+def test_partial_rotary_pairs_only_the_rotating_channels():
+    """Phi-4-mini rotates 12 of 16 channels: pairs (j, j + 6) for j < 6 share λ, channels 12..15 keep their own."""
+    config = _config("phi4_mini_longrope")
+    h, rotary = config.head_dim, config.rope.rotary_dim(config.head_dim)
+    layer = random_weights(config, np.random.default_rng(219))["layers"][0]
+    k_absmax = np.random.default_rng(220).uniform(0.05, 5.0, config.num_kv_heads * h)
+    _, lam = equivalence.smooth_attention(layer, config, k_absmax)
+    per_head, k_max = lam.reshape(-1, h), k_absmax.reshape(-1, h)
+    half = rotary // 2
+    np.testing.assert_allclose(per_head[:, :half], np.sqrt(np.maximum(k_max[:, :half], k_max[:, half:rotary])))
+    np.testing.assert_allclose(per_head[:, half:rotary], per_head[:, :half])
+    np.testing.assert_allclose(per_head[:, rotary:], np.sqrt(k_max[:, rotary:]))
 
 
 def test_transforms_keep_dtype_and_array_kind():
@@ -251,6 +329,16 @@ def test_smoothing_scales_fall_back_to_one():
 def test_down_proj_permutation_is_a_stable_ascending_sort():
     stats = np.array([3.0, 1.0, 2.0, 1.0, 0.5])
     np.testing.assert_array_equal(equivalence.down_proj_permutation(stats), [4, 1, 3, 2, 0])
+
+
+@pytest.mark.parametrize("n", [64, 72, 576, 1152, 2304, 3072, 3584, 5376])  # 5376: Gemma 3 27B, 84·64
+def test_rotation_factors_are_sign_matrices_whose_kronecker_product_is_orthogonal(n):
+    """kron(A, B)/√n is orthogonal exactly when A·Aᵀ = p·I and B·Bᵀ = q·I."""
+    outer, inner = equivalence.rotation_factors(n)
+    (p, _), (q, _) = outer.shape, inner.shape
+    assert p * q == n and set(np.unique(outer)) | set(np.unique(inner)) <= {-1.0, 1.0}
+    np.testing.assert_array_equal(outer @ outer.T, p * np.eye(p))
+    np.testing.assert_array_equal(inner @ inner.T, q * np.eye(q))
 
 
 HADAMARD_ORDERS = sorted(

@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from paged_pools import fresh_rng
+from seeding import seeded_rng
 from tiny_models import TINY_CONFIGS
 
 import qoq_jax
@@ -119,7 +119,7 @@ def test_every_way_into_the_cache_gives_the_one_shot_logits(params):
     tables give them, the fifth row computing only its suffix over row 0's pages (a prefix-cache hit). Three
     greedy decode steps give the logits of recomputing prompt + generated tokens as after a preemption, at once
     and as a chunk over the pages."""
-    rng, seed = fresh_rng()
+    rng, seed = seeded_rng()
     prompts, tokens, lengths = _prompts(rng, params.config.vocab_size)
     batch, shared = len(prompts), 2 * PAGE_SIZE
     _, one_shot, decoded, generated = _prefill_and_decode(params, tokens, lengths, 3)
@@ -172,7 +172,7 @@ def test_every_way_into_the_cache_gives_the_one_shot_logits(params):
 def test_generate_is_prefill_plus_decode(params):
     """`generate` samples the greedy tokens of one-shot prefill + decode steps (whose logits the test above
     ties to every other way into the cache)."""
-    rng, seed = fresh_rng()
+    rng, seed = seeded_rng()
     prompts, tokens, lengths = _prompts(rng, params.config.vocab_size)
     _, logits, decoded, generated = _prefill_and_decode(params, tokens, lengths, 3)
     completions = qoq_jax.generate(params, prompts, max_new_tokens=4, ignore_eos=True)
@@ -186,7 +186,7 @@ def test_padding_rows_write_nothing_and_leave_real_rows_alone(params):
     two chunks and three decode steps: the real rows' logits are bit for bit those of a run whose every other
     page holds random codes and NaN, the padding rows' logits are finite, and no page but the real rows' changes.
     (The shapes are the chunked steps' above, so the compiled chunk program is shared.)"""
-    rng, seed = fresh_rng()
+    rng, seed = seeded_rng()
     batch, num_pages = 5, 5 * (MAX_LENGTH // PAGE_SIZE) + 3
     tables = np.full((batch, STEP_PAGES), num_pages, np.int32)
     owned = rng.permutation(num_pages)[: 2 * STEP_PAGES]

@@ -11,6 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from cuda_lowering import lowering_test
+from seeding import seeded_rng
 from tiny_models import TINY_CONFIGS, sharp_tiny_llama
 
 import qoq_jax
@@ -28,11 +29,6 @@ from qoq_jax.quant import dequantize_kv, quantize_kv
 from qoq_jax.steps import DecodeState
 
 
-def _fresh_rng() -> tuple[np.random.Generator, int]:
-    seed = int(np.random.SeedSequence().entropy % 2**63)
-    return np.random.default_rng(seed), seed
-
-
 def _config(name="llama"):
     return qoq_jax.ModelConfig.from_hf(TINY_CONFIGS[name]().to_dict())
 
@@ -41,7 +37,7 @@ def _config(name="llama"):
 def test_writes_then_reads_reproduce_the_quantized_values(bits):
     """Prompt tokens land in their rows' pages as quantize→dequantize of their keys and values; padding tokens
     and tokens past a row's table are dropped, and no other page changes."""
-    rng, seed = _fresh_rng()
+    rng, seed = seeded_rng()
     config = _config()
     page_size, batch, length = 4, 3, 10
     tables = jnp.asarray(rng.permutation(12)[:9].reshape(batch, 3), jnp.int32)  # 12 pages: 3 never used
@@ -83,7 +79,7 @@ def _rounding(logits) -> float:
 def test_generation_through_the_pages_equals_the_cache_free_model(sharp_params):
     """Greedy decoding through an fp32 KV16 pool of 8-token pages (several pages, a partial last one) gives, at
     every step, the logits the cache-free `forward` gives on the whole generated sequence."""
-    rng, seed = _fresh_rng()
+    rng, seed = seeded_rng()
     prompts = [list(rng.integers(3, 300, n)) for n in (5, 13)]
     tokens = np.zeros((2, 16), np.int32)
     for i, p in enumerate(prompts):
@@ -106,7 +102,7 @@ def test_generation_through_the_pages_equals_the_cache_free_model(sharp_params):
 def test_prefill_into_a_shared_pool_matches_a_private_cache():
     """The serving path: rows on scattered pages of one pool (the allocator's tables) decode exactly as rows on
     their own fresh pages, at KV4, and the pages of rows not in the batch stay untouched."""
-    rng, seed = _fresh_rng()
+    rng, seed = seeded_rng()
     config = _config()
     params = qoq_jax.init_params(config, seed=3, quant=qoq_jax.QuantFormat("w8a8", kv_bits=4))
     tokens = jnp.asarray(rng.integers(3, 300, (2, 16)), jnp.int32)
@@ -148,7 +144,7 @@ def test_prefill_into_a_shared_pool_matches_a_private_cache():
 def test_decoding_past_the_table_writes_nothing():
     """Inside a jit, a row whose table is full drops its new token instead of overwriting a page (its own or
     another row's); called eagerly the step refuses it (tests/test_validation.py)."""
-    rng, _ = _fresh_rng()
+    rng, _ = seeded_rng()
     params = qoq_jax.init_params(_config(), seed=2)
     tokens = jnp.asarray(rng.integers(3, 300, (2, 8)), jnp.int32)
     state, logits = qoq_jax.prefill(params, tokens, max_length=8, page_size=8)
@@ -247,7 +243,7 @@ def test_quantized_chunked_prefill_lowers_for_cuda_through_the_kernels():
 def test_chunked_prefill_equals_one_prefill(sharp_params):
     """A prompt prefilled in chunks of 5, 7 and the rest (padded to a 16-token block, as an engine's buckets
     are) through an fp32 KV16 pool gives the logits of prefilling it at once, then decodes the same."""
-    rng, seed = _fresh_rng()
+    rng, seed = seeded_rng()
     prompt = jnp.asarray(rng.integers(3, 300, (1, 21)), jnp.int32)
     whole_state, whole = qoq_jax.prefill(sharp_params, prompt, max_length=32, page_size=8)
     cache = PagedKVCache.for_batch(sharp_params.config, 1, 32, page_size=8, dtype=jnp.float32, kv_bits=16)

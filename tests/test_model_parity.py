@@ -1,4 +1,5 @@
-"""qoq_jax against transformers on tiny random models of every supported family, in float32."""
+"""qoq_jax against transformers on tiny random models of the Llama family (Llama, Mistral, Qwen2), in float32; the
+other families (Qwen3, Gemma, Phi) are checked in test_families.py."""
 
 from __future__ import annotations
 
@@ -17,7 +18,10 @@ def relative_error(ours, reference) -> float:
     return float(np.max(np.abs(np.asarray(ours) - reference)) / np.max(np.abs(reference)))
 
 
-@pytest.fixture(scope="module", params=sorted(TINY_CONFIGS))
+LLAMA_FAMILY = sorted(name for name in TINY_CONFIGS if name.startswith(("llama", "mistral", "qwen2")))
+
+
+@pytest.fixture(scope="module", params=LLAMA_FAMILY)
 def pair(request, tmp_path_factory):
     """(transformers model, qoq_jax params loaded from its saved safetensors)."""
     hf_model = build_hf_model(request.param, seed=len(request.param))

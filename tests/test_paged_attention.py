@@ -18,12 +18,14 @@ from cuda_lowering import lower_for_cuda, lowering_test, triton_module_text
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
-from paged_pools import float64_softmax_attention, fresh_rng, make_pools, poison_unread, row_tokens, scribble_past
+from paged_pools import float64_softmax_attention, make_pools, poison_unread, row_tokens, scribble_past
+from seeding import seeded_rng
 from suite_guard import assert_every_test_ran_and_passed
 
 from pallas_kernels.paged_attention import (
     DecodeAttentionBlockSizes,
     code_width,
+    decode_walk,
     pack_kv_codes,
     paged_decode_attention,
     paged_decode_attention_reference,
@@ -48,13 +50,14 @@ def make_case(rng, bits, *, batch_lengths, num_heads, num_kv_heads, head_dim, dt
     return args + (k_scale, k_zero, v_scale, v_zero)
 
 
-def float64_attention(q, k, v, tables, lengths, k_scale, k_zero, v_scale, v_zero, *, bits):
-    """Independent float64 numpy attention over each row's dequantized pages."""
+def float64_attention(q, k, v, tables, lengths, k_scale, k_zero, v_scale, v_zero, *, bits, window=None, **options):
+    """Independent float64 numpy attention over each row's dequantized pages (its last `window` tokens)."""
     rows = []
     for b, n in enumerate(np.asarray(lengths)):
-        keys = row_tokens(k, k_scale, k_zero, tables[b], bits=bits)[:, :n]
-        values = row_tokens(v, v_scale, v_zero, tables[b], bits=bits)[:, :n]
-        rows.append(float64_softmax_attention(np.asarray(q[b], np.float64), keys, values))
+        first = 0 if window is None else max(0, n - window)
+        keys = row_tokens(k, k_scale, k_zero, tables[b], bits=bits)[:, first:n]
+        values = row_tokens(v, v_scale, v_zero, tables[b], bits=bits)[:, first:n]
+        rows.append(float64_softmax_attention(np.asarray(q[b], np.float64), keys, values, **options))
     return np.stack(rows)
 
 
@@ -77,7 +80,7 @@ class TestPagedDecodeAttention:
     @pytest.mark.parametrize("bits", [4, 8, 16])
     @pytest.mark.parametrize("head_dim, num_heads, num_kv_heads", HEAD_SHAPES)
     def test_kernel_matches_reference(self, bits, head_dim, num_heads, num_kv_heads):
-        rng, seed = fresh_rng()
+        rng, seed = seeded_rng()
         lengths = list(LENGTHS) + [int(rng.integers(1, 6 * PAGE_SIZE))]
         args = make_case(
             rng, bits, batch_lengths=lengths, num_heads=num_heads, num_kv_heads=num_kv_heads, head_dim=head_dim
@@ -92,7 +95,7 @@ class TestPagedDecodeAttention:
     def test_splits_and_empty_rows(self, num_splits):
         """Any split count gives the same result; a row of length 0 gets zeros, not NaN; a length past the block
         table (7 pages here, padded to 8 for 4 splits) is cut to the table, never reading the padding."""
-        rng, seed = fresh_rng()
+        rng, seed = seeded_rng()
         args = make_case(rng, 4, batch_lengths=[0, 3, 4 * PAGE_SIZE], num_heads=4, num_kv_heads=2, head_dim=64)
         args = args[:4] + (jnp.asarray([0, 3, 10**6], jnp.int32),) + args[5:]
         blocks = DecodeAttentionBlockSizes(pages_per_block=1, num_splits=num_splits)
@@ -106,7 +109,7 @@ class TestPagedDecodeAttention:
         """Padding rows (length 0 or 1, their table filled with the out-of-range id num_pages) get zeros. Slots no
         row's length reaches (the rest of a last page, unowned pages) may hold NaN, and table entries past a row's
         pages may hold any id, without changing any row's output."""
-        rng, seed = fresh_rng()
+        rng, seed = seeded_rng()
         lengths = [0, 1, 13, 3 * PAGE_SIZE, 2]
         q, k, v, tables, lengths, *scales = make_case(
             rng, bits, batch_lengths=lengths, num_heads=4, num_kv_heads=2, head_dim=64
@@ -124,9 +127,31 @@ class TestPagedDecodeAttention:
         np.testing.assert_array_equal(paged_decode_attention_reference(*args, bits=bits), expected)
         assert np.all(actual[:2] == 0)
 
+    @pytest.mark.parametrize("bits", [4, 16])
+    def test_sliding_window_and_softcap(self, bits):
+        """A window shorter than most rows, starting mid-page and mid-step (two pages a step, two splits), with
+        Gemma's scale and soft-capped logits: kernel and reference equal float64 attention over each row's last
+        `window` tokens, whatever the slots before the window hold (NaN here)."""
+        rng, seed = seeded_rng()
+        lengths = [1, PAGE_SIZE + 2, 3 * PAGE_SIZE + 5, 6 * PAGE_SIZE - 1, 4 * PAGE_SIZE, int(rng.integers(1, 48))]
+        q, k, v, tables, lengths, *scales = make_case(
+            rng, bits, batch_lengths=lengths, num_heads=4, num_kv_heads=2, head_dim=64
+        )
+        options = dict(sm_scale=0.2, softcap=1.5, window=2 * PAGE_SIZE + 3)
+        expected = float64_attention(q, k, v, tables, lengths, *scales, bits=bits, **options)
+        begins = np.maximum(np.asarray(lengths) - options["window"], 0)
+        k, k_scale, k_zero = poison_unread((k, *scales[:2]), tables, lengths, PAGE_SIZE, begins)
+        v, v_scale, v_zero = poison_unread((v, *scales[2:]), tables, lengths, PAGE_SIZE, begins)
+        args = (q, k, v, tables, lengths, k_scale, k_zero, v_scale, v_zero)
+        reference = paged_decode_attention_reference(*args, bits=bits, **options)
+        np.testing.assert_allclose(reference, expected, rtol=1e-5, atol=1e-5, err_msg=f"seed {seed}")
+        blocks = DecodeAttentionBlockSizes(pages_per_block=2, num_splits=2)
+        actual = paged_decode_attention(*args, bits=bits, block_sizes=blocks, interpret=self.INTERPRET, **options)
+        np.testing.assert_allclose(actual, expected, rtol=2e-5, atol=2e-5, err_msg=f"seed {seed}")
+
     def test_bfloat16_queries(self):
         """The model's dtype: codes and weights enter the dots as bf16, the softmax stays float32."""
-        rng, seed = fresh_rng()
+        rng, seed = seeded_rng()
         args = make_case(
             rng, 4, batch_lengths=[2 * PAGE_SIZE + 5, 7], num_heads=8, num_kv_heads=2, head_dim=64, dtype=jnp.bfloat16
         )
@@ -147,10 +172,31 @@ def test_interpret_suite_is_not_skipped(request):
     assert_every_test_ran_and_passed(request, TestPagedDecodeAttentionInterpret)
 
 
+def test_walk_never_visits_pages_before_the_window(rng):
+    """Each split walks from the page holding its row's window start (or its own first page) through the page
+    holding the row's last token: the pages it visits are exactly those of its range that hold a visible token,
+    plus at most one step's worth of slots past them (masked)."""
+    page_size, per_block, per_split = 4, 2, 6
+    for length, window in zip(rng.integers(0, 40, 200), rng.choice([1, 3, 4, 9, 17, None], 200)):
+        seen = set()
+        for split in range(40 // (page_size * per_split) + 1):
+            first_split, end_split = split * per_split, (split + 1) * per_split
+            first, steps = decode_walk(
+                int(length), window, first_split, end_split, page_size=page_size, pages_per_block=per_block
+            )
+            visited = set(range(int(first), int(first) + int(steps) * per_block))
+            begin = 0 if window is None else max(0, int(length) - int(window))
+            needed = {t // page_size for t in range(begin, int(length))} & set(range(first_split, end_split))
+            assert needed <= visited and all(page >= max(first_split, begin // page_size) for page in visited)
+            assert len(visited - needed) < per_block, (length, window, split)
+            seen |= needed
+        assert seen == {t // page_size for t in range(begin, int(length))}
+
+
 @pytest.mark.parametrize("bits", [4, 8, 16])
 @pytest.mark.parametrize("head_dim, num_heads, num_kv_heads", [(64, 6, 2), (128, 32, 8)])
 def test_reference_matches_float64(bits, head_dim, num_heads, num_kv_heads):
-    rng, seed = fresh_rng()
+    rng, seed = seeded_rng()
     lengths = LENGTHS + [int(rng.integers(1, 8 * PAGE_SIZE))]
     args = make_case(
         rng, bits, batch_lengths=lengths, num_heads=num_heads, num_kv_heads=num_kv_heads, head_dim=head_dim
@@ -181,7 +227,7 @@ def test_packed_layout_pairs_channel_j_with_channel_j_plus_half():
 
 
 def test_refuses_malformed_inputs():
-    rng, _ = fresh_rng()
+    rng, _ = seeded_rng()
     q, k, v, tables, lengths, *scales = make_case(rng, 4, batch_lengths=[5], num_heads=4, num_kv_heads=2, head_dim=64)
     with pytest.raises(ValueError, match="bits must be one of"):
         paged_decode_attention_reference(q, k, v, tables, lengths, *scales, bits=2)
@@ -241,3 +287,25 @@ def test_lowers_for_cuda(bits, batch, num_heads, num_kv_heads, head_dim, pages_p
     qk = (f"16x{width}xbf16", f"{width}x{tokens}xbf16", f"16x{tokens}xf32")
     pv = (f"16x{tokens}xbf16", f"{tokens}x{width}xbf16", f"16x{width}xf32")
     assert sorted(dots) == sorted([qk, pv] * (2 if bits == 4 else 1))
+
+
+@lowering_test
+def test_sliding_window_soft_capped_variant_lowers_for_cuda():
+    """Gemma 2 2B's decode (8 query and 4 KV heads of 256, a 4096-token window, soft-cap 50) at KV4."""
+    page_size, head_dim, dtype = 64, 256, jnp.bfloat16
+    pool = ((4, 2048, page_size, code_width(head_dim, 4)), jnp.uint8)
+    scale = ((4, 2048, page_size), jnp.float16)
+    lowered = lower_for_cuda(
+        lambda q, k, v, tables, lengths, *s: paged_decode_attention(
+            q, k, v, tables, lengths, *s, bits=4, sm_scale=256**-0.5, softcap=50.0, window=4096
+        ),
+        ((32, 8, head_dim), dtype),
+        pool,
+        pool,
+        ((32, 128), jnp.int32),
+        ((32,), jnp.int32),
+        *[scale] * 4,
+    )
+    module = triton_module_text(lowered)
+    assert re.search(r"@paged_decode_attention_kv4_p64_b2_s\d+_capped_w4096", module)
+    assert "tt.dot" in module

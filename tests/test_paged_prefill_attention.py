@@ -15,7 +15,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from cuda_lowering import lower_for_cuda, lowering_test, triton_module_text
-from paged_pools import float64_softmax_attention, fresh_rng, make_pools, poison_unread, row_tokens, scribble_past
+from paged_pools import float64_softmax_attention, make_pools, poison_unread, row_tokens, scribble_past
+from seeding import seeded_rng
 from suite_guard import assert_every_test_ran_and_passed
 
 from pallas_kernels.paged_attention import code_width
@@ -23,6 +24,7 @@ from pallas_kernels.paged_prefill_attention import (
     PrefillAttentionBlockSizes,
     paged_prefill_attention,
     paged_prefill_attention_reference,
+    prefill_walk,
 )
 
 ON_GPU = jax.default_backend() == "gpu"
@@ -61,15 +63,20 @@ def make_chunks(rng, bits, rows, *, num_heads, num_kv_heads, head_dim, dtype=jnp
     return (q, k, v, *row_args, k_scale, k_zero, v_scale, v_zero)
 
 
-def float64_prefill_attention(q, k, v, tables, starts, lengths, k_scale, k_zero, v_scale, v_zero, *, bits):
-    """Independent float64 numpy causal attention: query t of row b over the row's tokens 0 … starts[b] + t."""
+def float64_prefill_attention(
+    q, k, v, tables, starts, lengths, k_scale, k_zero, v_scale, v_zero, *, bits, window=None, **options
+):
+    """Independent float64 numpy causal attention: query t of row b over the row's tokens 0 … starts[b] + t (its
+    last `window` of them)."""
     out = np.zeros(q.shape)
     for b in range(q.shape[0]):
         keys = row_tokens(k, k_scale, k_zero, tables[b], bits=bits)
         values = row_tokens(v, v_scale, v_zero, tables[b], bits=bits)
         for t in range(int(lengths[b])):
             end = int(starts[b]) + t + 1
-            out[b, t] = float64_softmax_attention(np.asarray(q[b, t], np.float64), keys[:, :end], values[:, :end])
+            first = 0 if window is None else max(0, end - window)
+            query = np.asarray(q[b, t], np.float64)
+            out[b, t] = float64_softmax_attention(query, keys[:, first:end], values[:, first:end], **options)
     return out
 
 
@@ -103,7 +110,7 @@ class TestPagedPrefillAttention:
     @pytest.mark.parametrize("bits", [4, 8, 16])
     @pytest.mark.parametrize("head_dim, num_heads, num_kv_heads", HEAD_SHAPES)
     def test_kernel_matches_reference(self, bits, head_dim, num_heads, num_kv_heads):
-        rng, seed = fresh_rng()
+        rng, seed = seeded_rng()
         args = make_chunks(
             rng, bits, chunk_rows(rng), num_heads=num_heads, num_kv_heads=num_kv_heads, head_dim=head_dim
         )
@@ -118,7 +125,7 @@ class TestPagedPrefillAttention:
         finished row may have) get zeros and do no step. Slots past each row's end (the rest of its last page,
         pages it does not own) may hold NaN, and its table entries past its pages any id, without changing any
         output."""
-        rng, seed = fresh_rng()
+        rng, seed = seeded_rng()
         rows = chunk_rows(rng) + [(0, 0), (9, 0)]
         q, k, v, tables, starts, lengths, *scales = make_chunks(
             rng, bits, rows, num_heads=8, num_kv_heads=2, head_dim=64
@@ -139,10 +146,31 @@ class TestPagedPrefillAttention:
         for b, n in enumerate(np.asarray(lengths)):
             assert np.all(actual[b, n:] == 0), f"queries past row {b}'s length must give zeros (seed {seed})"
 
+    @pytest.mark.parametrize("bits", [4, 16])
+    def test_sliding_window_and_softcap(self, bits):
+        """A window shorter than most rows' context (mid-page, unaligned to the two pages a step), Gemma's scale
+        and soft-capped logits: kernel and reference equal float64 attention over each query's last `window`
+        tokens, whatever the slots before a row's first window hold (NaN here)."""
+        rng, seed = seeded_rng()
+        q, k, v, tables, starts, lengths, *scales = make_chunks(
+            rng, bits, chunk_rows(rng), num_heads=8, num_kv_heads=2, head_dim=64
+        )
+        options = dict(sm_scale=0.2, softcap=1.5, window=PAGE_SIZE + 3)
+        expected = float64_prefill_attention(q, k, v, tables, starts, lengths, *scales, bits=bits, **options)
+        ends, begins = starts + lengths, np.maximum(np.asarray(starts) + 1 - options["window"], 0)
+        k, k_scale, k_zero = poison_unread((k, *scales[:2]), tables, ends, PAGE_SIZE, begins)
+        v, v_scale, v_zero = poison_unread((v, *scales[2:]), tables, ends, PAGE_SIZE, begins)
+        args = (q, k, v, tables, starts, lengths, k_scale, k_zero, v_scale, v_zero)
+        reference = paged_prefill_attention_reference(*args, bits=bits, **options)
+        np.testing.assert_allclose(reference, expected, rtol=1e-5, atol=1e-5, err_msg=f"seed {seed}")
+        blocks = small_blocks(8, 2)
+        actual = paged_prefill_attention(*args, bits=bits, block_sizes=blocks, interpret=self.INTERPRET, **options)
+        np.testing.assert_allclose(actual, expected, rtol=2e-5, atol=2e-5, err_msg=f"seed {seed}")
+
     def test_bfloat16_queries_with_default_blocks(self):
         """The model's dtype and the default tiles (one query block here): codes and weights enter the dots as
         bf16, the softmax stays float32."""
-        rng, seed = fresh_rng()
+        rng, seed = seeded_rng()
         args = make_chunks(rng, 4, chunk_rows(rng), num_heads=8, num_kv_heads=2, head_dim=64, dtype=jnp.bfloat16)
         actual = paged_prefill_attention(*args, bits=4, interpret=self.INTERPRET)
         assert actual.dtype == jnp.bfloat16
@@ -164,15 +192,37 @@ def test_interpret_suite_is_not_skipped(request):
 @pytest.mark.parametrize("bits", [4, 8, 16])
 @pytest.mark.parametrize("head_dim, num_heads, num_kv_heads", [(64, 6, 2), (128, 32, 8)])
 def test_reference_matches_float64(bits, head_dim, num_heads, num_kv_heads):
-    rng, seed = fresh_rng()
+    rng, seed = seeded_rng()
     args = make_chunks(rng, bits, chunk_rows(rng), num_heads=num_heads, num_kv_heads=num_kv_heads, head_dim=head_dim)
     actual = paged_prefill_attention_reference(*args, bits=bits)
     expected = float64_prefill_attention(*args, bits=bits)
-    np.testing.assert_allclose(actual, expected, rtol=1e-5, atol=1e-5, err_msg=f"seed {seed}")
+    # float32 softmax sums over a few hundred keys: ~1e-5 from float64 at the worst of 10^5 outputs.
+    np.testing.assert_allclose(actual, expected, rtol=2e-5, atol=2e-5, err_msg=f"seed {seed}")
+
+
+def test_walk_never_visits_pages_before_every_querys_window(rng):
+    """A query block's walk starts at the page holding its first query's window start: no page wholly before
+    every window of the block is visited, and every page a query of the block sees is."""
+    page_size, per_block, query_tokens = 4, 2, 3
+    cases = zip(rng.integers(0, 30, 200), rng.integers(0, 12, 200), rng.choice([1, 5, 9, None], 200))
+    for start, length, window in cases:
+        for first_query in range(0, 12, query_tokens):
+            _, first, end, steps = prefill_walk(
+                int(start), int(length), first_query, window, query_tokens=query_tokens, table_tokens=64,
+                page_size=page_size, pages_per_block=per_block,
+            )
+            visited = set(range(int(first), int(first) + int(steps) * per_block))
+            queries = [start + t for t in range(first_query, min(first_query + query_tokens, int(length)))]
+            seen = {
+                key // page_size
+                for p in queries
+                for key in range(0 if window is None else max(0, p - int(window) + 1), p + 1)
+            }
+            assert seen <= visited and len(visited - seen) < per_block, (start, length, window, first_query)
 
 
 def test_refuses_malformed_inputs():
-    rng, _ = fresh_rng()
+    rng, _ = seeded_rng()
     q, k, v, tables, starts, lengths, *scales = make_chunks(
         rng, 4, [(0, 5), (3, 2)], num_heads=4, num_kv_heads=2, head_dim=64
     )
@@ -237,3 +287,26 @@ def test_lowers_for_cuda(bits, batch, chunk, num_heads, num_kv_heads, head_dim, 
     qk = (f"32x{width}xbf16", f"{width}x{keys}xbf16", f"32x{keys}xf32")
     pv = (f"32x{keys}xbf16", f"{keys}x{width}xbf16", f"32x{width}xf32")
     assert sorted(dots) == sorted([qk, pv] * (2 if bits == 4 else 1))
+
+
+@lowering_test
+def test_sliding_window_soft_capped_variant_lowers_for_cuda():
+    """Gemma 2 2B's chunked prefill (8 query and 4 KV heads of 256, a 4096-token window, soft-cap 50) at KV4."""
+    page_size, head_dim, dtype = 64, 256, jnp.bfloat16
+    pool = ((4, 2048, page_size, code_width(head_dim, 4)), jnp.uint8)
+    scales = [((4, 2048, page_size), jnp.float16)] * 4
+    rows = ((2,), jnp.int32)
+    lowered = lower_for_cuda(
+        lambda q, k, v, tables, starts, lengths, *s: paged_prefill_attention(
+            q, k, v, tables, starts, lengths, *s, bits=4, sm_scale=256**-0.5, softcap=50.0, window=4096
+        ),
+        ((2, 256, 8, head_dim), dtype),
+        pool,
+        pool,
+        ((2, 128), jnp.int32),
+        rows,
+        rows,
+        *scales,
+    )
+    module = triton_module_text(lowered)
+    assert re.search(r"@paged_prefill_attention_kv4_p64_q\d+_r\d+_b1_capped_w4096", module)

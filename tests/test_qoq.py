@@ -23,7 +23,18 @@ from qoq_jax.config import ModelConfig
 from qoq_jax.quant import Int4ChannelWeight, Int4GroupWeight, QuantFormat
 from serve.cli import main
 
-FAMILIES = ["llama_quantizable", "qwen2_quantizable_tied"]
+FAMILIES = [
+    "llama_quantizable",
+    "qwen2_quantizable_tied",
+    "qwen3_quantizable",
+    "gemma2_quantizable",
+    "gemma3_quantizable",
+    "phi4_mini_quantizable",
+]
+# g128 on every family; per-channel (whose transforms are g128's, less the reorder) on the Llama and Qwen2 models.
+RECIPE_CASES = [(family, "g128") for family in FAMILIES] + [
+    (family, "gchn") for family in ("llama_quantizable", "qwen2_quantizable_tied")
+]
 LINEARS = [("self_attn", n) for n in ("q_proj", "k_proj", "v_proj", "o_proj")] + [
     ("mlp", n) for n in ("gate_proj", "up_proj", "down_proj")
 ]
@@ -44,9 +55,11 @@ def _with_activation_outliers(params):
     """Real LLMs have a few hidden channels far larger than the rest, which is what rotation and smoothing are
     for; random tiny models do not, so give three channels of every norm 30× weight."""
     weights = nnx.to_pure_dict(params.state)
+    offset = params.config.norm_weight_offset  # the norms scale by offset + weight
     for layer in weights["layers"].values():
         for norm in ("input_layernorm", "post_attention_layernorm"):
-            layer[norm]["weight"] = layer[norm]["weight"].at[jnp.array([5, 17, 40])].multiply(30.0)
+            gamma = layer[norm]["weight"] + offset
+            layer[norm]["weight"] = gamma.at[jnp.array([5, 17, 40])].multiply(30.0) - offset
     state = params.state
     nnx.replace_by_pure_dict(state, weights)
     return dataclasses.replace(params, state=state)
@@ -71,8 +84,7 @@ def _output_error(params, reference_logits, tokens):
     return float(jnp.mean((logits - reference_logits) ** 2) / jnp.var(reference_logits))
 
 
-@pytest.mark.parametrize("family", FAMILIES)
-@pytest.mark.parametrize("recipe_name", ["g128", "gchn"])
+@pytest.mark.parametrize("family, recipe_name", RECIPE_CASES)
 def test_recipe_quantizes_every_decoder_linear_and_beats_plain_rounding(outlier_models, family, recipe_name):
     params, rtn = outlier_models[family]
     rng = np.random.default_rng(222)
@@ -87,9 +99,16 @@ def test_recipe_quantizes_every_decoder_linear_and_beats_plain_rounding(outlier_
         for module, name in LINEARS:
             kernel = quantized.state["layers"][layer][module][name]["kernel"].get_value()
             assert isinstance(kernel, weight_type), (layer, name)
-    # Rotation folded the norms and gave the LM head its own (rotated) copy of the embedding.
-    assert not quantized.config.tie_word_embeddings and quantized.state["lm_head"] is not None
-    np.testing.assert_array_equal(np.asarray(quantized.state["norm"]["weight"][...]), 1.0)
+    if params.config.post_norms:
+        # The block inputs rotate online (the stored ±1 Hadamard factors); embeddings and the head are untouched.
+        assert quantized.config.input_rotation is not None
+        assert quantized.config.tie_word_embeddings == params.config.tie_word_embeddings
+        rotation = quantized.state["layers"][0]["input_rotation"]
+        assert set(np.unique(np.asarray(rotation["outer"][...]))) <= {-1.0, 1.0}
+    else:
+        # Rotation folded the norms and gave the LM head its own (rotated) copy of the embedding.
+        assert not quantized.config.tie_word_embeddings and quantized.state["lm_head"] is not None
+        np.testing.assert_array_equal(np.asarray(quantized.state["norm"]["weight"][...]), 1.0)
     assert report["stages"] == recipe.stages() and report["calibration"] == {"samples": 6, "seq_len": 96}
 
     reference = qoq_jax.forward(params, held_out)

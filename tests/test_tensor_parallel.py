@@ -5,6 +5,7 @@ design promises."""
 
 from __future__ import annotations
 
+import dataclasses
 import re
 
 import jax
@@ -94,6 +95,43 @@ def test_forward_logits_equal_on_1_2_and_4_devices(fmt, device_counts):
             assert difference.max() <= FP_ROUNDING, devices
         else:
             assert difference.max() <= CODE_STEP and np.median(difference) <= FP_ROUNDING, devices
+
+
+# Every per-family feature at once: per-head q/k norms (split with their heads), (1 + w) norms and post-norms,
+# GeGLU, a scaled embedding, Gemma's attention scale, final soft-capping, and QoQ's online input rotation.
+FAMILY_FEATURES = dict(
+    qk_norm=True,
+    post_norms=True,
+    norm_weight_offset=1.0,
+    hidden_act="gelu_tanh",
+    embedding_multiplier=16.0,
+    query_pre_attn_scalar=48.0,
+    final_logit_softcap=20.0,
+    input_rotation=(16, 16),
+)
+
+
+def test_family_features_split_over_4_devices(rng):
+    """In float, so a wrong split shows at float rounding (the quantized split is the same code per linear)."""
+    config = ModelConfig(**{**CONFIG.__dict__, **FAMILY_FEATURES})
+    params = qoq_jax.init_params(config, seed=4)
+
+    def randomized(path, leaf):  # norms start at their identity, the rotation at I: make them matter
+        name = jax.tree_util.keystr(path)
+        if "norm" in name:
+            return leaf + jnp.asarray(rng.normal(0, 0.3, leaf.shape), leaf.dtype)
+        if "input_rotation" in name:  # a ±1 matrix (orthogonal up to its size) keeps activations in range
+            return jnp.asarray(np.sign(rng.normal(size=leaf.shape)), leaf.dtype)
+        return leaf
+
+    state = jax.tree_util.tree_map_with_path(randomized, params.state)
+    params = dataclasses.replace(params, state=state)
+    tokens = _tokens(2, 12)
+    expected = _host(qoq_jax.forward(params, tokens))
+    split = shard_params(params, make_mesh(4))
+    q_norm = split.state["layers"][0]["self_attn"]["q_norm"]["weight"][...]
+    assert q_norm.addressable_shards[0].data.shape == (2, 64), "q_norm's 8 heads split 2 per device"
+    assert np.abs(_host(qoq_jax.forward(split, tokens)) - expected).max() <= 10 * FP_ROUNDING
 
 
 def test_greedy_generations_equal_on_1_2_and_4_devices(g128_params):
@@ -232,7 +270,7 @@ def test_engine_on_a_mesh_samples_what_generate_samples(g128_params):
         max_num_batched_tokens=64,
         max_prefill_rows=1,
     )
-    assert engine.allocator.num_pages == 12
+    assert engine.kv_cache.num_pages == 12
     for i, prompt in enumerate(prompts):
         sampling = qoq_jax.SamplingParams(temperature=0.8, top_k=20, seed=5 + i)
         engine.add_request(Request(str(i), tuple(prompt), 6, sampling, ignore_eos=True))

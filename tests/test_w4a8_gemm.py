@@ -19,6 +19,7 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
 from cuda_lowering import lower_for_cuda, triton_module_text
+from seeding import seeded_rng
 from suite_guard import assert_every_test_ran_and_passed
 
 from pallas_kernels.w4a8_gemm import (
@@ -33,11 +34,6 @@ from pallas_kernels.w4a8_gemm import (
 
 ON_GPU = jax.default_backend() == "gpu"
 requires_gpu = pytest.mark.skipif(not ON_GPU, reason="needs a GPU (jax.default_backend() != 'gpu')")
-
-
-def _fresh_rng() -> tuple[np.random.Generator, int]:
-    seed = int(np.random.SeedSequence().entropy % 2**63)
-    return np.random.default_rng(seed), seed
 
 
 def _activations(rng, m, k):
@@ -113,7 +109,7 @@ class TestW4A8Gemm:
 
     @pytest.mark.parametrize("m, n, k, group_size", G128_CASES)
     def test_g128_accumulator_is_exact(self, m, n, k, group_size):
-        rng, seed = _fresh_rng()
+        rng, seed = seeded_rng()
         operands, _ = g128_operands(rng, m, n, k, group_size, unit_scales=True)
         actual = w4a8_gemm_g128(**operands, group_size=group_size, out_dtype=jnp.float32, interpret=self.INTERPRET)
         expected = w4a8_gemm_g128_reference(**operands, group_size=group_size, out_dtype=jnp.float32)
@@ -121,7 +117,7 @@ class TestW4A8Gemm:
 
     @pytest.mark.parametrize("m, n, k", CHN_CASES)
     def test_chn_accumulator_is_exact(self, m, n, k):
-        rng, seed = _fresh_rng()
+        rng, seed = seeded_rng()
         operands, _ = chn_operands(rng, m, n, k, unit_scales=True)
         actual = w4a8_gemm_chn(**operands, out_dtype=jnp.float32, interpret=self.INTERPRET)
         expected = w4a8_gemm_chn_reference(**operands, out_dtype=jnp.float32)
@@ -136,7 +132,7 @@ class TestW4A8Gemm:
         ],
     )
     def test_g128_output(self, m, n, k, group_size, out_dtype, blocks):
-        rng, seed = _fresh_rng()
+        rng, seed = seeded_rng()
         operands, _ = g128_operands(rng, m, n, k, group_size)
         kwargs = dict(group_size=group_size, out_dtype=out_dtype)
         actual = w4a8_gemm_g128(**operands, **kwargs, block_sizes=blocks, interpret=self.INTERPRET)
@@ -153,7 +149,7 @@ class TestW4A8Gemm:
         ],
     )
     def test_chn_output(self, m, n, k, out_dtype, blocks):
-        rng, seed = _fresh_rng()
+        rng, seed = seeded_rng()
         operands, _ = chn_operands(rng, m, n, k)
         actual = w4a8_gemm_chn(**operands, out_dtype=out_dtype, block_sizes=blocks, interpret=self.INTERPRET)
         assert actual.dtype == out_dtype and actual.shape == (m, n)
@@ -177,7 +173,7 @@ class TestW4A8GemmOnGpu:
 
     @pytest.mark.parametrize("m", [1, 16, 64, 256, 1024, 4096])
     def test_g128_default_tiles(self, m):
-        rng, seed = _fresh_rng()
+        rng, seed = seeded_rng()
         operands, _ = g128_operands(rng, m, 4096, 4096, 128)
         actual = w4a8_gemm_g128(**operands, group_size=128)
         expected = w4a8_gemm_g128_reference(**operands, group_size=128)
@@ -185,7 +181,7 @@ class TestW4A8GemmOnGpu:
 
     @pytest.mark.parametrize("m", [1, 16, 64, 256, 1024, 4096])
     def test_chn_default_tiles(self, m):
-        rng, seed = _fresh_rng()
+        rng, seed = seeded_rng()
         operands, _ = chn_operands(rng, m, 4096, 4096)
         actual = w4a8_gemm_chn(**operands)
         expected = w4a8_gemm_chn_reference(**operands)
@@ -197,7 +193,7 @@ class TestW4A8GemmOnGpu:
 
 @pytest.mark.parametrize("out_dtype", [jnp.float32, jnp.float16, jnp.bfloat16])
 def test_g128_reference_matches_float64(out_dtype):
-    rng, seed = _fresh_rng()
+    rng, seed = seeded_rng()
     operands, codes = g128_operands(rng, 7, 128, 256, 64)
     s2 = np.repeat(np.asarray(operands["s2"], np.float64), 64, axis=0)
     zero = np.repeat(np.asarray(operands["zero"], np.float64), 64, axis=0)
@@ -211,7 +207,7 @@ def test_g128_reference_matches_float64(out_dtype):
 @pytest.mark.parametrize("out_dtype", [jnp.float32, jnp.float16, jnp.bfloat16])
 def test_chn_reference_matches_float64(out_dtype):
     """y = s_x·X8 @ (q·s − z): the dequantized weights, so the ΣX8 correction is checked, not restated."""
-    rng, seed = _fresh_rng()
+    rng, seed = seeded_rng()
     operands, codes = chn_operands(rng, 9, 192, 128)
     x = np.asarray(operands["x_i8"], np.float64)
     x_scale, scale, zero = (np.asarray(operands[name], np.float64) for name in ("x_scale", "scale", "zero"))
@@ -238,7 +234,7 @@ def test_pack_unpack_round_trip(codes):
 
 
 def test_packed_layout_pairs_channels_32_apart():
-    rng, seed = _fresh_rng()
+    rng, seed = seeded_rng()
     codes = rng.integers(0, 16, (64, 192))
     packed = np.asarray(pack_uint4(codes))
     for tile in range(3):
@@ -269,7 +265,7 @@ def _replace(operands, **changes):
 
 
 def test_g128_refuses_malformed_inputs():
-    rng, _ = _fresh_rng()
+    rng, _ = seeded_rng()
     good, _ = g128_operands(rng, 4, 128, 256, 128)
     bad_inputs = [
         (_replace(good, packed=jnp.zeros((256, 48), jnp.uint8)), 128, "multiples of 64"),
@@ -291,7 +287,7 @@ def test_g128_refuses_malformed_inputs():
 
 
 def test_chn_refuses_malformed_inputs():
-    rng, _ = _fresh_rng()
+    rng, _ = seeded_rng()
     good, _ = chn_operands(rng, 4, 192, 128)
     bad_inputs = [
         (_replace(good, x_i8=jnp.zeros((4, 160), jnp.int8), packed=jnp.zeros((160, 96), jnp.uint8)), "160"),
