@@ -17,7 +17,7 @@ The two alternate `--repeats` times; medians are reported, with the machine's lo
 machine is shared: trust the within-run ratio). Goals on the 2-core CPU: engine ≥ 0.95× bare at 256 sequences,
 host ≤ 2 ms per step at 256.
 
-    flock /work/wt/timing.lock nice -n 10 python benchmarks/engine_overhead.py
+    python benchmarks/engine_overhead.py
 
 Writes benchmarks/results/engine-overhead-<device>.{json,md}.
 """

@@ -8,7 +8,7 @@ throughput is serve_load's own figure for the same requests against `qoq-jax ser
 runs the workload once untimed first (its step programs compile), then `--rounds` timed runs, alternating.
 Goal: served ≥ 0.8× the engine's own throughput with 256 clients.
 
-    flock /work/wt/timing.lock nice -n 10 python benchmarks/http_overhead.py --clients 256
+    python benchmarks/http_overhead.py --clients 256
 
 Writes benchmarks/results/http-overhead-<device>.{json,md}.
 """

@@ -16,7 +16,7 @@ Writes benchmarks/results/vllm-side-by-side-cpu.{json,md}: every run's serve_loa
 the ratios qoq/vllm, the goals (output tok/s ≥ 1.0× vLLM at 64 concurrent; TPOT ≤ vLLM's at 0.1 req/s), the load
 average at the start and end of each run. Run it alone on the machine:
 
-    flock /work/wt/timing.lock nice -n 10 python benchmarks/vllm_side_by_side.py
+    python benchmarks/vllm_side_by_side.py
 """
 
 from __future__ import annotations

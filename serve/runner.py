@@ -84,26 +84,11 @@ class ChunkRows:
     starts: jax.Array  # [R] int32
     lengths: jax.Array  # [R] int32; padding rows: 0
     samples: jax.Array  # [R] bool: the row ends its sequence's chunk and its token is kept
-    sampling: SamplingBatch  # [R]: written into the rows' slots, with the next three
+    sampling: SamplingBatch  # [R]: written into the rows' slots, with the next two
     prompt_lengths: jax.Array  # [R] int32
     stop_ids: jax.Array  # [R, MAX_HELD_STOP_IDS] int32
     targets: jax.Array  # [R, T] int32: the token after each position (prompt log-probabilities)
     wants_prompt_logprobs: jax.Array  # [R] bool
-
-
-_SAMPLING_INTS = ("top_k", "seed", "min_tokens")  # SamplingParams' integers (the seed as its uint32's bits)
-_SAMPLING_FLOATS = ("temperature", "top_p", "presence_penalty", "frequency_penalty", "repetition_penalty")
-_CHUNK_SCALARS = ("slots", "starts", "lengths", "samples", "prompt_lengths", "wants_prompt_logprobs")
-_CHUNK_FLAGS = ("wants_logprobs", "processed_logprobs")
-
-
-def _columns(widths: dict[str, int | None]) -> dict[str, slice | int]:
-    """Consecutive columns of the given widths (None: one column, indexed as a scalar)."""
-    columns, at = {}, 0
-    for name, width in widths.items():
-        columns[name] = at if width is None else slice(at, at + width)
-        at += 1 if width is None else width
-    return columns
 
 
 @dataclasses.dataclass(frozen=True)
@@ -140,8 +125,9 @@ class StepLayout:
         numpy views to fill on the host, or the device arrays' slices."""
         ends = np.cumsum([3 * self.table_updates, self.decode_rows, self.decode_rows])
         updates, slots, positions = ints[: ends[0]], ints[ends[0] : ends[1]], ints[ends[1] : ends[2]]
-        rows = self.chunk_rows
-        return updates.reshape(-1, 3), slots, positions, ints[ends[2] :].reshape(rows, -1), floats.reshape(rows, -1)
+        chunk_ints = ints[ends[2] :].reshape(self.chunk_rows, _width(self.int_columns))
+        chunk_floats = floats.reshape(self.chunk_rows, _width(self.float_columns))
+        return updates.reshape(-1, 3), slots, positions, chunk_ints, chunk_floats
 
     def unpack(self, ints: jax.Array, floats: jax.Array):
         """The table updates [K, 3], DecodeRows or None, ChunkRows or None."""

@@ -124,3 +124,20 @@ def test_what_the_device_batch_cannot_hold_is_refused(params, engine):
         engine.add_request(Request("stops", (5, 6), 4, sampling=SamplingParams(min_tokens=2), stop_token_ids=many))
     engine.add_request(Request("ok", (5, 6), 4, stop_token_ids=many))  # without min_tokens nothing is held
     _run(engine, [])
+
+
+def test_settings_share_the_compiled_step_programs(engine):
+    """Settings are per-slot arrays, never part of a program's shape: a request with every feature runs in the
+    programs a plain request of the same lengths compiled."""
+    rng = np.random.default_rng(151)
+    plain, featured = (tuple(int(t) for t in rng.integers(3, 300, 27)) for _ in range(2))
+    _run(engine, [Request("plain", plain, 6, ignore_eos=True)])
+    compiled = engine.runner.num_compiled
+    sampling = SamplingParams(
+        temperature=0.7, top_k=9, top_p=0.9, seed=3, presence_penalty=0.5, frequency_penalty=0.3,
+        repetition_penalty=1.2, min_tokens=2, logit_bias={7: 3.0}, logprobs=3, prompt_logprobs=2,
+        logprobs_mode="processed",
+    )  # fmt: skip
+    outputs = _run(engine, [Request("featured", featured, 6, sampling=sampling, ignore_eos=True)])
+    assert sum(len(o.new_token_ids) for o in outputs["featured"]) == 6
+    assert engine.runner.num_compiled == compiled

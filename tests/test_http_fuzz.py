@@ -58,7 +58,7 @@ PINNED = {
     "n": {"type": "integer", "minimum": 1, "maximum": 2},  # a few choices, so the engine's work stays small
     "best_of": {"type": "integer", "minimum": 1, "maximum": 2},
     **{field: {"type": "null"} for field in ("suffix", "tools", "response_format")},
-    "max_tokens": {"type": "integer", "minimum": 1, "maximum": 8},
+    "max_tokens": {"type": "integer", "minimum": 0, "maximum": 8},  # 0: scoring only (echo), completions
     "max_completion_tokens": {"type": "integer", "minimum": 1, "maximum": 8},
 }
 
