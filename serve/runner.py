@@ -160,6 +160,11 @@ class StepLayout:
         )
         return updates, decode, chunks
 
+    @functools.cached_property
+    def default_row(self) -> tuple[np.ndarray, np.ndarray]:
+        """A chunk row's ints and floats with the default settings (what padding rows hold)."""
+        return self.settings_row(SamplingParams())
+
     def settings_row(self, sampling: SamplingParams, held_stop_ids=(), num_prompt_tokens: int = 0):
         """A chunk row's ints and floats holding a request's settings (tokens, slot and position left at 0)."""
         column, float_column = self.int_columns, self.float_columns
@@ -285,6 +290,7 @@ class ModelRunner:
         # Entries a step can add: a page per decode row; a whole table per admitted sequence (one per row at most).
         self.max_table_updates = max_num_seqs + max_prefill_rows * (pages_per_seq + 1)
         self.num_dispatched = 0
+        self._layouts: dict[tuple[int, int], StepLayout] = {}
         self._build_state()
         self._programs = _Programs(self._compile, row_tokens=prefill_row_tokens, background=compile_in_background)
 
@@ -358,7 +364,12 @@ class ModelRunner:
             self._programs.compile_all(self.all_shapes() if mode == "all" else self.cover_shapes(), threads)
 
     def _layout(self, shape: StepShape) -> StepLayout:
-        return StepLayout(shape.decode_rows, shape.chunk_rows, self.row_tokens, self.max_table_updates)
+        """One per row counts, kept: its columns and default row are worked out once."""
+        rows = shape.decode_rows, shape.chunk_rows
+        layout = self._layouts.get(rows)
+        if layout is None:
+            layout = self._layouts[rows] = StepLayout(*rows, self.row_tokens, self.max_table_updates)
+        return layout
 
     def _compile(self, shape: StepShape):
         inputs = [jax.ShapeDtypeStruct(x.shape, x.dtype) for x in self._inputs(None, shape)]
@@ -395,7 +406,7 @@ class ModelRunner:
         updates[:, 0] = dropped
         slots[:] = padding
         column = layout.int_columns
-        chunk_ints[:], chunk_floats[:] = layout.settings_row(SamplingParams())
+        chunk_ints[:], chunk_floats[:] = layout.default_row
         chunk_ints[:, column["slots"]] = padding
         if scheduled is None:
             return ints, floats

@@ -329,7 +329,7 @@ def test_malformed_bodies_are_400_not_422(served):
         (b'{"model": "tiny-llama", "prompt": ', None),  # not JSON
         (json.dumps({"model": MODEL}).encode(), "prompt"),  # missing field
         (json.dumps({"model": MODEL, "prompt": "x", "temperature": "hot"}).encode(), "temperature"),  # wrong type
-        (json.dumps({"model": MODEL, "prompt": "x", "max_tokens": 0}).encode(), "max_tokens"),  # out of range
+        (json.dumps({"model": MODEL, "prompt": "x", "max_tokens": -1}).encode(), "max_tokens"),  # out of range
         (json.dumps([1, 2]).encode(), None),  # not an object
     ]:
         status, text = _raw(url, body=body)
