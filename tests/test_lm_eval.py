@@ -31,9 +31,6 @@ doc_to_text: "{{{{context}}}}"
 doc_to_target: "{{{{continuation}}}}"
 target_delimiter: ""
 metric_list:
-  - metric: perplexity
-    aggregation: perplexity
-    higher_is_better: false
   - metric: acc
     aggregation: mean
     higher_is_better: true
