@@ -17,9 +17,9 @@ int32 and one float32 array (two transfers). One jitted program per step
     chunk rows:   prefill(start_positions) over the same pool → sample at each chunk's end → tokens[slot]
                   (and, when a row asks, the log-probabilities of its prompt tokens from every position)
 
-returns the sampled tokens (their log-probabilities only where a request asked), which the host starts copying
-back at once and reads one step later, after it has
-dispatched the next step: the device never waits on the host's bookkeeping. Sampled tokens feed the next decode
+returns the sampled tokens (and log-probabilities, copied back only in steps where a request asked), which the
+host starts copying back at once and reads one step later, after it has dispatched the next step: the device
+never waits on the host's bookkeeping. Sampled tokens feed the next decode
 on the device, so a decoding sequence's token never makes the round trip before it is used.
 
 Shapes are bucketed to powers of two: decode rows up to max_num_seqs, chunk rows of `prefill_row_tokens` tokens
@@ -242,7 +242,7 @@ class InFlightStep:
     """A dispatched step: what it was asked to do, and its sampled tokens (and the log-probabilities its
     requests asked for) on their way to the host."""
 
-    def __init__(self, scheduled: SchedulerOutput, shape: "StepShape", epochs: tuple[int, ...], outputs, index: int):
+    def __init__(self, scheduled: SchedulerOutput, shape: StepShape, epochs: tuple[int, ...], outputs, index: int):
         self.scheduled = scheduled
         self.epochs = epochs  # of decode rows, then chunks, when planned
         self.index = index

@@ -8,7 +8,6 @@ import re
 import subprocess
 import sys
 import threading
-import time
 
 import jax.numpy as jnp
 import numpy as np
