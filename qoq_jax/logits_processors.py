@@ -73,7 +73,8 @@ def process_logits(
     logits = logits_bv.at[rows, sampling.logit_bias_ids].add(sampling.logit_bias, mode="drop")
     held = (generated_b < sampling.min_tokens)[:, None] & (stop_ids_bs >= 0) & (stop_ids_bs < vocab)
     logits = logits.at[rows, jnp.where(held, stop_ids_bs, NO_TOKEN)].set(-jnp.inf, mode="drop")
-    penalised = (sampling.presence_penalty != 0) | (sampling.frequency_penalty != 0) | (sampling.repetition_penalty != 1)
+    penalised = sampling.presence_penalty != 0
+    penalised |= (sampling.frequency_penalty != 0) | (sampling.repetition_penalty != 1)
 
     def penalise():
         rows_history = history if history_rows_b is None else jax.tree.map(lambda x: x[history_rows_b], history)
