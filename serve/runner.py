@@ -498,6 +498,8 @@ def _step(params: Params, pool: PagedKVCache, batch: DeviceBatch, ints, floats, 
         sampled.append(drawn)
     pool = dataclasses.replace(pool, block_tables=jnp.zeros((1, 1), jnp.int32))
     batch = DeviceBatch(tables, tokens, sampling, prompt_lengths, stop_ids, history)
+    if params.parallel is not None:
+        batch = params.parallel.constrain(batch)  # as the next step takes it
     sampled = jax.tree.map(lambda *rows: jnp.concatenate(rows), *sampled)
     return pool, batch, sampled.tokens, sampled.logprobs, prompt
 
