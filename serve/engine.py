@@ -364,12 +364,11 @@ class Engine:
     def _process(self, step: InFlightStep, result: RunnerOutput) -> list[RequestOutput]:
         """Step N's sampled tokens through the stop rules; each row's failure stays with its request."""
         scheduled, outputs = step.scheduled, []
-        decode_tokens = result.decode_token_ids.tolist()
         decode_epochs = step.epochs[: len(scheduled.decode)]
-        rows = zip(scheduled.decode, decode_epochs, scheduled.decode_positions)
-        for row, (seq, epoch, position) in enumerate(rows):
-            token = decode_tokens[row]
-            logprob = _token_logprob(token, result.decode_logprobs, row, seq)
+        rows = zip(scheduled.decode, decode_epochs, scheduled.decode_positions, result.decode_token_ids.tolist())
+        logprobs = result.decode_logprobs  # None unless a request of the step asked
+        for row, (seq, epoch, position, token) in enumerate(rows):
+            logprob = None if logprobs is None else _token_logprob(token, logprobs, row, seq)
             self._accept(seq, epoch, position + 1, token, outputs, logprob)
         chunk_tokens = result.chunk_token_ids.tolist()
         chunk_epochs = step.epochs[len(scheduled.decode) :]
