@@ -260,6 +260,13 @@ def _add_serve(parser: argparse.ArgumentParser) -> None:
         "every table width; the rest compile in the background as needed), or none",
     )
     parser.add_argument("--no-prefix-caching", action="store_true", help="do not share cached prompt pages")
+    parser.add_argument(
+        "--logprobs-mode",
+        choices=["raw", "processed"],
+        default="raw",
+        help="what logprobs report: the model's own distribution (raw, as OpenAI and vLLM do) or the one sampled "
+        "from, after penalties, logit bias, temperature, top-k and top-p (processed)",
+    )
     _add_tensor_parallel(parser)
     parser.add_argument(
         "--data-parallel",
@@ -303,7 +310,7 @@ def _serve(args: argparse.Namespace) -> int:
             model_name=name,
             **options,
         )
-    app = create_app(engine, model_name=name, api_key=args.api_key)
+    app = create_app(engine, model_name=name, api_key=args.api_key, logprobs_mode=args.logprobs_mode)
     try:
         run(app, host=args.host, port=args.port)
     except KeyboardInterrupt:

@@ -35,18 +35,17 @@ import time
 from collections.abc import AsyncIterator
 
 import jax
-import numpy as np
 from jax.sharding import Mesh
 
 from qoq_jax.errors import InvalidRequestError, InvalidSamplingError, PromptTooLongError
 from qoq_jax.generate import eos_ids
 from qoq_jax.kv_cache import AttentionImplementations, attention_implementations, kv_bytes_per_page, pages_that_fit
 from qoq_jax.params import Params, shard_params
-from qoq_jax.sampling import SamplingParams
+from qoq_jax.logprobs import TokenLogprob, host_logprobs
 from serve.kv_cache_manager import KVCacheManager
 from serve.output import OutputProcessor
 from serve.request import EngineDeadError, EngineStats, OverloadedError, Request, RequestFailedError, RequestOutput
-from serve.runner import WARMUP_MODES, InFlightStep, ModelRunner, RunnerOutput
+from serve.runner import MAX_HELD_STOP_IDS, MAX_LOGIT_BIAS, WARMUP_MODES, InFlightStep, ModelRunner, RunnerOutput
 from serve.scheduler import Scheduler, SchedulerOutput, Sequence
 
 log = logging.getLogger(__name__)
@@ -158,11 +157,10 @@ class Engine:
         )
         self._in_flight: InFlightStep | None = None
         self._sequences: dict[str, Sequence] = {}
-        self._added: collections.deque[Request] = collections.deque()
+        self._added: collections.deque[tuple[Request, tuple[int, ...]]] = collections.deque()
         self._aborted: collections.deque[str] = collections.deque()
         self._lock = threading.Lock()
         self._arrivals = itertools.count()
-        self._pending_rows: dict[str, tuple] = {}  # sampling rows of requests in the inbox
         self._failures_in_a_row = 0
         self.work_available = threading.Event()
         self._counters = collections.Counter()
@@ -246,15 +244,33 @@ class Engine:
                 f"the prompt has {len(prompt)} tokens and max_tokens is {request.max_tokens}: together more than "
                 f"this server's context of {self.max_model_len} tokens"
             )
-        sampling_row = _sampling_row(request.sampling)
+        held_stop_ids = self._check_sampling(request)
         with self._lock:
-            if request.request_id in self._sequences or any(r.request_id == request.request_id for r in self._added):
+            if request.request_id in self._sequences or any(r.request_id == request.request_id for r, _ in self._added):
                 raise InvalidRequestError(f"request id {request.request_id!r} is already in use")
             if len(self._sequences) + len(self._added) >= self.config.max_waiting + self.config.max_num_seqs:
                 raise OverloadedError(f"{self.config.max_waiting} requests are already waiting; retry later")
-            self._added.append(request)
-            self._pending_rows[request.request_id] = sampling_row
+            self._added.append((request, held_stop_ids))
         self.work_available.set()
+
+    def _check_sampling(self, request: Request) -> tuple[int, ...]:
+        """What the device batch cannot hold is refused (naming the field); returns the stop ids held back
+        under min_tokens."""
+        sampling, vocab = request.sampling, self.params.config.vocab_size
+        bias_ids = [token for token, _ in sampling.logit_bias]
+        if len(bias_ids) > MAX_LOGIT_BIAS or any(token >= vocab for token in bias_ids):
+            raise InvalidSamplingError(
+                f"logit_bias takes at most {MAX_LOGIT_BIAS} token ids in [0, {vocab}); got {len(bias_ids)}, "
+                f"the largest {max(bias_ids)}"
+            )
+        if not sampling.min_tokens:
+            return ()
+        held = sorted(set(request.stop_token_ids) | (set() if request.ignore_eos else self.outputs.eos_ids))
+        if len(held) > MAX_HELD_STOP_IDS:
+            raise InvalidRequestError(
+                f"stop_token_ids: with min_tokens at most {MAX_HELD_STOP_IDS} stop ids (EOS included); got {len(held)}"
+            )
+        return tuple(held)
 
     def abort(self, request_id: str) -> None:
         """Stops a request at the next step; its pages are freed and it ends with finish_reason "abort"."""
@@ -326,13 +342,15 @@ class Engine:
         outputs = []
         with self._lock:
             while self._added:
-                request = self._added.popleft()
+                request, held_stop_ids = self._added.popleft()
+                sampling = request.sampling
                 seq = Sequence(
                     request=request,
                     order=next(self._arrivals),
                     max_num_tokens=len(request.prompt_token_ids) + request.max_tokens,
                     token_ids=list(request.prompt_token_ids),
-                    sampling_row=self._pending_rows.pop(request.request_id),
+                    held_stop_ids=held_stop_ids,
+                    shares_prefix=not sampling.has_penalties and sampling.prompt_logprobs is None,
                 )
                 seq.state = self.outputs.start(request)
                 self._sequences[request.request_id] = seq
@@ -348,19 +366,32 @@ class Engine:
         scheduled, outputs = step.scheduled, []
         decode_epochs = step.epochs[: len(scheduled.decode)]
         rows = zip(scheduled.decode, decode_epochs, scheduled.decode_positions, result.decode_token_ids.tolist())
-        for seq, epoch, position, token in rows:
-            self._accept(seq, epoch, position + 1, token, outputs)
+        logprobs = result.decode_logprobs  # None unless a request of the step asked
+        for row, (seq, epoch, position, token) in enumerate(rows):
+            logprob = None if logprobs is None else _token_logprob(token, logprobs, row, seq)
+            self._accept(seq, epoch, position + 1, token, outputs, logprob)
         chunk_tokens = result.chunk_token_ids.tolist()
         chunk_epochs = step.epochs[len(scheduled.decode) :]
-        for chunk, epoch, row in zip(scheduled.chunks, chunk_epochs, self.runner.chunk_last_rows(scheduled)):
+        for chunk, epoch, rows in zip(scheduled.chunks, chunk_epochs, self.runner.chunk_rows(scheduled)):
             self._counters["prompt_tokens"] += chunk.num_tokens
-            token = chunk_tokens[row] if chunk.samples else None
-            self._accept(chunk.seq, epoch, chunk.start + chunk.num_tokens, token, outputs)
+            seq = chunk.seq
+            if result.prompt_logprobs is not None and seq.request.sampling.prompt_logprobs is not None:
+                for row, start in zip(rows, range(chunk.start, chunk.start + chunk.num_tokens, self.runner.row_tokens)):
+                    scored = jax.tree.map(lambda x: x[row], result.prompt_logprobs)
+                    self.outputs.add_prompt_logprobs(seq.request, seq.state, start, scored)
+            token = logprob = None
+            if chunk.samples:
+                token = chunk_tokens[rows[-1]]
+                logprob = _token_logprob(token, result.chunk_logprobs, rows[-1], seq)
+            self._accept(seq, epoch, chunk.start + chunk.num_tokens, token, outputs, logprob)
         self._failures_in_a_row = 0
         return outputs
 
-    def _accept(self, seq: Sequence, epoch: int, num_computed: int, token: int | None, outputs: list) -> None:
-        """One row's result (the hot path: once per running sequence per step)."""
+    def _accept(
+        self, seq: Sequence, epoch: int, num_computed: int, token: int | None, outputs: list, logprob=None
+    ) -> None:
+        """One row's result (the hot path: once per running sequence per step): `token` sampled for seq at this
+        step (None: a chunk that samples none), with its TokenLogprob when the request asked."""
         if seq.finished:
             return  # it stopped one step earlier: this row's token is past its end
         seq.proven = True
@@ -372,7 +403,7 @@ class Engine:
             seq.num_pending -= 1
             seq.token_ids.append(token)
             self._generated += 1
-            output = self.outputs.append(seq.request, seq.state, token)
+            output = self.outputs.append(seq.request, seq.state, token, logprob)
         except Exception as error:  # noqa: BLE001 - one request's bad state must not stop the others
             log.exception("request %s failed while its output was processed", seq.request_id)
             outputs.append(self._end(seq, "error", f"{type(error).__name__}: {error}"))
@@ -441,18 +472,13 @@ def _sequences_of(scheduled: SchedulerOutput) -> list[Sequence]:
     return list(scheduled.decode) + [chunk.seq for chunk in scheduled.chunks]
 
 
-def _sampling_row(sampling: SamplingParams) -> tuple:
-    """The sampler's per-row values, checked to fit its dtypes (float32, int32, uint32)."""
-    temperature, top_p = np.float32(sampling.temperature), np.float32(sampling.top_p)
-    if not (np.isfinite(temperature) and np.isfinite(top_p)):
-        raise InvalidSamplingError(
-            f"temperature and top_p must be finite float32 numbers; got {sampling.temperature}, {sampling.top_p}"
-        )
-    if not 0 <= sampling.top_k < 2**31:
-        raise InvalidSamplingError(f"top_k must be in [0, 2**31) (0 disables it); got {sampling.top_k}")
-    if not 0 <= sampling.seed < 2**32:
-        raise InvalidSamplingError(f"seed must be in [0, 2**32); got {sampling.seed}")
-    return float(temperature), int(sampling.top_k), float(top_p), int(sampling.seed)
+def _token_logprob(token: int, logprobs, row: int, seq: Sequence) -> TokenLogprob | None:
+    """A row's TokenLogprob when its request asked (`logprobs`: the step's rows', None when none asked)."""
+    num_top = seq.request.sampling.logprobs
+    if num_top is None or logprobs is None:
+        return None
+    [entry] = host_logprobs([token], jax.tree.map(lambda x: x[row : row + 1], logprobs), num_top)
+    return entry
 
 
 def _sized(config: EngineConfig, num_pages: int, pages_per_seq: int) -> EngineConfig:

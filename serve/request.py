@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 
 from qoq_jax.errors import InvalidRequestError, QoQError
+from qoq_jax.logprobs import TokenLogprob
 from qoq_jax.sampling import SamplingParams
 from qoq_jax.validation import INT32_MAX, check_integer, check_integers, check_text
 
@@ -66,6 +67,8 @@ class RequestOutput:
     num_generated_tokens: int
     finish_reason: str | None = None  # "stop", "length", "abort" or "error" once finished
     error: str | None = None  # why, when finish_reason is "error"
+    new_logprobs: tuple[TokenLogprob, ...] = ()  # one per new token, when the request asked for logprobs
+    prompt_logprobs: tuple[TokenLogprob, ...] | None = None  # prompt tokens 1.. (asked for), on the first output
 
     @property
     def finished(self) -> bool:

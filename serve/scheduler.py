@@ -38,7 +38,8 @@ class Sequence:
     order: int  # arrival order: the largest is the youngest, preempted first
     max_num_tokens: int  # prompt + max_tokens: no step is planned past it
     token_ids: list[int]  # prompt, then every sampled token read back
-    sampling_row: tuple  # (temperature, top_k, top_p, seed), checked to fit the sampler's dtypes
+    held_stop_ids: tuple[int, ...] = ()  # with min_tokens: its stop ids (EOS included), held back until then
+    shares_prefix: bool = True  # may start on cached pages (not with penalties or prompt logprobs: see _admit)
     slot: int | None = None  # its row in the device batch while running
     capacity: int = 0  # tokens its pages hold
     num_computed: int = 0  # tokens whose keys and values the planned steps write
@@ -204,10 +205,11 @@ class Scheduler:
         """Takes the head of the queue into the running set: the cached pages of its longest cached prefix,
         then pages for its first chunk; False (holding nothing) when the pool cannot cover that chunk."""
         seq_id = seq.request_id
-        if self.prefix_caching:
+        if self.prefix_caching and seq.shares_prefix:  # else its history and prompt logprobs need every token
             seq.num_computed = self.kv_cache.share_prefix(seq_id, seq.token_ids)
         if self.kv_cache.allocate(seq_id, seq.num_computed + self._chunk_size(seq, budget, rows)) is None:
-            self.kv_cache.release(seq_id)
+            if seq_id in self.kv_cache:  # the shared prefix it holds (nothing when it shares none)
+                self.kv_cache.release(seq_id)
             seq.num_computed = 0
             return False
         self.num_prefix_hit_tokens += seq.num_computed

@@ -253,9 +253,9 @@ def test_request_errors_answer_in_openai_shape(served):
     assert temperature.status_code == 400 and temperature.body["param"] == "temperature"
     top_p = _error(lambda: create(model=MODEL, prompt=PROMPT, max_tokens=4, top_p=0))
     assert top_p.status_code == 400 and top_p.body["param"] == "top_p"
-    n = _error(lambda: create(model=MODEL, prompt=PROMPT, max_tokens=4, n=2))
+    n = _error(lambda: create(model=MODEL, prompt=PROMPT, max_tokens=4, n=0))
     assert n.status_code == 400 and n.body["param"] == "n"
-    logprobs = _error(lambda: create(model=MODEL, prompt=PROMPT, max_tokens=4, logprobs=1))
+    logprobs = _error(lambda: create(model=MODEL, prompt=PROMPT, max_tokens=4, logprobs=21))
     assert logprobs.status_code == 400 and logprobs.body["param"] == "logprobs"
     bad_token = _error(lambda: create(model=MODEL, prompt=[5, 10_000], max_tokens=4))
     assert bad_token.status_code == 400 and "token ids" in bad_token.body["message"]
@@ -329,7 +329,7 @@ def test_malformed_bodies_are_400_not_422(served):
         (b'{"model": "tiny-llama", "prompt": ', None),  # not JSON
         (json.dumps({"model": MODEL}).encode(), "prompt"),  # missing field
         (json.dumps({"model": MODEL, "prompt": "x", "temperature": "hot"}).encode(), "temperature"),  # wrong type
-        (json.dumps({"model": MODEL, "prompt": "x", "max_tokens": 0}).encode(), "max_tokens"),  # out of range
+        (json.dumps({"model": MODEL, "prompt": "x", "max_tokens": -1}).encode(), "max_tokens"),  # out of range
         (json.dumps([1, 2]).encode(), None),  # not an object
     ]:
         status, text = _raw(url, body=body)
@@ -517,7 +517,7 @@ def test_serve_command_passes_engine_options(monkeypatch, params, capsys):
         kv_memory_bytes=2**29, warmup="none", prefix_caching=False,
     )  # fmt: skip
     assert "[some-dir: sized and described]" in capsys.readouterr().err
-    assert seen["app"] == dict(model_name="some-dir", api_key="k")
+    assert seen["app"] == dict(model_name="some-dir", api_key="k", logprobs_mode="raw")
     assert seen["run"] == ("app", "127.0.0.1", 8123)
 
 

@@ -18,7 +18,7 @@ def _scheduler(num_pages=11, **options):
 def _sequence(scheduler, name, prompt, max_tokens=100, order=None):
     order = len(scheduler.waiting) + len(scheduler.running) if order is None else order
     request = Request(name, tuple(prompt), max_tokens)
-    seq = Sequence(request, order, len(prompt) + max_tokens, list(prompt), sampling_row=(0.0, 0, 1.0, 0))
+    seq = Sequence(request, order, len(prompt) + max_tokens, list(prompt))
     scheduler.add(seq)
     return seq
 
