@@ -12,7 +12,10 @@ donated throughout. One untimed run compiles; the median of `--repeats` timed ru
 
 * Systems: qoq_w4a8kv4_g128, qoq_w4a8kv4_chn (QoQ W4A8KV4, the Pallas GEMMs and KV4 decode attention on GPU),
   w8a8kv8 (XLA int8 GEMMs, KV8 pages), w16a16kv16 (plain JAX in --dtype, KV16 pages), and hf_torch
-  (transformers' `generate` with a static cache, fp16, when torch sees a CUDA device).
+  (transformers' `generate` with a static cache, fp16, when torch sees a CUDA device); and
+  qoq_w4a8kv4_g128_engine: the same model, budget and batch served by the serving engine (`serve.engine`: the
+  requests added at once, continuous batching with chunked prefill, the host's bookkeeping overlapped with the
+  device), so the headline figure is also the one a server's users get.
 * Budget: --memory-budget-gb per device; by default what QServe's A100 run of the model held (its W4A8 weights
   plus its page count, at the exact KV4 page size) scaled by this device's memory over the A100's 80 GiB.
 * Batch-1 latency: ms per output token of the decode loop at batch 1 after a 1024-token prompt.
@@ -97,6 +100,7 @@ SYSTEMS = {
     "w16a16kv16": None,
 }
 HF_TORCH = "hf_torch"
+ENGINE = "qoq_w4a8kv4_g128_engine"  # the g128 model through serve.engine
 GOAL = {"model": "Llama-3-8B", "device": "H100", "vs_w16a16": 2.0, "vs_w8a8kv8": 1.3, "tokens_per_s": 6000}
 
 
@@ -207,6 +211,7 @@ class QoQRunner:
                 block_tables=jnp.zeros((1, per_seq), jnp.int32),
                 dtype=self.params.dtype,
                 kv_bits=self.params.kv_bits,
+                kv_clip=self.params.kv_clip,
                 kernel=self.params.kernel,
             )
 
@@ -258,6 +263,42 @@ def median_timing(timings: list[Timing]) -> Timing:
     return Timing(
         None if None in prefills else sum(prefills) / len(middle), sum(t.decode_s for t in middle) / len(middle)
     )
+
+
+class EngineRunner:
+    """The serving engine over the same model and an exactly sized pool: `batch` requests at once, greedy,
+    `gen_len` tokens each, timed from their arrival to the last token (prefill included)."""
+
+    def __init__(self, config, dtype, mesh, *, batch: int, prompt_len: int, gen_len: int, prefill_rows: int):
+        from serve.engine import build_engine
+
+        params = init_params(config, dtype=dtype, quant=SYSTEMS["qoq_w4a8kv4_g128"], mesh=mesh, seed=0)
+        self.engine = build_engine(
+            params,
+            max_num_seqs=batch,
+            max_model_len=prompt_len + gen_len,
+            page_size=PAGE_SIZE,
+            num_pages=batch * pages_per_sequence(prompt_len, gen_len),
+            max_num_batched_tokens=batch + prefill_rows * prompt_len,
+            prefill_row_tokens=PAGE_SIZE,
+            prefix_caching=False,
+        )
+        self.prompts = np.random.default_rng(0).integers(0, config.vocab_size, (batch, prompt_len)).tolist()
+        self.gen_len, self.runs = gen_len, 0
+
+    def run(self) -> Timing:
+        from serve.request import Request
+
+        engine, self.runs = self.engine, self.runs + 1
+        started = time.perf_counter()
+        for i, prompt in enumerate(self.prompts):
+            engine.add_request(Request(f"{self.runs}-{i}", tuple(prompt), self.gen_len, ignore_eos=True))
+        while engine.has_work():
+            engine.step()
+        elapsed = time.perf_counter() - started
+        if self.runs == 1:  # the compile run: let the programs it found missing finish compiling
+            engine.runner.wait_for_compilations()
+        return Timing(None, elapsed)
 
 
 class HFRunner:
@@ -323,7 +364,9 @@ def torch_cuda_available() -> bool:
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", nargs="+", choices=list(MODELS), default=["Llama-3-8B"])
-    parser.add_argument("--systems", nargs="+", choices=[*SYSTEMS, HF_TORCH], default=[*SYSTEMS, HF_TORCH])
+    parser.add_argument(
+        "--systems", nargs="+", choices=[*SYSTEMS, ENGINE, HF_TORCH], default=[*SYSTEMS, ENGINE, HF_TORCH]
+    )
     parser.add_argument("--memory-budget-gb", type=float, default=None, help="GiB per device for weights + KV")
     parser.add_argument("--tensor-parallel", type=int, default=1, metavar="N")
     parser.add_argument("--prompt-len", type=int, default=1024)
@@ -372,8 +415,9 @@ def benchmark_model(args, name: str, mesh) -> list[dict]:
                 continue
             fits = hf_footprint(config, dtype, **shape)
         else:
-            parallel = None if mesh is None else TensorParallel.create(mesh, config, SYSTEMS[system])
-            fits = footprint(config, SYSTEMS[system], dtype, parallel, **shape)
+            quant = SYSTEMS["qoq_w4a8kv4_g128" if system == ENGINE else system]
+            parallel = None if mesh is None else TensorParallel.create(mesh, config, quant)
+            fits = footprint(config, quant, dtype, parallel, **shape)
         batch = min(fits.max_batch(budget), args.max_batch)
         row = {
             "system": system,
@@ -400,12 +444,15 @@ def run_system(args, config, system: str, mesh, batch: int) -> dict:
     def runner(batch_size: int):
         if system == HF_TORCH:
             return HFRunner(config, args.dtype, batch=batch_size, **shape)
+        if system == ENGINE:
+            return EngineRunner(config, args.dtype, mesh, batch=batch_size, prefill_rows=args.prefill_rows, **shape)
         return QoQRunner(
             config, SYSTEMS[system], args.dtype, mesh, batch=batch_size, prefill_rows=args.prefill_rows, **shape
         )
 
     def per_token_ms(timing: Timing) -> float:
-        """Decode time per step; transformers' whole time (its prefill included) per generated token."""
+        """Decode time per step; the whole time (prefill included) per generated token where the system does not
+        report its prefill apart (transformers, the engine)."""
         return 1e3 * timing.decode_s / (args.gen_len if timing.prefill_s is None else args.gen_len - 1)
 
     profile = args.profile if system == "qoq_w4a8kv4_g128" else None
@@ -480,7 +527,8 @@ def main(argv=None) -> dict:
         "smoke": args.smoke,
         "method": "QServe qserve_benchmark.py: random weights, random prompts, largest batch in the budget, "
         "tokens/s = batch × gen_len / wall time including prefill (median of repeats after a compile run); "
-        "ms_per_token_batch1 = decode time per step at batch 1 (hf_torch: its whole time per generated token)",
+        "ms_per_token_batch1 = decode time per step at batch 1 (hf_torch and the engine: the whole time per "
+        "generated token)",
         "rows": rows,
         "goal": goals(rows, device),
     }

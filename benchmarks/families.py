@@ -164,7 +164,8 @@ def _write(report: dict) -> None:
         f"# QoQ per model family: tiny trained models ({report['device']}, jax {report['jax_version']})",
         "",
         f"Each model trained {report['steps']} steps of {report['batch']} × {report['seq_len']} tokens on the first "
-        f"{int(100 * TRAIN_FRACTION)}% of {report['text']} ({report['train_tokens']} tokens of a 300-token BPE), calibrated on {report['calibration']['samples']} × "
+        f"{int(100 * TRAIN_FRACTION)}% of {report['text']} ({report['train_tokens']} tokens of a 300-token BPE), "
+        f"calibrated on {report['calibration']['samples']} × "
         f"{report['calibration']['seq_len']} tokens of that text, perplexity @{report['seq_len']} on the held-out "
         "rest and on as much text the model was trained on (float32; quantized models attend over their KV4 round "
         "trip). In brackets: change against FP.",

@@ -22,12 +22,13 @@ from qoq_jax.errors import (
 from qoq_jax.generate import Completion, complete, generate
 from qoq_jax.kv_cache import KVCache, KVPool, NoKVCache, PagedKVCache, kv_bytes_per_page, pages_that_fit
 from qoq_jax.loading import load
+from qoq_jax.logprobs import TokenLogprob
 from qoq_jax.params import Params, assemble_params, expected_shapes, init_params, shard_params
 from qoq_jax.perplexity import Perplexity, perplexity
 from qoq_jax.quant import QuantFormat
 from qoq_jax.sharding import TensorParallel, make_mesh
 from qoq_jax.sampling import SamplingParams
-from qoq_jax.steps import DecodeState, decode_step, forward, prefill
+from qoq_jax.steps import DecodeState, decode_step, forward, lm_head, prefill, prefill_hidden
 
 __all__ = [
     "CalibrationError",
@@ -50,6 +51,7 @@ __all__ = [
     "RopeConfig",
     "SamplingParams",
     "TensorParallel",
+    "TokenLogprob",
     "UnsupportedModelError",
     "assemble_params",
     "complete",
@@ -59,12 +61,14 @@ __all__ = [
     "generate",
     "init_params",
     "kv_bytes_per_page",
+    "lm_head",
     "load",
     "load_checkpoint",
     "make_mesh",
     "pages_that_fit",
     "perplexity",
     "prefill",
+    "prefill_hidden",
     "save_checkpoint",
     "shard_params",
 ]

@@ -137,6 +137,11 @@ class TensorParallel:
         """`tree` (host or device arrays) moved onto the mesh in its shardings."""
         return jax.device_put(tree, self.shardings(tree))
 
+    def constrain(self, tree: T) -> T:
+        """`tree` (traced, inside jit) held in its shardings: a step's outputs in the layout its next call
+        takes, not the one XLA would propagate to them (e.g. from the vocabulary-split logits)."""
+        return jax.lax.with_sharding_constraint(tree, self.shardings(tree))
+
     def build(self, make: Callable[[], T]) -> T:
         """The arrays `make` creates, created directly in their shardings (a pool or model too big for one
         device never exists whole)."""

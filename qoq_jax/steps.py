@@ -20,6 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.sharding import PartitionSpec as P
 
 from qoq_jax.errors import InvalidRequestError, PromptTooLongError
 from qoq_jax.kv_cache import DEFAULT_PAGE_SIZE, KVCache, NoKVCache, PagedKVCache
@@ -169,6 +170,36 @@ def prefill(
     kernel on GPU), whose block tables may be narrower than T as long as they cover each row's start + length:
     tokens past a row's table are not stored. A row of length 0 (padding: give it a block-table row of
     `num_pages`, so nothing is written) gets finite logits and a state length of its start."""
+    state, hidden, lengths = _prefill(params, token_ids, lengths, max_length, page_size, cache, start_positions)
+    return state, lm_head(params, last_positions(hidden, lengths))
+
+
+@_host_checked(_check_prefill)
+@functools.partial(jax.jit, static_argnames=("max_length", "page_size"), donate_argnames=("cache",))
+def prefill_hidden(
+    params: Params,
+    token_ids: jax.Array,
+    lengths: jax.Array | None = None,
+    *,
+    max_length: int | None = None,
+    page_size: int = DEFAULT_PAGE_SIZE,
+    cache: PagedKVCache | None = None,
+    start_positions: jax.Array | None = None,
+) -> tuple[DecodeState, jax.Array]:
+    """`prefill` returning the final hidden states [B, T, D] of every prompt position instead of the last
+    logits, which are `lm_head(params, last_positions(hidden, lengths))`: the logits of any position without
+    [B, T, vocab] ever existing (prompt log-probabilities, `qoq_jax.logprobs.prompt_logprobs`)."""
+    state, hidden, _ = _prefill(params, token_ids, lengths, max_length, page_size, cache, start_positions)
+    return state, hidden
+
+
+def last_positions(hidden_btd: jax.Array, lengths_b: jax.Array) -> jax.Array:
+    """Each row's hidden state [B, D] at its last token (position lengths − 1; a row of length 0: its first)."""
+    return jnp.take_along_axis(hidden_btd, jnp.maximum(lengths_b - 1, 0)[:, None, None], axis=1)[:, 0]
+
+
+def _prefill(params, token_ids, lengths, max_length, page_size, cache, start_positions):
+    """The decode state, the final hidden states and the row lengths (filled in when not given)."""
     batch, length = token_ids.shape
     if cache is None:
         if start_positions is not None:
@@ -196,9 +227,9 @@ def prefill(
     offsets = jnp.arange(length, dtype=jnp.int32)[None, :]
     chunked = dataclasses.replace(cache, continues_prefix=start_positions is not None)
     positions, valid = starts[:, None] + offsets, offsets < lengths[:, None]
-    logits, chunked = _run_model(params, token_ids, positions, valid, chunked, jnp.maximum(lengths - 1, 0))
+    hidden, chunked = _run_decoder(params, token_ids, positions, valid, chunked)
     state = DecodeState(cache=dataclasses.replace(chunked, continues_prefix=False), lengths=starts + lengths)
-    return state, logits
+    return state, hidden, lengths
 
 
 @_host_checked(_check_decode_step)
@@ -212,34 +243,53 @@ def decode_step(params: Params, state: DecodeState, tokens: jax.Array) -> tuple[
     return DecodeState(cache=cache, lengths=state.lengths + 1), logits[:, 0]
 
 
-def _run_model(params: Params, token_ids, positions, valid, cache: KVCache, last_index=None):
-    """The model over new tokens [B, T]: float32 logits [B, T, vocab] (or [B, vocab] at each row's `last_index`)
-    and the updated cache.
+def _run_model(params: Params, token_ids, positions, valid, cache: KVCache):
+    """The model over new tokens [B, T]: float32 logits [B, T, vocab] and the updated cache."""
+    hidden, cache = _run_decoder(params, token_ids, positions, valid, cache)
+    return lm_head(params, hidden), cache
+
+
+def _run_decoder(params: Params, token_ids, positions, valid, cache: KVCache):
+    """The decoder over new tokens [B, T]: the final (normed) hidden states [B, T, D] and the updated cache.
 
     With tensor parallelism the model runs per device inside `shard_map` on its shards of the weights and cache,
-    calling its collectives itself (see `qoq_jax.sharding`); the logits come out split over the vocabulary."""
+    calling its collectives itself (see `qoq_jax.sharding`); the hidden states come out whole on every device."""
     parallel = params.parallel
 
-    def run(state, cache, token_ids, positions, valid, *last_index):
+    def run(state, cache, token_ids, positions, valid):
         model = nnx.merge(params.graphdef, state)
         tensor_axes = () if parallel is None else TENSOR_AXES
-        hidden, cache = model(token_ids, positions, valid, cache, tensor_axes=tensor_axes)
-        if last_index:
-            hidden = jnp.take_along_axis(hidden, last_index[0][:, None, None], axis=1)[:, 0]
-        return model.logits(hidden), cache
+        return model(token_ids, positions, valid, cache, tensor_axes=tensor_axes)
 
-    args = (params.state, cache, token_ids, positions, valid) + (() if last_index is None else (last_index,))
+    args = (params.state, cache, token_ids, positions, valid)
     if parallel is None:
         return run(*args)
-    cache_specs = parallel.partition_specs(cache)
-    logits_spec = parallel.logits_spec(3 if last_index is None else 2)
     return jax.shard_map(
         run,
         mesh=parallel.mesh,
         in_specs=parallel.partition_specs(args),
-        out_specs=(logits_spec, cache_specs),
+        out_specs=(P(), parallel.partition_specs(cache)),
         check_vma=False,  # the collectives are the model's own; Pallas calls carry no replication types
     )(*args)
+
+
+def lm_head(params: Params, hidden: jax.Array) -> jax.Array:
+    """Float32 logits [..., vocab] of final hidden states [..., D]; split over the vocabulary under tensor
+    parallelism, where the LM head is."""
+    parallel = params.parallel
+
+    def run(state, hidden):
+        return nnx.merge(params.graphdef, state).logits(hidden)
+
+    if parallel is None:
+        return run(params.state, hidden)
+    return jax.shard_map(
+        run,
+        mesh=parallel.mesh,
+        in_specs=(parallel.partition_specs(params.state), P()),
+        out_specs=parallel.logits_spec(hidden.ndim),
+        check_vma=False,
+    )(params.state, hidden)
 
 
 def _check_fits(params: Params, length: int) -> None:

@@ -227,14 +227,45 @@ def _add_serve(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--served-model-name", default=None, help="the model id clients ask for (default --model)")
     parser.add_argument("--dtype", choices=list(DTYPES), default=None)
-    parser.add_argument("--max-num-seqs", type=int, default=None, help="sequences decoded together (default 32)")
-    parser.add_argument("--max-model-len", type=int, default=None, help="prompt + generated tokens per request")
-    parser.add_argument("--page-size", type=int, default=None, help="tokens per KV cache page (default 64)")
+    parser.add_argument(
+        "--max-num-seqs",
+        type=_positive_int,
+        default=None,
+        help="sequences decoded together (default: sized from the KV pool, as vLLM does: as many sequences of up to "
+        "2048 tokens as the pages hold, the largest power of two up to 256; 256 for an 8B W4A8KV4 model on an "
+        "80-141 GB GPU)",
+    )
+    parser.add_argument(
+        "--max-num-batched-tokens",
+        type=_positive_int,
+        default=None,
+        help="tokens per step, decodes plus prompt chunks (default: max-num-seqs + 512)",
+    )
+    parser.add_argument(
+        "--max-model-len", type=_positive_int, default=None, help="prompt + generated tokens per request"
+    )
+    parser.add_argument("--page-size", type=_positive_int, default=None, help="tokens per KV cache page (default 64)")
     parser.add_argument(
         "--kv-memory-gb",
         type=float,
         default=None,
-        help="KV cache memory per device in GiB (default: what the device has left)",
+        help="KV cache memory per device in GiB (default: 90%% of the device's memory beside the weights; 4 GiB "
+        "on a CPU)",
+    )
+    parser.add_argument(
+        "--warmup",
+        choices=["all", "cover", "none"],
+        default=None,
+        help="step programs compiled before serving: all of them, a covering set (default: the widest batch at "
+        "every table width; the rest compile in the background as needed), or none",
+    )
+    parser.add_argument("--no-prefix-caching", action="store_true", help="do not share cached prompt pages")
+    parser.add_argument(
+        "--logprobs-mode",
+        choices=["raw", "processed"],
+        default="raw",
+        help="what logprobs report: the model's own distribution (raw, as OpenAI and vLLM do) or the one sampled "
+        "from, after penalties, logit bias, temperature, top-k and top-p (processed)",
     )
     _add_tensor_parallel(parser)
     parser.add_argument(
@@ -258,14 +289,19 @@ def _serve(args: argparse.Namespace) -> int:
     name = args.served_model_name or str(args.model).rstrip("/")
     options = {
         "max_num_seqs": args.max_num_seqs,
+        "max_num_batched_tokens": args.max_num_batched_tokens,
         "max_model_len": args.max_model_len,
         "page_size": args.page_size,
         "kv_memory_bytes": None if args.kv_memory_gb is None else int(args.kv_memory_gb * 2**30),
+        "warmup": args.warmup,
+        "prefix_caching": False if args.no_prefix_caching else None,
     }
     options = {k: v for k, v in options.items() if v is not None}
-    print(f"[{name}: compiling the engine's shapes…]", file=sys.stderr, flush=True)
+    print(f"[{name}: compiling the engine's step programs…]", file=sys.stderr, flush=True)
     if args.data_parallel == 1:  # one engine, no router
-        engine = AsyncEngine(build_engine(load(_tensor_mesh(args.tensor_parallel)), model_name=name, **options))
+        built = build_engine(load(_tensor_mesh(args.tensor_parallel)), model_name=name, **options)
+        print(f"[{name}: {built.describe()}]", file=sys.stderr, flush=True)
+        engine = AsyncEngine(built)
     else:
         engine = build_replicas(
             load,
@@ -274,7 +310,7 @@ def _serve(args: argparse.Namespace) -> int:
             model_name=name,
             **options,
         )
-    app = create_app(engine, model_name=name, api_key=args.api_key)
+    app = create_app(engine, model_name=name, api_key=args.api_key, logprobs_mode=args.logprobs_mode)
     try:
         run(app, host=args.host, port=args.port)
     except KeyboardInterrupt:

@@ -1,20 +1,25 @@
-"""The serving engine: continuous batching over the paged KV cache.
+"""The serving engine: continuous batching over the paged KV cache, composed of vLLM v1's four parts.
 
-`Engine.step()` is one scheduling iteration:
+    add_request ─> Scheduler ──SchedulerOutput──> ModelRunner ──InFlightStep──> OutputProcessor ─> RequestOutputs
+                   (host: budget, pages,          (device: pool, slots,         (stop rules, incremental
+                    preemption, prefix cache)      one program per step)         detokenization, deltas)
 
-1. Requests added or aborted since the last step are taken in (thread-safe inboxes).
-2. Schedule. Every running sequence in decode gets one token; when the pool has no page for it, the youngest
-   running sequence is preempted: its pages are freed and it goes back to the front of the queue, to be
-   recomputed (prompt plus what it generated) later, never dropped. Prompt chunks fill the rest of the step's
-   token budget: running sequences still in prefill first, then waiting requests admitted while seats, rows and
-   pages last. A new request first takes the cached pages of its longest cached prefix (prefix caching).
-3. Run: one decode call for the decode batch and one prefill call for the chunks, each padded to a bucket that
-   warm-up compiled, sampling on the device.
-4. Outputs: each new token passes the stop rules (EOS, stop ids, stop strings, max_tokens, max_model_len); the
-   text it adds is streamed (held back while it could still become a stop string); finished sequences free
-   their pages, keeping their full pages findable in the prefix cache.
+`Engine.step()` plans step N+1, dispatches it, and only then reads step N's sampled tokens and turns them into
+outputs, so the host's work for step N (outputs, detokenizing, streaming, planning N+2) runs while the device
+computes N+1 (see `serve.scheduler` for what that means for stop rules and pages).
 
-`AsyncEngine` runs the steps in a background thread and hands outputs to asyncio consumers.
+Failures stay with the request that caused them. A step that raises is dropped and undone, and its sequences
+recomputed. When exactly one of them is new (in its first step), or the step held only one, that request ends
+with an error (finish_reason "error"): inputs that fail, fail at once. When several are new, they become
+suspects, each admitted later as the only new sequence of its step, so the guilty one fails alone. A failure with
+no new request (one that shows only later in a request's decoding) counts against every request in the step, and
+one in three such steps is ended.
+A failure while the step ran on the device, or one that lost the device state, also restarts the device state:
+a fresh pool, every running request recomputed (counted and logged). Four failed steps in a row, whoever was
+blamed, mean the device is gone: the engine stops (`EngineDeadError`), which makes /health fail.
+
+`AsyncEngine` runs the steps in a background thread and hands outputs to asyncio consumers, one wake-up of the
+event loop per step.
 """
 
 from __future__ import annotations
@@ -22,78 +27,85 @@ from __future__ import annotations
 import asyncio
 import collections
 import dataclasses
-import functools
 import itertools
 import logging
+import os
 import threading
+import time
 from collections.abc import AsyncIterator
 
 import jax
-import jax.numpy as jnp
-import numpy as np
-
-from qoq_jax.errors import InvalidRequestError, PromptTooLongError
-from qoq_jax.generate import Continuation, eos_ids
 from jax.sharding import Mesh
 
-from qoq_jax.kv_cache import PagedKVCache, pages_that_fit
-from qoq_jax.page_allocator import PageAllocator
+from qoq_jax.errors import InvalidRequestError, InvalidSamplingError, PromptTooLongError
+from qoq_jax.generate import eos_ids
+from qoq_jax.kv_cache import AttentionImplementations, attention_implementations, kv_bytes_per_page, pages_that_fit
 from qoq_jax.params import Params, shard_params
-from qoq_jax.sampling import SamplingBatch, SamplingParams, sample
-from qoq_jax.steps import DecodeState, decode_step, prefill
-from serve.request import EngineStats, OverloadedError, Request, RequestOutput
+from qoq_jax.logprobs import TokenLogprob, host_logprobs
+from serve.kv_cache_manager import KVCacheManager
+from serve.output import OutputProcessor
+from serve.request import EngineDeadError, EngineStats, OverloadedError, Request, RequestFailedError, RequestOutput
+from serve.runner import MAX_HELD_STOP_IDS, MAX_LOGIT_BIAS, WARMUP_MODES, InFlightStep, ModelRunner, RunnerOutput
+from serve.scheduler import Scheduler, SchedulerOutput, Sequence
 
 log = logging.getLogger(__name__)
 
-_MIN_PREFILL_BLOCK = 16
 _DEVICE_MEMORY_FRACTION = 0.9  # of the device's memory for weights + KV pages; the rest for activations
+_CPU_KV_MEMORY_BYTES = 4 << 30  # the KV pool on a CPU without a budget (vLLM's CPU default KV space)
+_MAX_DEFAULT_SEQS = 256  # QServe's and vLLM's large-batch operating point
+_TYPICAL_SEQUENCE = 2048  # tokens a sequence is assumed to reach when sizing max_num_seqs from the pool
+_DEFAULT_PROMPT_TOKENS_PER_STEP = 512
+_MAX_CONSECUTIVE_FAILURES = 4  # steps failing in a row, whoever is blamed: the device is gone
+_FAILURES_TO_BLAME = 3  # failed steps a request was in, none with a single new request to blame
+
+
+@dataclasses.dataclass
+class StepTimes:
+    """Host seconds spent in each part of `step()` since the engine started: planning (inbox and scheduler),
+    preparing and dispatching the device call, output processing, as wall time and as this thread's CPU time
+    (on a CPU device the host's wall time stretches while the step computes on the same cores), and the wall
+    time spent waiting for the previous step's tokens."""
+
+    steps: int = 0
+    schedule: float = 0.0
+    prepare: float = 0.0
+    outputs: float = 0.0
+    schedule_cpu: float = 0.0
+    prepare_cpu: float = 0.0
+    outputs_cpu: float = 0.0
+    wait: float = 0.0
 
 
 @dataclasses.dataclass(frozen=True)
 class EngineConfig:
-    """Capacity and shape buckets. Decode batches are padded to powers of two up to max_num_seqs, prefill
-    chunks to (rows, block) powers of two up to (max_prefill_rows, max_prefill_chunk); every bucket is compiled
-    at warm-up."""
+    """Capacity, budget and shapes; None means "size it from the KV memory budget" (see `build_engine`)."""
 
-    max_num_seqs: int = 32
+    max_num_seqs: int | None = None  # sequences decoded together; default from the pool, ≤ 256
     max_model_len: int | None = None  # prompt + generated tokens; default min(model context, 4096)
     page_size: int = 64
     num_pages: int | None = None  # default: kv_memory_bytes' worth, else what fits in device memory
     kv_memory_bytes: int | None = None  # KV pool bytes on each device
-    max_num_batched_tokens: int = 512  # decode tokens + prompt chunk tokens per step
-    max_prefill_chunk: int = 256
-    max_prefill_rows: int = 4
-    max_waiting: int = 1024
+    max_num_batched_tokens: int | None = None  # decode + prompt tokens per step; default max_num_seqs + 512
+    prefill_row_tokens: int | None = None  # tokens per prompt-chunk row (default page_size)
+    max_prefill_rows: int | None = None  # chunk rows per step (default: the budget's worth)
+    max_waiting: int = 4096
     prefix_caching: bool = True
-    warmup: bool = True
+    warmup: str | bool = "cover"  # "all" programs before serving, a "cover"ing set, or "none"
+    compile_in_background: bool = True  # a step's own program, while a larger one runs it
+    compile_threads: int | None = None  # warm-up compilations at once (default: half the host's cores)
 
     def __post_init__(self):
-        for name in ("max_num_seqs", "page_size", "max_num_batched_tokens", "max_prefill_rows", "max_waiting"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be ≥ 1; got {getattr(self, name)}")
-        if self.max_prefill_chunk < _MIN_PREFILL_BLOCK:
-            raise ValueError(f"max_prefill_chunk must be ≥ {_MIN_PREFILL_BLOCK}; got {self.max_prefill_chunk}")
-
-
-@dataclasses.dataclass(eq=False)
-class _Sequence:
-    request: Request
-    continuation: Continuation
-    order: int  # arrival order: the largest is the youngest, preempted first
-    stop_ids: frozenset[int]  # the request's stop token ids, and EOS unless it ignores it
-    num_computed: int = 0  # tokens whose keys and values are in the pages
-    prefilled: bool = False  # every token but the last sampled one is computed: decode feeds that one
-    emitted_text: int = 0
-    emitted_tokens: int = 0
+        for name in ("max_num_seqs", "page_size", "max_num_batched_tokens", "prefill_row_tokens",
+                     "max_prefill_rows", "max_waiting", "num_pages", "max_model_len", "compile_threads"):  # fmt: skip
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ValueError(f"{name} must be ≥ 1; got {value}")
+        if self.warmup_mode not in WARMUP_MODES:
+            raise ValueError(f"warmup must be one of {WARMUP_MODES} (or a bool); got {self.warmup!r}")
 
     @property
-    def request_id(self) -> str:
-        return self.request.request_id
-
-    @property
-    def tokens(self) -> list[int]:
-        """The tokens the model consumes: prompt, then every sampled token kept."""
-        return self.continuation.prompt + self.continuation.tokens
+    def warmup_mode(self) -> str:
+        return {True: "all", False: "none"}.get(self.warmup, self.warmup)
 
 
 class Engine:
@@ -110,65 +122,65 @@ class Engine:
         """`mesh`: serve over its "tensor" axis (tensor parallelism); params already split keep their mesh."""
         params = shard_params(params, mesh)
         self.params = params
-        self.config = config
         self.model_name = model_name
         self.tokenizer = params.tokenizer
+        if self.tokenizer is not None and not hasattr(self.tokenizer, "backend_tokenizer"):
+            raise ValueError("the engine detokenizes with the `tokenizers` library: it needs a fast tokenizer")
         model_config = params.config
         self.max_model_len = min(config.max_model_len or min(model_config.max_context, 4096), model_config.max_context)
         self.pages_per_seq = -(-self.max_model_len // config.page_size)
-        num_pages = self._num_pages()
-        if num_pages < self.pages_per_seq:
+        self.config = config = _sized(config, self._num_pages(config), self.pages_per_seq)
+        if config.num_pages < self.pages_per_seq:
             raise ValueError(
-                f"the KV pool has {num_pages} pages of {config.page_size} tokens, fewer than one sequence of "
+                f"the KV pool has {config.num_pages} pages of {config.page_size} tokens, fewer than one sequence of "
                 f"max_model_len={self.max_model_len} needs ({self.pages_per_seq}); give it more memory or lower "
                 "max_model_len"
             )
-        self.allocator = PageAllocator(num_pages, config.page_size)
-
-        def empty_pool():
-            return PagedKVCache.init(
-                model_config,
-                num_pages=num_pages,
-                page_size=config.page_size,
-                block_tables=jnp.zeros((1, self.pages_per_seq), jnp.int32),
-                dtype=params.dtype,
-                kv_bits=params.kv_bits,
-                kernel=params.kernel,
-                kv_clip=params.kv_clip,
-            )
-
-        self._pool = empty_pool() if params.parallel is None else params.parallel.build(empty_pool)
-        self._eos_ids = frozenset(eos_ids(params))
-        self.decode_buckets = _powers_of_two(config.max_num_seqs)
-        self.prefill_row_buckets = _powers_of_two(config.max_prefill_rows)
-        capacity = self.pages_per_seq * config.page_size
-        blocks = {min(b, capacity) for b in _powers_of_two(config.max_prefill_chunk) if b >= _MIN_PREFILL_BLOCK}
-        self.prefill_block_buckets = sorted(blocks)  # never longer than a row's block table
-        self.waiting: collections.deque[_Sequence] = collections.deque()
-        self.running: list[_Sequence] = []
-        self._added: collections.deque[Request] = collections.deque()
+        scheduling = dict(
+            max_num_seqs=config.max_num_seqs,
+            max_prefill_rows=config.max_prefill_rows,
+            prefill_row_tokens=config.prefill_row_tokens,
+        )
+        self.scheduler = Scheduler(
+            KVCacheManager(config.num_pages, config.page_size),
+            max_num_batched_tokens=config.max_num_batched_tokens,
+            prefix_caching=config.prefix_caching,
+            **scheduling,
+        )
+        self.runner = ModelRunner(
+            params, num_pages=config.num_pages, page_size=config.page_size, pages_per_seq=self.pages_per_seq,
+            compile_in_background=config.compile_in_background, **scheduling,
+        )  # fmt: skip
+        self.outputs = OutputProcessor(self.tokenizer, eos_ids(params))
+        self.attention: AttentionImplementations = attention_implementations(
+            model_config, page_size=config.page_size, dtype=params.dtype, kernel=params.kernel
+        )
+        self._in_flight: InFlightStep | None = None
+        self._sequences: dict[str, Sequence] = {}
+        self._added: collections.deque[tuple[Request, tuple[int, ...]]] = collections.deque()
         self._aborted: collections.deque[str] = collections.deque()
-        self._active_ids: set[str] = set()
         self._lock = threading.Lock()
         self._arrivals = itertools.count()
+        self._failures_in_a_row = 0
         self.work_available = threading.Event()
         self._counters = collections.Counter()
-        if config.warmup:
-            self.warmup()
+        self._generated = 0  # tokens emitted (one per sampled token a live request kept)
+        self._page_size = config.page_size
+        self.step_times = StepTimes()
+        self.warmup()
 
-    def _num_pages(self) -> int:
+    def _num_pages(self, config: EngineConfig) -> int:
         """Pages per pool; with tensor parallelism every device holds each page's share of the KV heads, and
         the budget (kv_memory_bytes, device memory) is per device."""
-        config, params = self.config, self.params
+        params = self.params
         if config.num_pages is not None:
             return config.num_pages
         parallel = params.parallel
-        kv_shards = 1 if parallel is None else parallel.kv_shards
         budget = {
             "page_size": config.page_size,
             "kv_bits": params.kv_bits,
             "dtype": params.dtype,
-            "kv_shards": kv_shards,
+            "kv_shards": 1 if parallel is None else parallel.kv_shards,
         }
         if config.kv_memory_bytes is not None:
             return pages_that_fit(params.config, config.kv_memory_bytes, 0, **budget)
@@ -184,7 +196,34 @@ class Engine:
                 )
                 for memory in memories
             )
-        return config.max_num_seqs * self.pages_per_seq  # CPU: every seat at full length
+        # A CPU: every seat at full length when the seats are given, else a fixed budget of host memory.
+        if config.max_num_seqs is not None:
+            return config.max_num_seqs * self.pages_per_seq
+        pages = pages_that_fit(params.config, _CPU_KV_MEMORY_BYTES, 0, **budget)
+        return min(pages, _MAX_DEFAULT_SEQS * self.pages_per_seq)
+
+    def warmup(self) -> None:
+        """Compiles the step programs the config's warm-up mode asks for (see `serve.runner`)."""
+        threads = self.config.compile_threads or max(1, (os.cpu_count() or 2) // 2)
+        self.runner.warmup(self.config.warmup_mode, threads)
+
+    @property
+    def kv_cache(self) -> KVCacheManager:
+        return self.scheduler.kv_cache
+
+    def describe(self) -> str:
+        """The start-up line: capacity, budget and what runs attention."""
+        config, params = self.config, self.params
+        kv_shards = 1 if params.parallel is None else params.parallel.kv_shards
+        page_bytes = kv_bytes_per_page(
+            params.config, config.page_size, params.kv_bits, params.dtype, kv_shards=kv_shards
+        )
+        return (
+            f"KV{params.kv_bits} pool of {config.num_pages} pages × {config.page_size} tokens "
+            f"({config.num_pages * page_bytes / 2**30:.2f} GiB per device), max_num_seqs {config.max_num_seqs}, "
+            f"{config.max_num_batched_tokens} tokens per step, max_model_len {self.max_model_len}; "
+            f"attention {self.attention.describe()}"
+        )
 
     # --- requests (any thread) ---------------------------------------------------------------------------
 
@@ -205,14 +244,33 @@ class Engine:
                 f"the prompt has {len(prompt)} tokens and max_tokens is {request.max_tokens}: together more than "
                 f"this server's context of {self.max_model_len} tokens"
             )
+        held_stop_ids = self._check_sampling(request)
         with self._lock:
-            if request.request_id in self._active_ids:
+            if request.request_id in self._sequences or any(r.request_id == request.request_id for r, _ in self._added):
                 raise InvalidRequestError(f"request id {request.request_id!r} is already in use")
-            if len(self.waiting) + len(self._added) >= self.config.max_waiting:
+            if len(self._sequences) + len(self._added) >= self.config.max_waiting + self.config.max_num_seqs:
                 raise OverloadedError(f"{self.config.max_waiting} requests are already waiting; retry later")
-            self._active_ids.add(request.request_id)
-            self._added.append(request)
+            self._added.append((request, held_stop_ids))
         self.work_available.set()
+
+    def _check_sampling(self, request: Request) -> tuple[int, ...]:
+        """What the device batch cannot hold is refused (naming the field); returns the stop ids held back
+        under min_tokens."""
+        sampling, vocab = request.sampling, self.params.config.vocab_size
+        bias_ids = [token for token, _ in sampling.logit_bias]
+        if len(bias_ids) > MAX_LOGIT_BIAS or any(token >= vocab for token in bias_ids):
+            raise InvalidSamplingError(
+                f"logit_bias takes at most {MAX_LOGIT_BIAS} token ids in [0, {vocab}); got {len(bias_ids)}, "
+                f"the largest {max(bias_ids)}"
+            )
+        if not sampling.min_tokens:
+            return ()
+        held = sorted(set(request.stop_token_ids) | (set() if request.ignore_eos else self.outputs.eos_ids))
+        if len(held) > MAX_HELD_STOP_IDS:
+            raise InvalidRequestError(
+                f"stop_token_ids: with min_tokens at most {MAX_HELD_STOP_IDS} stop ids (EOS included); got {len(held)}"
+            )
+        return tuple(held)
 
     def abort(self, request_id: str) -> None:
         """Stops a request at the next step; its pages are freed and it ends with finish_reason "abort"."""
@@ -220,263 +278,228 @@ class Engine:
         self.work_available.set()
 
     def has_work(self) -> bool:
-        return bool(self._added or self._aborted or self.waiting or self.running)
+        return bool(self._added or self._aborted or self.scheduler.has_work() or self._in_flight is not None)
 
     def stats(self) -> EngineStats:
-        allocator = self.allocator
+        kv_cache, scheduler = self.kv_cache, self.scheduler
         return EngineStats(
-            waiting_requests=len(self.waiting) + len(self._added),
-            running_requests=len(self.running),
-            kv_pages_used=allocator.num_used_pages,
-            kv_pages_free=allocator.num_free_pages,
-            kv_pages_total=allocator.num_pages,
+            waiting_requests=len(scheduler.waiting) + len(self._added),
+            running_requests=len(scheduler.running),
+            kv_pages_used=kv_cache.num_used_pages,
+            kv_pages_free=kv_cache.num_free_pages,
+            kv_pages_total=kv_cache.num_pages,
             prompt_tokens_total=self._counters["prompt_tokens"],
-            generation_tokens_total=self._counters["generation_tokens"],
-            prefix_cache_hit_tokens_total=self._counters["prefix_cache_hit_tokens"],
-            preemptions_total=self._counters["preemptions"],
+            generation_tokens_total=self._generated,
+            prefix_cache_hit_tokens_total=scheduler.num_prefix_hit_tokens,
+            preemptions_total=scheduler.num_preemptions,
+            requests_failed_total=self._counters["requests_failed"],
+            engine_restarts_total=self._counters["restarts"],
+            step_programs_compiling=self.runner.num_compiling,
         )
 
     # --- one iteration (the engine thread) ---------------------------------------------------------------
 
     def step(self) -> list[RequestOutput]:
+        """Plans and dispatches the next step, then turns the previous step's tokens into outputs."""
+        times, started, started_cpu = self.step_times, time.perf_counter(), time.thread_time()
         outputs = self._take_inbox()
-        decode, chunks = self._schedule()
-        if chunks:
-            outputs += self._run_prefill(chunks)
-        if decode:
-            outputs += self._run_decode(decode)
+        scheduled = self.scheduler.schedule()
+        planned, planned_cpu = time.perf_counter(), time.thread_time()
+        launched = refused = None
+        if not scheduled.empty:
+            try:
+                launched = self.runner.dispatch(scheduled)
+            except Exception as error:  # noqa: BLE001 - contained: see _recover, after the step before it
+                refused = error
+        dispatched = waited = time.perf_counter()
+        dispatched_cpu = waited_cpu = time.thread_time()
+        previous, self._in_flight = self._in_flight, None
+        if previous is not None:
+            try:
+                result = previous.result()
+            except Exception as error:  # noqa: BLE001 - the step failed while running
+                dropped = [previous.scheduled] + ([launched.scheduled] if launched is not None else [])
+                launched = None  # it ran on the failed step's outputs
+                outputs += self._recover(dropped, error, ran=True)
+            else:
+                waited, waited_cpu = time.perf_counter(), time.thread_time()
+                outputs += self._process(previous, result)
+        if refused is not None:
+            outputs += self._recover([scheduled], refused, ran=False)
+        self._in_flight = launched
+        ended, ended_cpu = time.perf_counter(), time.thread_time()
+        times.steps += 1
+        times.schedule += planned - started
+        times.prepare += dispatched - planned
+        times.wait += waited - dispatched
+        times.outputs += ended - waited
+        times.schedule_cpu += planned_cpu - started_cpu
+        times.prepare_cpu += dispatched_cpu - planned_cpu
+        times.outputs_cpu += ended_cpu - waited_cpu
         return outputs
 
     def _take_inbox(self) -> list[RequestOutput]:
         outputs = []
         with self._lock:
             while self._added:
-                request = self._added.popleft()
-                continuation = Continuation(
-                    list(request.prompt_token_ids), self.tokenizer is not None, request.max_tokens
+                request, held_stop_ids = self._added.popleft()
+                sampling = request.sampling
+                seq = Sequence(
+                    request=request,
+                    order=next(self._arrivals),
+                    max_num_tokens=len(request.prompt_token_ids) + request.max_tokens,
+                    token_ids=list(request.prompt_token_ids),
+                    held_stop_ids=held_stop_ids,
+                    shares_prefix=not sampling.has_penalties and sampling.prompt_logprobs is None,
                 )
-                stop_ids = frozenset(request.stop_token_ids) | (frozenset() if request.ignore_eos else self._eos_ids)
-                self.waiting.append(_Sequence(request, continuation, next(self._arrivals), stop_ids))
+                seq.state = self.outputs.start(request)
+                self._sequences[request.request_id] = seq
+                self.scheduler.add(seq)
         while self._aborted:
-            request_id = self._aborted.popleft()
-            for queue in (self.waiting, self.running):
-                for seq in [s for s in queue if s.request_id == request_id]:
-                    queue.remove(seq)
-                    seq.continuation.finish_reason = "abort"
-                    outputs.append(self._finish(seq))
+            seq = self._sequences.get(self._aborted.popleft())
+            if seq is not None:
+                outputs.append(self._end(seq, "abort"))
         return outputs
 
-    def _schedule(self) -> tuple[list[_Sequence], list[tuple[_Sequence, int]]]:
-        """The decode batch and the prompt chunks (sequence, tokens) of this step."""
-        budget = self.config.max_num_batched_tokens
-        decode = []
-        for seq in list(self.running):
-            if seq.prefilled and seq in self.running and len(decode) < budget and self._reserve(seq, 1):
-                decode.append(seq)
-        decode = [s for s in decode if s in self.running]  # a later reservation may have preempted one
-        budget -= len(decode)
-        chunks = []
-        for seq in list(self.running):
-            if seq.prefilled or seq not in self.running or budget < 1 or len(chunks) >= self.config.max_prefill_rows:
-                continue
-            size = self._chunk_size(seq, budget)
-            if self._reserve(seq, size):
-                chunks.append((seq, size))
-                budget -= size
-        while (
-            self.waiting
-            and budget >= 1
-            and len(self.running) < self.config.max_num_seqs
-            and len(chunks) < self.config.max_prefill_rows
-        ):
-            seq = self.waiting[0]
-            if self.config.prefix_caching and seq.request_id not in self.allocator:
-                seq.num_computed = self.allocator.share_prefix(seq.request_id, seq.tokens)
-            size = self._chunk_size(seq, budget)
-            if not self.allocator.can_allocate(seq.request_id, seq.num_computed + size):
-                if seq.request_id in self.allocator:  # a waiting sequence holds no pages, shared ones included
-                    self.allocator.release(seq.request_id)
-                seq.num_computed = 0
-                break  # admission never preempts; it waits for pages
-            self.allocator.allocate(seq.request_id, seq.num_computed + size)
-            self._counters["prefix_cache_hit_tokens"] += seq.num_computed
-            self.waiting.popleft()
-            self.running.append(seq)
-            chunks.append((seq, size))
-            budget -= size
-        decode = [s for s in decode if s in self.running]
-        chunks = [(s, n) for s, n in chunks if s in self.running]
-        return decode, chunks
+    def _process(self, step: InFlightStep, result: RunnerOutput) -> list[RequestOutput]:
+        """Step N's sampled tokens through the stop rules; each row's failure stays with its request."""
+        scheduled, outputs = step.scheduled, []
+        decode_epochs = step.epochs[: len(scheduled.decode)]
+        rows = zip(scheduled.decode, decode_epochs, scheduled.decode_positions, result.decode_token_ids.tolist())
+        logprobs = result.decode_logprobs  # None unless a request of the step asked
+        for row, (seq, epoch, position, token) in enumerate(rows):
+            logprob = None if logprobs is None else _token_logprob(token, logprobs, row, seq)
+            self._accept(seq, epoch, position + 1, token, outputs, logprob)
+        chunk_tokens = result.chunk_token_ids.tolist()
+        chunk_epochs = step.epochs[len(scheduled.decode) :]
+        for chunk, epoch, rows in zip(scheduled.chunks, chunk_epochs, self.runner.chunk_rows(scheduled)):
+            self._counters["prompt_tokens"] += chunk.num_tokens
+            seq = chunk.seq
+            if result.prompt_logprobs is not None and seq.request.sampling.prompt_logprobs is not None:
+                for row, start in zip(rows, range(chunk.start, chunk.start + chunk.num_tokens, self.runner.row_tokens)):
+                    scored = jax.tree.map(lambda x: x[row], result.prompt_logprobs)
+                    self.outputs.add_prompt_logprobs(seq.request, seq.state, start, scored)
+            token = logprob = None
+            if chunk.samples:
+                token = chunk_tokens[rows[-1]]
+                logprob = _token_logprob(token, result.chunk_logprobs, rows[-1], seq)
+            self._accept(seq, epoch, chunk.start + chunk.num_tokens, token, outputs, logprob)
+        self._failures_in_a_row = 0
+        return outputs
 
-    def _chunk_size(self, seq: _Sequence, budget: int) -> int:
-        return min(len(seq.tokens) - seq.num_computed, budget, self.prefill_block_buckets[-1])
+    def _accept(
+        self, seq: Sequence, epoch: int, num_computed: int, token: int | None, outputs: list, logprob=None
+    ) -> None:
+        """One row's result (the hot path: once per running sequence per step): `token` sampled for seq at this
+        step (None: a chunk that samples none), with its TokenLogprob when the request asked."""
+        if seq.finished:
+            return  # it stopped one step earlier: this row's token is past its end
+        seq.proven = True
+        try:
+            if num_computed >= seq.cached_through + self._page_size:
+                self.scheduler.cache_prefix(seq, epoch, num_computed)
+            if token is None:
+                return
+            seq.num_pending -= 1
+            seq.token_ids.append(token)
+            self._generated += 1
+            output = self.outputs.append(seq.request, seq.state, token, logprob)
+        except Exception as error:  # noqa: BLE001 - one request's bad state must not stop the others
+            log.exception("request %s failed while its output was processed", seq.request_id)
+            outputs.append(self._end(seq, "error", f"{type(error).__name__}: {error}"))
+            return
+        if output.finish_reason is not None:
+            self._release(seq)
+        outputs.append(output)
 
-    def _reserve(self, seq: _Sequence, num_tokens: int) -> bool:
-        """Pages for seq's next `num_tokens` tokens, preempting the youngest running sequences (possibly seq
-        itself, which then returns False) until they fit."""
-        needed = seq.num_computed + num_tokens
-        while not self.allocator.can_allocate(seq.request_id, needed):
-            victim = max(self.running, key=lambda s: s.order)
-            self._preempt(victim)
-            if victim is seq:
-                return False
-        self.allocator.allocate(seq.request_id, needed)
-        return True
+    def _end(self, seq: Sequence, reason: str, error: str | None = None) -> RequestOutput:
+        self._release(seq)
+        if reason == "error":
+            self._counters["requests_failed"] += 1
+        return self.outputs.finish(seq.request, seq.state, reason, error)
 
-    def _preempt(self, seq: _Sequence) -> None:
-        self.allocator.release(seq.request_id)
-        self.running.remove(seq)
-        seq.num_computed, seq.prefilled = 0, False
-        self.waiting.appendleft(seq)
-        self._counters["preemptions"] += 1
-
-    # --- running the model ---------------------------------------------------------------------------------
-
-    def _run_prefill(self, chunks: list[tuple[_Sequence, int]]) -> list[RequestOutput]:
-        rows = _bucket(len(chunks), self.prefill_row_buckets)
-        block = _bucket(max(n for _, n in chunks), self.prefill_block_buckets)
-        tokens = np.zeros((rows, block), np.int32)
-        starts = np.zeros((rows,), np.int32)
-        lengths = np.zeros((rows,), np.int32)
-        for row, (seq, size) in enumerate(chunks):
-            tokens[row, :size] = seq.tokens[seq.num_computed : seq.num_computed + size]
-            starts[row], lengths[row] = seq.num_computed, size
-        tables = self._tables([seq for seq, _ in chunks], rows)
-        sampling = self._sampling([seq for seq, _ in chunks], rows)
-        cache = dataclasses.replace(self._pool, block_tables=tables)
-        cache, sampled = _prefill_and_sample(self.params, cache, tokens, starts, lengths, sampling)
-        self._pool = cache
-        sampled = np.asarray(sampled)
-        outputs = []
-        for row, (seq, size) in enumerate(chunks):
-            seq.num_computed += size
-            self._counters["prompt_tokens"] += size
-            self._cache_prefix(seq)
-            if seq.num_computed == len(seq.tokens):
-                seq.prefilled = True
-                outputs.append(self._append(seq, int(sampled[row])))
-        return [o for o in outputs if o is not None]
-
-    def _run_decode(self, decode: list[_Sequence]) -> list[RequestOutput]:
-        rows = _bucket(len(decode), self.decode_buckets)
-        tokens = np.zeros((rows,), np.int32)
-        lengths = np.full((rows,), self.pages_per_seq * self.config.page_size, np.int32)  # padding: writes dropped
-        for row, seq in enumerate(decode):
-            tokens[row], lengths[row] = seq.tokens[-1], seq.num_computed
-        cache = dataclasses.replace(self._pool, block_tables=self._tables(decode, rows))
-        cache, sampled = _decode_and_sample(self.params, cache, tokens, lengths, self._sampling(decode, rows))
-        self._pool = cache
-        sampled = np.asarray(sampled)
-        outputs = []
-        for row, seq in enumerate(decode):
-            seq.num_computed += 1
-            self._cache_prefix(seq)
-            outputs.append(self._append(seq, int(sampled[row])))
-        return [o for o in outputs if o is not None]
-
-    def _tables(self, seqs: list[_Sequence], rows: int) -> np.ndarray:
-        tables = np.zeros((rows, self.pages_per_seq), np.int32)
-        tables[: len(seqs)] = self.allocator.block_tables([s.request_id for s in seqs], self.pages_per_seq)
-        return tables
-
-    def _sampling(self, seqs: list[_Sequence], rows: int) -> SamplingBatch:
-        return SamplingBatch.stack([s.request.sampling for s in seqs] + [SamplingParams()] * (rows - len(seqs)))
-
-    def _cache_prefix(self, seq: _Sequence) -> None:
-        if self.config.prefix_caching:
-            self.allocator.cache_prefix(seq.request_id, seq.tokens[: seq.num_computed])
-
-    # --- outputs ---------------------------------------------------------------------------------------------
-
-    def _append(self, seq: _Sequence, token: int) -> RequestOutput | None:
-        """Feeds one sampled token through the stop rules; the output it produces, if any."""
-        request = seq.request
-        seq.continuation.extend([token], seq.stop_ids, request.stop, self.tokenizer)
-        self._counters["generation_tokens"] += 1
-        if seq.continuation.finish_reason is None and len(seq.tokens) >= self.max_model_len:
-            seq.continuation.finish_reason = "length"
-        if seq.continuation.finish_reason is not None:
-            self.running.remove(seq)
-            return self._finish(seq)
-        return self._output(seq)
-
-    def _finish(self, seq: _Sequence) -> RequestOutput:
-        if seq.request_id in self.allocator:
-            self.allocator.release(seq.request_id)
+    def _release(self, seq: Sequence) -> None:
+        self.scheduler.finish(seq)
         with self._lock:
-            self._active_ids.discard(seq.request_id)
-        return self._output(seq)
+            self._sequences.pop(seq.request_id, None)
 
-    def _output(self, seq: _Sequence) -> RequestOutput | None:
-        """The tokens and text not yet emitted; text that may still turn into a stop string (or ends in an
-        incomplete character) waits for the next token unless the sequence is finished."""
-        continuation = seq.continuation
-        finished = continuation.finish_reason is not None
-        text = ""
-        if self.tokenizer is not None:
-            full = continuation.text
-            if full is None:
-                full = self.tokenizer.decode(continuation.tokens, skip_special_tokens=True)
-            ready = len(full)
-            if not finished:
-                ready -= max((len(s) for s in seq.request.stop), default=1) - 1
-                while ready > seq.emitted_text and full[ready - 1] == "\ufffd":
-                    ready -= 1
-            text = full[seq.emitted_text : max(ready, seq.emitted_text)]
-            seq.emitted_text = max(ready, seq.emitted_text)
-        new_tokens = tuple(continuation.tokens[seq.emitted_tokens :])
-        seq.emitted_tokens = len(continuation.tokens)
-        if not new_tokens and not text and not finished:
-            return None
-        return RequestOutput(
-            request_id=seq.request_id,
-            new_token_ids=new_tokens,
-            new_text=text,
-            num_prompt_tokens=len(continuation.prompt),
-            num_generated_tokens=len(continuation.tokens),
-            finish_reason=continuation.finish_reason,
-        )
+    # --- failures ----------------------------------------------------------------------------------------------
 
-    # --- compilation --------------------------------------------------------------------------------------------
+    def _recover(self, dropped: list[SchedulerOutput], error: Exception, *, ran: bool) -> list[RequestOutput]:
+        """Undoes steps that failed (the first raised; any after it ran on its outputs) and decides who pays (see
+        the module docstring)."""
+        for scheduled in dropped:
+            for seq in scheduled.decode:
+                seq.num_pending -= 1
+            for chunk in scheduled.chunks:
+                chunk.seq.num_pending -= chunk.samples
+        failed = [s for s in _sequences_of(dropped[0]) if not s.finished]
+        new = [s for s in failed if not s.proven]
+        self._failures_in_a_row += 1
+        if self._failures_in_a_row >= _MAX_CONSECUTIVE_FAILURES:
+            raise EngineDeadError(f"{self._failures_in_a_row} steps in a row failed: {error!r}") from error
+        if len(new) == 1 or len(failed) == 1:
+            blamed = new or failed
+        else:
+            for seq in new or failed:
+                seq.suspect = True
+                seq.failures += 1
+            blamed = [s for s in failed if s.failures >= _FAILURES_TO_BLAME]
+        verdict = f"blaming {[s.request_id for s in blamed]}" if blamed else f"{len(new or failed)} suspects"
+        log.warning("a step of %d requests failed (%r); %s", len(failed), error, verdict)
+        message = f"the request's step failed on the device: {type(error).__name__}: {error}"
+        outputs = [self._end(seq, "error", message) for seq in blamed]
+        for scheduled in dropped:  # their planned tokens never happened: recompute them
+            for seq in _sequences_of(scheduled):
+                if seq.slot is not None:
+                    self.scheduler.preempt(seq)
+        if ran or self.runner.state_lost or not new:
+            self._restart()
+        return outputs
 
-    def warmup(self) -> None:
-        """Compiles every decode and prefill bucket on inputs that write nothing, so serving never compiles."""
-        capacity = self.pages_per_seq * self.config.page_size
-        for rows in self.decode_buckets:
-            cache = dataclasses.replace(self._pool, block_tables=np.zeros((rows, self.pages_per_seq), np.int32))
-            lengths = np.full((rows,), capacity, np.int32)
-            cache, tokens = _decode_and_sample(
-                self.params, cache, np.zeros((rows,), np.int32), lengths, self._sampling([], rows)
-            )
-            self._pool = cache
-        for rows in self.prefill_row_buckets:
-            zeros = np.zeros((rows,), np.int32)
-            for block in self.prefill_block_buckets:
-                cache = dataclasses.replace(self._pool, block_tables=np.zeros((rows, self.pages_per_seq), np.int32))
-                tokens = np.zeros((rows, block), np.int32)
-                cache, _ = _prefill_and_sample(self.params, cache, tokens, zeros, zeros, self._sampling([], rows))
-                self._pool = cache
-        jax.block_until_ready(self._pool)
+    def _restart(self) -> None:
+        """A fresh pool and prefix cache; every running request is recomputed from its tokens."""
+        scheduler = self.scheduler
+        log.warning("restarting the engine's device state; %d running requests recompute", len(scheduler.running))
+        self._counters["restarts"] += 1
+        for seq in list(reversed(scheduler.running)):
+            scheduler.preempt(seq)
+        scheduler.kv_cache = KVCacheManager(self.config.num_pages, self.config.page_size)
+        self.runner.reset()
 
 
-@functools.partial(jax.jit, donate_argnames=("cache",))
-def _decode_and_sample(params, cache, tokens, lengths, sampling):
-    state, logits = decode_step(params, DecodeState(cache=cache, lengths=lengths), tokens)
-    return state.cache, sample(logits, sampling, state.lengths)
+def _sequences_of(scheduled: SchedulerOutput) -> list[Sequence]:
+    return list(scheduled.decode) + [chunk.seq for chunk in scheduled.chunks]
 
 
-@functools.partial(jax.jit, donate_argnames=("cache",))
-def _prefill_and_sample(params, cache, tokens, starts, lengths, sampling):
-    state, logits = prefill(params, tokens, lengths, cache=cache, start_positions=starts)
-    return state.cache, sample(logits, sampling, state.lengths)
+def _token_logprob(token: int, logprobs, row: int, seq: Sequence) -> TokenLogprob | None:
+    """A row's TokenLogprob when its request asked (`logprobs`: the step's rows', None when none asked)."""
+    num_top = seq.request.sampling.logprobs
+    if num_top is None or logprobs is None:
+        return None
+    [entry] = host_logprobs([token], jax.tree.map(lambda x: x[row : row + 1], logprobs), num_top)
+    return entry
 
 
-def _powers_of_two(limit: int) -> list[int]:
-    return [1 << i for i in range((limit - 1).bit_length() + 1)]
-
-
-def _bucket(size: int, buckets: list[int]) -> int:
-    return next(b for b in buckets if b >= size)
+def _sized(config: EngineConfig, num_pages: int, pages_per_seq: int) -> EngineConfig:
+    """Fills the defaults from the pool, as vLLM sizes its batch: as many sequences of a typical length (up to
+    2048 tokens) as the pages hold, a power of two up to 256 (256 for an 8B W4A8KV4 model on an 80–141 GB GPU);
+    a token budget of every decode plus 512 prompt tokens; chunk rows of one page."""
+    page_size = config.page_size
+    typical_pages = min(pages_per_seq, -(-_TYPICAL_SEQUENCE // page_size))
+    seats = max(1, min(_MAX_DEFAULT_SEQS, num_pages // typical_pages))
+    max_num_seqs = config.max_num_seqs or 1 << (seats.bit_length() - 1)
+    budget = config.max_num_batched_tokens or max_num_seqs + _DEFAULT_PROMPT_TOKENS_PER_STEP
+    row_tokens = min(config.prefill_row_tokens or page_size, pages_per_seq * page_size)
+    rows = config.max_prefill_rows or -(-min(budget, _DEFAULT_PROMPT_TOKENS_PER_STEP) // row_tokens)
+    return dataclasses.replace(
+        config,
+        num_pages=num_pages,
+        max_num_seqs=max_num_seqs,
+        max_num_batched_tokens=budget,
+        prefill_row_tokens=row_tokens,
+        max_prefill_rows=rows,
+    )
 
 
 class AsyncEngine:
@@ -502,6 +525,10 @@ class AsyncEngine:
     def max_model_len(self) -> int:
         return self.engine.max_model_len
 
+    @property
+    def attention(self) -> AttentionImplementations:
+        return self.engine.attention
+
     async def start(self) -> None:
         self._loop = asyncio.get_running_loop()
         self._thread = threading.Thread(target=self._run, name="qoq-jax-engine", daemon=True)
@@ -517,10 +544,11 @@ class AsyncEngine:
         return self.engine.stats()
 
     async def generate(self, request: Request) -> AsyncIterator[RequestOutput]:
-        """The request's outputs until it finishes. Invalid requests raise before the first output; a consumer
-        that stops early (a client gone) aborts the request, which frees its pages."""
+        """The request's outputs until it finishes. Invalid requests raise before the first output, a request
+        the engine failed raises `RequestFailedError`; a consumer that stops early (a client gone) aborts the
+        request, which frees its pages."""
         if not self.alive:
-            raise RuntimeError(f"the engine is not running{f': {self.error!r}' if self.error else ''}")
+            raise EngineDeadError(f"the engine is not running{f': {self.error!r}' if self.error else ''}")
         if request.request_id in self._queues:
             raise InvalidRequestError(f"request id {request.request_id!r} is already in use")
         queue: asyncio.Queue = asyncio.Queue()
@@ -532,13 +560,21 @@ class AsyncEngine:
             while not finished:
                 output = await queue.get()
                 if isinstance(output, BaseException):
-                    raise RuntimeError("the engine stopped") from output
+                    raise EngineDeadError("the engine stopped") from output
                 finished = output.finished
+                if output.finish_reason == "error":
+                    raise RequestFailedError(output.error or "the engine could not serve this request")
                 yield output
         finally:
             self._queues.pop(request.request_id, None)
             if added and not finished:
                 self.engine.abort(request.request_id)
+
+    def _deliver(self, outputs: list[RequestOutput]) -> None:
+        for output in outputs:
+            queue = self._queues.get(output.request_id)
+            if queue is not None:
+                queue.put_nowait(output)
 
     def _run(self) -> None:
         engine = self.engine
@@ -548,11 +584,10 @@ class AsyncEngine:
                     engine.work_available.wait(timeout=0.5)
                     engine.work_available.clear()
                     continue
-                for output in engine.step():
-                    queue = self._queues.get(output.request_id)
-                    if queue is not None:
-                        self._loop.call_soon_threadsafe(queue.put_nowait, output)
-        except BaseException as error:  # the loop is dead: every waiting consumer must learn it
+                outputs = engine.step()
+                if outputs:
+                    self._loop.call_soon_threadsafe(self._deliver, outputs)
+        except BaseException as error:  # the loop is dead: /health fails and every waiting consumer learns it
             log.exception("the engine loop failed")
             self.error = error
             for queue in list(self._queues.values()):
@@ -560,7 +595,9 @@ class AsyncEngine:
 
 
 def build_engine(params: Params, *, model_name: str = "qoq-jax", mesh: Mesh | None = None, **options) -> Engine:
-    """An `Engine` over `params` (split over `mesh`'s "tensor" axis when given) with `EngineConfig` options
-    (max_num_seqs, max_model_len, page_size, num_pages, kv_memory_bytes per device, ...); warm-up compiles every
-    bucket unless warmup=False."""
+    """An `Engine` over `params` (split over `mesh`'s "tensor" axis when given) with `EngineConfig` options:
+    max_num_seqs (default: as many sequences of up to 2048 tokens as the KV pool holds, a power of two ≤ 256),
+    max_num_batched_tokens (default max_num_seqs + 512), max_model_len, page_size, num_pages or kv_memory_bytes
+    per device (default: 90% of the device's memory beside the weights; 4 GiB on a CPU), warmup ("cover" by
+    default: a covering set of step programs before serving, the rest compiled in the background as needed)."""
     return Engine(params, EngineConfig(**options), model_name=model_name, mesh=mesh)

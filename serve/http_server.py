@@ -8,8 +8,17 @@ The app starts and shuts down the engine in its lifespan. Requests are tokenized
 ids); streamed answers are server-sent events in OpenAI's chunk shapes, ending with `data: [DONE]`. Errors use
 OpenAI's shape `{"error": {"message", "type", "param", "code"}}`: 400 for bad requests (malformed JSON, wrong
 types, invalid sampling values, prompts that do not fit the context), 401 for a missing or wrong API key, 404
-for an unknown model, 503 when the engine's queue is full. A client that goes away, mid-stream or while waiting
-for a whole answer, has its request aborted and its KV pages freed.
+for an unknown model, 503 when the engine's queue is full or the engine has stopped, 500 for a request the engine
+could not serve (its step failed; the others go on), or an error event when that happens mid-stream. A client
+that goes away, mid-stream or while waiting for a whole answer, has its request aborted and its KV pages freed.
+
+Both endpoints take OpenAI's `n`, `presence_penalty`, `frequency_penalty`, `logit_bias` (token ids as strings)
+and `seed`, and vLLM's extensions `repetition_penalty`, `min_tokens`, `top_k`, `stop_token_ids`, `ignore_eos`.
+/v1/completions takes `logprobs` (0-20 alternatives per token), `echo` (the prompt before the completion, with its
+log-probabilities when `logprobs` is set; with `max_tokens: 0` nothing is generated: lm-eval's loglikelihood
+requests) and `best_of` (that many sampled, the `n` of highest mean log-probability per token returned; not with
+`stream`); /v1/chat/completions takes `logprobs: true` and `top_logprobs` (0-20). Log-probabilities are the model's
+own distribution (as OpenAI and vLLM report them), or with `logprobs_mode="processed"` the one sampled from.
 """
 
 from __future__ import annotations
@@ -17,6 +26,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import dataclasses
 import json
 import re
 import secrets
@@ -37,12 +47,15 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from qoq_jax.errors import InvalidRequestError, PromptTooLongError
 from qoq_jax.generate import encode_prompt
-from qoq_jax.sampling import SamplingParams
+from qoq_jax.logprobs import MAX_LOGPROBS, TokenLogprob
+from qoq_jax.sampling import LOGPROBS_MODES, SamplingParams, choice_seed
 from qoq_jax.validation import FLOAT32_MAX, INT32_MAX, UINT32_MAX, unicode_problem
-from serve.request import OverloadedError, Request, RequestOutput
+from serve.request import EngineDeadError, OverloadedError, Request, RequestFailedError, RequestOutput
 
 _THROUGHPUT_WINDOW_S = 10.0
 _DEFAULT_COMPLETION_TOKENS = 16  # OpenAI's default max_tokens for /v1/completions
+_MAX_CHOICES = 128  # n and best_of: completions one request may ask for
+_LOWEST_LOGPROB = -9999.0  # JSON has no -inf; vLLM's floor for a logprob in an answer
 
 
 # ----------------------------------------------------------------------------------------------- request bodies
@@ -61,6 +74,9 @@ def _valid_unicode(text: str) -> str:
 Text = Annotated[str, AfterValidator(_valid_unicode)]
 TokenId = Annotated[int, Field(ge=0, le=INT32_MAX)]
 Float32 = Annotated[float, Field(allow_inf_nan=False, ge=-FLOAT32_MAX, le=FLOAT32_MAX)]
+Penalty = Annotated[float, Field(allow_inf_nan=False, ge=-2, le=2)]
+Choices = Annotated[int, Field(ge=1, le=_MAX_CHOICES)]
+NumLogprobs = Annotated[int, Field(ge=0, le=MAX_LOGPROBS)]
 
 
 class StreamOptions(BaseModel):
@@ -83,18 +99,21 @@ class _Body(BaseModel):
     ignore_eos: bool | None = False  # extension
     stream: bool | None = False
     stream_options: StreamOptions | None = None
-    n: int | None = 1
-    presence_penalty: Float32 | None = None
-    frequency_penalty: Float32 | None = None
-    logit_bias: dict[Text, Float32] | None = None
+    n: Choices | None = 1
+    presence_penalty: Penalty | None = None
+    frequency_penalty: Penalty | None = None
+    repetition_penalty: Float32 | None = Field(default=None, gt=0)  # extension; 1 is off
+    min_tokens: int | None = Field(default=None, ge=0, le=INT32_MAX)  # extension
+    logit_bias: dict[Text, Annotated[float, Field(allow_inf_nan=False, ge=-100, le=100)]] | None = None
     user: Text | None = None
 
 
 class CompletionBody(_Body):
     prompt: Text | list[TokenId] | list[Text | list[TokenId]]
+    max_tokens: int | None = Field(default=None, ge=0, le=INT32_MAX)  # 0: nothing generated (with echo: scoring)
     echo: bool | None = False
-    logprobs: int | None = None
-    best_of: int | None = None
+    logprobs: NumLogprobs | None = None
+    best_of: Choices | None = None
     suffix: Text | None = None
 
 
@@ -114,7 +133,7 @@ class ChatBody(_Body):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = Field(default=None, ge=1, le=INT32_MAX)
     logprobs: bool | None = None
-    top_logprobs: int | None = None
+    top_logprobs: NumLogprobs | None = None
     tools: list[dict[str, Any]] | None = None
     response_format: dict[str, Any] | None = None
 
@@ -158,6 +177,10 @@ def _api_error(err: BaseException, prompt_field: str) -> APIError:
         return APIError(
             503, str(err) or "the server is overloaded; retry later", type="server_error", code="overloaded"
         )
+    if isinstance(err, EngineDeadError):
+        return APIError(503, str(err), type="server_error", code="engine_dead")
+    if isinstance(err, RequestFailedError):
+        return APIError(500, str(err), type="server_error", code="request_failed")
     if isinstance(err, PromptTooLongError):
         return _bad_request(str(err), param=prompt_field, code="context_length_exceeded")
     if isinstance(err, InvalidRequestError):  # its message starts with the field's name, where it has one
@@ -213,6 +236,7 @@ class _EngineCollector:
             ("qoq_kv_pages_used", "KV cache pages in use.", stats.kv_pages_used),
             ("qoq_kv_pages_free", "KV cache pages free.", stats.kv_pages_free),
             ("qoq_kv_pages_total", "KV cache pages in the pool.", stats.kv_pages_total),
+            ("qoq_step_programs_compiling", "Step shapes compiling in the background.", stats.step_programs_compiling),
             ("qoq_prompt_throughput_tokens_per_second", "Prompt tokens/s over the last 10 s.", prompt_rate),
             ("qoq_generation_throughput_tokens_per_second", "Generated tokens/s over the last 10 s.", generation_rate),
         ]
@@ -227,9 +251,23 @@ class _EngineCollector:
                 stats.prefix_cache_hit_tokens_total,
             ),
             ("qoq_preemptions", "Requests preempted to free KV pages.", stats.preemptions_total),
-        ]
+            ("qoq_requests_failed", "Requests ended by a failure of their step (the others went on).",
+             stats.requests_failed_total),
+            ("qoq_engine_restarts", "Failed steps that cost the device state: running requests recomputed.",
+             stats.engine_restarts_total),
+        ]  # fmt: skip
         for name, documentation, value in counters:
             yield CounterMetricFamily(name, documentation, value=value)
+        attention = getattr(self._engine, "attention", None)
+        if attention is not None:
+            info = GaugeMetricFamily(
+                "qoq_attention_implementation",
+                "What runs each attention (1 for the one in use).",
+                labels=["phase", "implementation"],
+            )
+            for phase in ("decode", "extend", "prefill"):
+                info.add_metric([phase, getattr(attention, phase)], 1)
+            yield info
 
 
 class _Metrics:
@@ -239,11 +277,11 @@ class _Metrics:
         self.registry.register(_EngineCollector(engine, self.throughput))
         self.requests_finished = Counter(
             "qoq_requests_finished",
-            "Requests finished, by reason (abort: the client went away or the engine gave up on it).",
+            "Requests finished, by reason (abort: the client went away; error: its step failed).",
             ["finish_reason"],
             registry=self.registry,
         )
-        for reason in ("stop", "length", "abort"):
+        for reason in ("stop", "length", "abort", "error"):
             self.requests_finished.labels(reason)
         self.time_to_first_token = Histogram(
             "qoq_time_to_first_token_seconds",
@@ -288,6 +326,9 @@ class _Batch:
                     return
             self._queue.put_nowait((index, RuntimeError("the engine ended a request without a finish reason")))
         except Exception as err:  # noqa: BLE001 - handed to the consumer
+            if isinstance(err, RequestFailedError):  # the engine ended it: finished, with an error
+                self.finished[index] = True
+                self._metrics.requests_finished.labels("error").inc()
             self._queue.put_nowait((index, err))
         finally:
             await stream.aclose()
@@ -382,12 +423,16 @@ def _sse(data: dict | str) -> str:
 
 
 class _Server:
-    def __init__(self, engine, model_name: str, api_key: str | None):
+    def __init__(self, engine, model_name: str, api_key: str | None, logprobs_mode: str):
+        if logprobs_mode not in LOGPROBS_MODES:
+            raise ValueError(f"logprobs_mode must be one of {LOGPROBS_MODES}, got {logprobs_mode!r}")
         self.engine = engine
         self.model_name = model_name
         self.api_key = api_key
+        self.logprobs_mode = logprobs_mode
         self.created = int(time.time())
         self.metrics = _Metrics(engine)
+        self._token_texts: dict[int, str] = {}
 
     # ---- validation shared by both endpoints
 
@@ -412,20 +457,36 @@ class _Server:
                 param="model",
                 code="model_not_found",
             )
-        if body.n not in (None, 1):
-            raise _bad_request("only n=1 is supported", param="n")
-        for field in ("presence_penalty", "frequency_penalty"):
-            if getattr(body, field):
-                raise _bad_request(f"{field} is not supported", param=field)
-        if body.logit_bias:
-            raise _bad_request("logit_bias is not supported", param="logit_bias")
 
-    def sampling(self, body: _Body) -> SamplingParams:
+    def sampling(self, body: _Body, *, logprobs: int | None, prompt_logprobs: int | None) -> SamplingParams:
         temperature = 1.0 if body.temperature is None else body.temperature
         top_k = 0 if body.top_k is None or body.top_k == -1 else body.top_k
         top_p = 1.0 if body.top_p is None else body.top_p
         seed = secrets.randbits(32) if body.seed is None else body.seed
-        return SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
+        return SamplingParams(
+            temperature=temperature,
+            top_k=top_k,
+            top_p=top_p,
+            seed=seed,
+            presence_penalty=body.presence_penalty or 0.0,
+            frequency_penalty=body.frequency_penalty or 0.0,
+            repetition_penalty=1.0 if body.repetition_penalty is None else body.repetition_penalty,
+            min_tokens=body.min_tokens or 0,
+            logit_bias=self.logit_bias(body.logit_bias),
+            logprobs=logprobs,
+            prompt_logprobs=prompt_logprobs,
+            logprobs_mode=self.logprobs_mode,
+        )
+
+    def logit_bias(self, bias: dict[str, float] | None) -> dict[int, float]:
+        """OpenAI's {"token id": bias}, the ids checked against the vocabulary."""
+        vocab = self.engine.params.config.vocab_size
+        parsed = {}
+        for key, value in (bias or {}).items():
+            if not re.fullmatch(r"\d{1,10}", key.strip()) or int(key) >= vocab:
+                raise _bad_request(f"logit_bias: keys must be token ids in [0, {vocab}), got {key!r}", "logit_bias")
+            parsed[int(key)] = value
+        return parsed
 
     def encode(self, prompt, *, chat: bool) -> list[int]:
         ids, _ = encode_prompt(self.engine.params, prompt, chat, name="messages" if chat else "prompt")
@@ -433,10 +494,15 @@ class _Server:
             raise InvalidRequestError("the prompt is empty")
         return ids
 
-    def requests(self, base_id: str, prompts: list[list[int]], body: _Body, max_tokens: int | None) -> list[Request]:
-        sampling = self.sampling(body)
+    def requests(
+        self, base_id: str, prompts: list[list[int]], body: _Body, max_tokens: int | None, sampling: SamplingParams,
+        choices: int,
+    ) -> list[Request]:
+        """`choices` requests per prompt, prompt after prompt; choice j samples with `choice_seed(seed, j)`."""
         stop = (body.stop,) if isinstance(body.stop, str) else tuple(body.stop or ())
         limit = self.engine.max_model_len
+        if max_tokens is not None and sampling.min_tokens > max_tokens:
+            raise _bad_request(f"min_tokens ({sampling.min_tokens}) exceeds max_tokens ({max_tokens})", "min_tokens")
         requests = []
         for i, ids in enumerate(prompts):
             tokens = max_tokens if max_tokens is not None else limit - len(ids)
@@ -445,18 +511,58 @@ class _Server:
                     f"this model's maximum context length is {limit} tokens; the prompt has {len(ids)} tokens and "
                     f"{max(tokens, 1)} more were requested ({len(ids) + max(tokens, 1)} in all)"
                 )
-            requests.append(
-                Request(
-                    request_id=base_id if len(prompts) == 1 else f"{base_id}-{i}",
-                    prompt_token_ids=tuple(ids),
-                    max_tokens=tokens,
-                    sampling=sampling,
-                    stop=tuple(s for s in stop if s),
-                    stop_token_ids=tuple(body.stop_token_ids or ()),
-                    ignore_eos=bool(body.ignore_eos),
+            for j in range(choices):
+                suffix = "".join(f"-{k}" for k, many in ((i, len(prompts) > 1), (j, choices > 1)) if many)
+                requests.append(
+                    Request(
+                        request_id=base_id + suffix,
+                        prompt_token_ids=tuple(ids),
+                        max_tokens=tokens,
+                        sampling=dataclasses.replace(sampling, seed=choice_seed(sampling.seed, j)),
+                        stop=tuple(s for s in stop if s),
+                        stop_token_ids=tuple(body.stop_token_ids or ()),
+                        ignore_eos=bool(body.ignore_eos),
+                    )
                 )
-            )
         return requests
+
+    def token_text(self, token_id: int) -> str:
+        """A token as logprobs show it: its own decoded text."""
+        text = self._token_texts.get(token_id)
+        if text is None:
+            text = self._token_texts[token_id] = self.engine.params.tokenizer.decode([token_id])
+        return text
+
+    def completion_logprobs(self, token_ids, entries, num_top: int, offset: int) -> dict:
+        """The legacy completions shape for tokens and their TokenLogprob (None: the prompt's first token);
+        `offset` is where the first token starts in the choice's text. As vLLM does, each position's top
+        alternatives include the chosen token (lm-eval's is_greedy compares the two)."""
+        tokens, token_logprobs, top_logprobs, text_offset = [], [], [], []
+        for token_id, entry in zip(token_ids, entries):
+            text = self.token_text(token_id)
+            tokens.append(text)
+            text_offset.append(offset)
+            offset += len(text)
+            if entry is None:
+                token_logprobs.append(None)
+                top_logprobs.append(None)
+                continue
+            token_logprobs.append(_json_logprob(entry.logprob))
+            top = {self.token_text(t): _json_logprob(v) for t, v in entry.top[:num_top]}
+            top.setdefault(text, _json_logprob(entry.logprob))
+            top_logprobs.append(top)
+        return {"tokens": tokens, "token_logprobs": token_logprobs, "top_logprobs": top_logprobs,
+                "text_offset": text_offset}  # fmt: skip
+
+    def chat_logprobs(self, entries: list[TokenLogprob], num_top: int) -> dict:
+        def item(token_id: int, logprob: float) -> dict:
+            text = self.token_text(token_id)
+            return {"token": text, "logprob": _json_logprob(logprob), "bytes": list(text.encode())}
+
+        content = [
+            {**item(e.token_id, e.logprob), "top_logprobs": [item(t, v) for t, v in e.top[:num_top]]} for e in entries
+        ]
+        return {"content": content}
 
     async def start(self, http_request: HTTPRequest, requests: list[Request], arrived: float) -> _Batch:
         if not _engine_alive(self.engine):
@@ -470,28 +576,60 @@ class _Server:
             raise
         return batch
 
-    async def collect(self, http_request: HTTPRequest, batch: _Batch, n: int) -> tuple[list[str], list[str], int]:
-        """Texts and finish reasons per prompt, and the number of generated tokens."""
-        texts, reasons, generated = [[] for _ in range(n)], [""] * n, [0] * n
+    async def collect(self, http_request: HTTPRequest, batch: _Batch, count: int) -> list[_Choice]:
+        """Every request's whole answer."""
+        choices = [_Choice() for _ in range(count)]
 
         async def consume():
             async for index, output in batch.outputs():
-                texts[index].append(output.new_text)
-                if output.finished:
-                    reasons[index] = output.finish_reason
-                    generated[index] = output.num_generated_tokens
+                choices[index].add(output)
 
         try:
             await _unless_disconnected(http_request, consume())
         finally:
             await batch.close()
-        return ["".join(t) for t in texts], reasons, sum(generated)
+        return choices
 
 
-def create_app(engine, *, model_name: str, api_key: str | None = None) -> FastAPI:
+@dataclasses.dataclass
+class _Choice:
+    """One request's outputs put together."""
+
+    text: str = ""
+    token_ids: list[int] = dataclasses.field(default_factory=list)
+    logprobs: list[TokenLogprob] = dataclasses.field(default_factory=list)
+    prompt_logprobs: list[TokenLogprob] | None = None
+    finish_reason: str | None = None
+    num_generated: int = 0
+
+    def add(self, output: RequestOutput) -> None:
+        self.text += output.new_text
+        self.token_ids += output.new_token_ids
+        self.logprobs += output.new_logprobs
+        if output.prompt_logprobs is not None:
+            self.prompt_logprobs = list(output.prompt_logprobs)
+        if output.finished:
+            self.finish_reason, self.num_generated = output.finish_reason, output.num_generated_tokens
+
+    @property
+    def mean_logprob(self) -> float:
+        """best_of's score (OpenAI's rule: the highest log probability per token)."""
+        return sum(e.logprob for e in self.logprobs) / max(len(self.logprobs), 1)
+
+
+def _best(candidates: list[_Choice], n: int) -> list[_Choice]:
+    return sorted(candidates, key=lambda c: -c.mean_logprob)[:n]
+
+
+def _json_logprob(value: float) -> float:
+    return max(float(value), _LOWEST_LOGPROB)
+
+
+def create_app(engine, *, model_name: str, api_key: str | None = None, logprobs_mode: str = "raw") -> FastAPI:
     """The FastAPI app serving `engine` (an AsyncEngine, or a ReplicatedEngine of several) as `model_name`; it
-    starts and stops the engine."""
-    server = _Server(engine, model_name, api_key)
+    starts and stops the engine. `logprobs_mode` is what logprobs report: "raw" (the model's distribution) or
+    "processed" (the one sampled from)."""
+    server = _Server(engine, model_name, api_key, logprobs_mode)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -623,43 +761,81 @@ def _completion_prompts(server: _Server, prompt) -> list[list[int]]:
 
 async def _completions(server: _Server, body: CompletionBody, http_request: HTTPRequest, arrived: float):
     server.check_common(body)
-    if body.echo:
-        raise _bad_request("echo is not supported", param="echo")
-    if body.logprobs is not None:
-        raise _bad_request("logprobs are not supported", param="logprobs")
-    if body.best_of not in (None, 1):
-        raise _bad_request("only best_of=1 is supported", param="best_of")
     if body.suffix:
         raise _bad_request("suffix is not supported", param="suffix")
+    n = body.n or 1
+    best_of = body.best_of or n
+    if best_of < n:
+        raise _bad_request(f"best_of ({best_of}) must be >= n ({n})", param="best_of")
+    if body.stream and best_of > n:
+        raise _bad_request("best_of > n cannot be streamed: the best are known only at the end", param="best_of")
     prompts = _completion_prompts(server, body.prompt)
-    max_tokens = body.max_tokens or _DEFAULT_COMPLETION_TOKENS
+    max_tokens = _DEFAULT_COMPLETION_TOKENS if body.max_tokens is None else body.max_tokens
+    echo, num_top = bool(body.echo), body.logprobs
+    sampling = server.sampling(
+        body,
+        logprobs=0 if num_top is None and best_of > n else num_top,  # best_of ranks by them
+        prompt_logprobs=num_top if echo else None,
+    )
     response_id = f"cmpl-{uuid.uuid4().hex}"
-    requests = server.requests(response_id, prompts, body, max_tokens)
+    # max_tokens 0: one token is sampled (from the prefill's own logits, no extra step) and left out, as vLLM does
+    requests = server.requests(response_id, prompts, body, max(max_tokens, 1), sampling, best_of)
     batch = await server.start(http_request, requests, arrived)
     created = int(time.time())
     prompt_tokens = sum(len(p) for p in prompts)
     head = {"id": response_id, "object": "text_completion", "created": created, "model": server.model_name}
+    prompt_texts = [_prompt_text(server, body.prompt, i, ids) for i, ids in enumerate(prompts)] if echo else None
+
+    def answer(choice: _Choice, prompt: int) -> tuple[str, dict | None]:
+        """The choice's text and logprobs, the prompt's in front with echo."""
+        token_ids, entries = (choice.token_ids, choice.logprobs) if max_tokens else ([], [])
+        text = choice.text if max_tokens else ""
+        prefix = prompt_texts[prompt] if echo else ""
+        logprobs = None
+        if num_top is not None:
+            ids = prompts[prompt]
+            if echo:
+                token_ids, entries = ids + token_ids, [None, *(choice.prompt_logprobs or [])] + entries
+            logprobs = server.completion_logprobs(token_ids, entries, num_top, 0)
+        return prefix + text, logprobs
 
     if not body.stream:
-        texts, reasons, generated = await server.collect(http_request, batch, len(prompts))
-        choices = [
-            {"text": text, "index": i, "logprobs": None, "finish_reason": reason}
-            for i, (text, reason) in enumerate(zip(texts, reasons))
-        ]
+        collected = await server.collect(http_request, batch, len(requests))
+        choices = []
+        for prompt in range(len(prompts)):
+            for j, choice in enumerate(_best(collected[prompt * best_of : (prompt + 1) * best_of], n)):
+                text, logprobs = answer(choice, prompt)
+                choices.append({"text": text, "index": prompt * n + j, "logprobs": logprobs,
+                                "finish_reason": choice.finish_reason})  # fmt: skip
+        generated = sum(c.num_generated for c in collected) if max_tokens else 0
         return {**head, "choices": choices, "usage": _usage(prompt_tokens, generated)}
 
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
 
     async def events():
         generated = 0
+        started = [False] * len(requests)
+        offsets = [0] * len(requests)  # where each choice's next token starts in its text
         try:
-            async for index, output in batch.outputs():
-                choice = {"text": output.new_text, "index": index, "logprobs": None, "finish_reason": None}
-                if output.new_text:
+            async for index, output in batch.outputs():  # index = prompt * n + choice (best_of is n here)
+                delta, token_ids, entries = "", [], []
+                if echo and not started[index]:  # the first output carries the prompt's logprobs
+                    delta, token_ids = prompt_texts[index // n], list(prompts[index // n])
+                    entries = [None, *(output.prompt_logprobs or ())]
+                started[index] = True
+                if max_tokens:
+                    delta += output.new_text
+                    token_ids, entries = token_ids + list(output.new_token_ids), entries + list(output.new_logprobs)
+                logprobs = None
+                if num_top is not None and token_ids:
+                    logprobs = server.completion_logprobs(token_ids, entries, num_top, offsets[index])
+                    offsets[index] += sum(len(token) for token in logprobs["tokens"])
+                if delta or logprobs:
+                    choice = {"text": delta, "index": index, "logprobs": logprobs, "finish_reason": None}
                     yield _sse({**head, "choices": [choice], **_no_usage(include_usage)})
                 if output.finished:
-                    generated += output.num_generated_tokens
-                    choice = {**choice, "text": "", "finish_reason": output.finish_reason}
+                    generated += output.num_generated_tokens if max_tokens else 0
+                    choice = {"text": "", "index": index, "logprobs": None, "finish_reason": output.finish_reason}
                     yield _sse({**head, "choices": [choice], **_no_usage(include_usage)})
             if include_usage:
                 yield _sse({**head, "choices": [], "usage": _usage(prompt_tokens, generated)})
@@ -670,6 +846,12 @@ async def _completions(server: _Server, body: CompletionBody, http_request: HTTP
         yield _sse("[DONE]")
 
     return _SSEResponse(events())
+
+
+def _prompt_text(server: _Server, prompt, index: int, ids: list[int]) -> str:
+    """What echo puts before a completion: the prompt as given, or a token-id prompt decoded."""
+    given = prompt if isinstance(prompt, str) or (prompt and isinstance(prompt[0], int)) else prompt[index]
+    return given if isinstance(given, str) else server.engine.params.tokenizer.decode(ids)
 
 
 def _no_usage(include_usage: bool) -> dict:
@@ -703,48 +885,59 @@ def _chat_messages(body: ChatBody) -> list[dict]:
 
 async def _chat_completions(server: _Server, body: ChatBody, http_request: HTTPRequest, arrived: float):
     server.check_common(body)
-    if body.logprobs or body.top_logprobs is not None:
-        raise _bad_request("logprobs are not supported", param="logprobs")
+    if body.top_logprobs is not None and not body.logprobs:
+        raise _bad_request("top_logprobs needs logprobs: true", param="top_logprobs")
     if body.tools:
         raise _bad_request("tools are not supported", param="tools")
     if body.response_format and body.response_format.get("type", "text") != "text":
         raise _bad_request("only the text response_format is supported", param="response_format")
+    n = body.n or 1
+    num_top = (body.top_logprobs or 0) if body.logprobs else None
     prompt = server.encode(_chat_messages(body), chat=True)
     max_tokens = body.max_completion_tokens or body.max_tokens
     response_id = f"chatcmpl-{uuid.uuid4().hex}"
-    requests = server.requests(response_id, [prompt], body, max_tokens)
+    sampling = server.sampling(body, logprobs=num_top, prompt_logprobs=None)
+    requests = server.requests(response_id, [prompt], body, max_tokens, sampling, n)
     batch = await server.start(http_request, requests, arrived)
     created = int(time.time())
     head = {"id": response_id, "object": "chat.completion", "created": created, "model": server.model_name}
 
+    def logprobs(entries: list[TokenLogprob]) -> dict | None:
+        return None if num_top is None else server.chat_logprobs(entries, num_top)
+
     if not body.stream:
-        [text], [reason], generated = await server.collect(http_request, batch, 1)
-        choice = {
-            "index": 0,
-            "message": {"role": "assistant", "content": text},
-            "logprobs": None,
-            "finish_reason": reason,
-        }
-        return {**head, "choices": [choice], "usage": _usage(len(prompt), generated)}
+        collected = await server.collect(http_request, batch, n)
+        choices = [
+            {
+                "index": i,
+                "message": {"role": "assistant", "content": choice.text},
+                "logprobs": logprobs(choice.logprobs),
+                "finish_reason": choice.finish_reason,
+            }
+            for i, choice in enumerate(collected)
+        ]
+        return {**head, "choices": choices, "usage": _usage(len(prompt), sum(c.num_generated for c in collected))}
 
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
     head = {**head, "object": "chat.completion.chunk"}
 
-    def chunk(delta: dict, finish_reason: str | None = None) -> str:
-        choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
+    def chunk(index: int, delta: dict, finish_reason: str | None = None, entries=None) -> str:
+        choice = {"index": index, "delta": delta, "logprobs": entries, "finish_reason": finish_reason}
         return _sse({**head, "choices": [choice], **_no_usage(include_usage)})
 
     async def events():
+        generated = 0
         try:
-            yield chunk({"role": "assistant", "content": ""})
-            async for _, output in batch.outputs():
-                if output.new_text:
-                    yield chunk({"content": output.new_text})
+            for index in range(n):
+                yield chunk(index, {"role": "assistant", "content": ""})
+            async for index, output in batch.outputs():
+                if output.new_text or (num_top is not None and output.new_token_ids):
+                    yield chunk(index, {"content": output.new_text}, entries=logprobs(list(output.new_logprobs)))
                 if output.finished:
-                    yield chunk({}, output.finish_reason)
-                    if include_usage:
-                        usage = _usage(len(prompt), output.num_generated_tokens)
-                        yield _sse({**head, "choices": [], "usage": usage})
+                    generated += output.num_generated_tokens
+                    yield chunk(index, {}, output.finish_reason)
+            if include_usage:
+                yield _sse({**head, "choices": [], "usage": _usage(len(prompt), generated)})
         except Exception as err:  # noqa: BLE001
             yield _stream_error(err)
         finally:

@@ -8,7 +8,7 @@ they save), each device group runs its own copy of the model with its own KV poo
     requests   → the replica with the fewest outstanding requests
 
 `ReplicatedEngine` has the interface the HTTP server uses (start, shutdown, alive, stats, generate, params,
-max_model_len), so `create_app` serves it like one `AsyncEngine`.
+max_model_len, attention), so `create_app` serves it like one `AsyncEngine`.
 """
 
 from __future__ import annotations
@@ -62,6 +62,11 @@ class ReplicatedEngine:
     def max_model_len(self) -> int:
         """The context every replica can serve."""
         return min(replica.max_model_len for replica in self.replicas)
+
+    @property
+    def attention(self):
+        """What runs attention: the same model on the same kind of devices in every replica."""
+        return self.replicas[0].attention
 
     @property
     def loads(self) -> list[int]:

@@ -5,12 +5,21 @@ from __future__ import annotations
 import dataclasses
 
 from qoq_jax.errors import InvalidRequestError, QoQError
+from qoq_jax.logprobs import TokenLogprob
 from qoq_jax.sampling import SamplingParams
 from qoq_jax.validation import INT32_MAX, check_integer, check_integers, check_text
 
 
 class OverloadedError(QoQError):
     """The waiting queue is full; the HTTP layer answers 503 and the client may retry."""
+
+
+class RequestFailedError(QoQError):
+    """The engine could not serve this request (its step failed on the device); others go on. HTTP: 500."""
+
+
+class EngineDeadError(QoQError):
+    """The engine stopped: its steps kept failing for every request. HTTP: 503, and /health fails."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -56,7 +65,10 @@ class RequestOutput:
     new_text: str
     num_prompt_tokens: int
     num_generated_tokens: int
-    finish_reason: str | None = None  # "stop", "length" or "abort" once finished
+    finish_reason: str | None = None  # "stop", "length", "abort" or "error" once finished
+    error: str | None = None  # why, when finish_reason is "error"
+    new_logprobs: tuple[TokenLogprob, ...] = ()  # one per new token, when the request asked for logprobs
+    prompt_logprobs: tuple[TokenLogprob, ...] | None = None  # prompt tokens 1.. (asked for), on the first output
 
     @property
     def finished(self) -> bool:
@@ -76,3 +88,6 @@ class EngineStats:
     generation_tokens_total: int
     prefix_cache_hit_tokens_total: int
     preemptions_total: int
+    requests_failed_total: int  # ended by an error in their step, while the others went on
+    engine_restarts_total: int  # steps whose failure lost the device state: every running request recomputed
+    step_programs_compiling: int  # step shapes compiling in the background (their steps run in larger ones)

@@ -125,7 +125,7 @@ def fake_serving(monkeypatch):
         return "replicated engine"
 
     monkeypatch.setattr(qoq_jax, "load", load)
-    monkeypatch.setattr("serve.engine.build_engine", lambda params, **options: (params, options))
+    monkeypatch.setattr("serve.engine.build_engine", lambda params, **options: _Built((params, options)))
     monkeypatch.setattr("serve.engine.AsyncEngine", lambda engine: ("async engine", engine))
     monkeypatch.setattr("serve.replicas.build_replicas", build_replicas)
     monkeypatch.setattr("serve.http_server.create_app", lambda engine, **kw: seen.update(served=engine) or "app")
@@ -133,11 +133,18 @@ def fake_serving(monkeypatch):
     return seen
 
 
+class _Built(tuple):
+    """What the fake build_engine returns: its arguments, and a start-up line."""
+
+    def describe(self) -> str:
+        return "an engine"
+
+
 def test_serve_with_tensor_parallel_runs_one_engine_over_the_first_devices(fake_serving):
     assert main(["serve", "--model", "m", "--tensor-parallel", "2", "--max-num-seqs", "4"]) == 0
     [(model, mesh)] = fake_serving["loaded"]
     assert model == "m" and list(mesh.devices.flat) == jax.devices()[:2]
-    assert fake_serving["served"] == ("async engine", ("params of m", dict(model_name="m", max_num_seqs=4)))
+    assert fake_serving["served"] == ("async engine", _Built(("params of m", dict(model_name="m", max_num_seqs=4))))
     assert "replicas" not in fake_serving
 
 

@@ -18,6 +18,7 @@ import transformers
 
 from qoq_jax import make_mesh
 from qoq_jax.sharding import TensorParallel
+from serve.engine import Engine
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 import e2e_throughput as e2e  # noqa: E402
@@ -87,14 +88,15 @@ def test_the_median_is_the_middle_run_or_the_mean_of_the_middle_two():
 
 
 def test_smoke_run_reports_the_tokens_it_generated_over_the_time_it_took(tmp_path, monkeypatch):
-    """transformers (on CPU in smoke mode) and QoQ, watched from outside: each timed run is clocked around the
-    runner's `run`, and the tokens are counted where they are made (QoQ: the prefilled rows and the steps of its
-    decode loop; transformers: the shape `generate` returns). tokens/s must be batch × gen_len over that clock
+    """transformers (on CPU in smoke mode), QoQ and QoQ through the serving engine, watched from outside: each
+    timed run is clocked around the runner's `run`, and the tokens are counted where they are made (QoQ: the
+    prefilled rows and the steps of its decode loop; transformers: the shape `generate` returns; the engine: the
+    tokens its steps emit per request). tokens/s must be batch × gen_len over that clock
     (rel. 5%: only the call's own overhead lies between the two clocks). The split path is the step functions'
     (test_tensor_parallel) and its budget is counted above."""
     wall = collections.defaultdict(list)  # runner class → seconds of each run() call, in order
     produced = collections.defaultdict(list)  # runner class → (rows, new tokens per row) of each run() call
-    for runner in (e2e.QoQRunner, e2e.HFRunner):
+    for runner in (e2e.QoQRunner, e2e.HFRunner, e2e.EngineRunner):
 
         def clocked(self, run=runner.run):
             started = time.perf_counter()
@@ -124,8 +126,25 @@ def test_smoke_run_reports_the_tokens_it_generated_over_the_time_it_took(tmp_pat
     monkeypatch.setattr(e2e, "_prefill_rows", prefill_rows)
     monkeypatch.setattr(e2e, "_decode_greedy", decode_greedy)
     monkeypatch.setattr(transformers.GenerationMixin, "generate", generate)
+    emitted = collections.Counter()  # request id → tokens the engine emitted for it
 
-    systems = ["hf_torch", "qoq_w4a8kv4_g128"]
+    def step(engine, real=Engine.step):
+        outputs = real(engine)
+        for output in outputs:
+            emitted[output.request_id] += len(output.new_token_ids)
+        return outputs
+
+    def engine_run(runner, real=e2e.EngineRunner.run):
+        emitted.clear()
+        timing = real(runner)
+        assert len(set(emitted.values())) == 1, emitted
+        produced[e2e.EngineRunner].append((len(emitted), next(iter(emitted.values()))))
+        return timing
+
+    monkeypatch.setattr(Engine, "step", step)
+    monkeypatch.setattr(e2e.EngineRunner, "run", engine_run)  # wraps `clocked`
+
+    systems = ["hf_torch", "qoq_w4a8kv4_g128", "qoq_w4a8kv4_g128_engine"]
     result = e2e.main(["--smoke", "--systems", *systems, "--out-dir", str(tmp_path)])
     [written] = tmp_path.glob("e2e-*-smoke.json")
     assert json.loads(written.read_text()) == json.loads(json.dumps(result))

@@ -170,7 +170,7 @@ def test_the_engine_serves_what_generate_generates(family, rng):
     prompts = [rng.integers(3, family.params.config.vocab_size, n).tolist() for n in (20, 9)]
     expected = [qoq_jax.generate(family.params, [p], max_new_tokens=6, ignore_eos=True)[0] for p in prompts]
     engine = build_engine(
-        family.params, max_num_seqs=2, max_model_len=48, page_size=16, num_pages=8, max_prefill_chunk=16,
+        family.params, max_num_seqs=2, max_model_len=48, page_size=16, num_pages=8, prefill_row_tokens=16,
         max_num_batched_tokens=32, max_prefill_rows=1, warmup=False,
     )
     for index, prompt in enumerate(prompts):

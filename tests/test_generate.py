@@ -151,7 +151,7 @@ def test_samples_stay_inside_the_top_k_and_top_p_sets(logits, top_k, top_p, seed
         (dict(top_k=-1), InvalidSamplingError),
         (dict(top_k=2.5), InvalidSamplingError),
         (dict(seed=-1), InvalidSamplingError),
-        (dict(max_new_tokens=0), InvalidRequestError),
+        (dict(max_new_tokens=-1), InvalidRequestError),
         (dict(seed=[1, 2, 3]), InvalidRequestError),
     ],
 )

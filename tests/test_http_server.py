@@ -20,19 +20,22 @@ from serve import cli
 from serve.engine import AsyncEngine, build_engine
 from serve.http_server import create_app
 from serve.request import EngineStats
+from serve.runner import ModelRunner
 from loopback import serving
 from tiny_models import sharp_tiny_llama, tiny_tokenizer
 
 MODEL = "tiny-llama"
-# Few buckets so that warm-up compiles little: decode batches of 1 and 2, prompt chunks of one row of 16 tokens.
+# Few shapes: decode batches of 1 and 2, prompt chunks of one row of 16 tokens, each compiled when first needed.
 ENGINE_OPTIONS = dict(
     max_num_seqs=2,
     max_model_len=128,
     page_size=16,
     num_pages=16,
     max_num_batched_tokens=64,
-    max_prefill_chunk=16,
+    prefill_row_tokens=16,
     max_prefill_rows=1,
+    warmup="none",
+    compile_in_background=False,
 )
 # Prompts of at most 16 tokens and 12 new tokens keep qoq_jax.generate's references to one compiled shape.
 PROMPT = "This License applies to"
@@ -250,9 +253,9 @@ def test_request_errors_answer_in_openai_shape(served):
     assert temperature.status_code == 400 and temperature.body["param"] == "temperature"
     top_p = _error(lambda: create(model=MODEL, prompt=PROMPT, max_tokens=4, top_p=0))
     assert top_p.status_code == 400 and top_p.body["param"] == "top_p"
-    n = _error(lambda: create(model=MODEL, prompt=PROMPT, max_tokens=4, n=2))
+    n = _error(lambda: create(model=MODEL, prompt=PROMPT, max_tokens=4, n=0))
     assert n.status_code == 400 and n.body["param"] == "n"
-    logprobs = _error(lambda: create(model=MODEL, prompt=PROMPT, max_tokens=4, logprobs=1))
+    logprobs = _error(lambda: create(model=MODEL, prompt=PROMPT, max_tokens=4, logprobs=21))
     assert logprobs.status_code == 400 and logprobs.body["param"] == "logprobs"
     bad_token = _error(lambda: create(model=MODEL, prompt=[5, 10_000], max_tokens=4))
     assert bad_token.status_code == 400 and "token ids" in bad_token.body["message"]
@@ -326,7 +329,7 @@ def test_malformed_bodies_are_400_not_422(served):
         (b'{"model": "tiny-llama", "prompt": ', None),  # not JSON
         (json.dumps({"model": MODEL}).encode(), "prompt"),  # missing field
         (json.dumps({"model": MODEL, "prompt": "x", "temperature": "hot"}).encode(), "temperature"),  # wrong type
-        (json.dumps({"model": MODEL, "prompt": "x", "max_tokens": 0}).encode(), "max_tokens"),  # out of range
+        (json.dumps({"model": MODEL, "prompt": "x", "max_tokens": -1}).encode(), "max_tokens"),  # out of range
         (json.dumps([1, 2]).encode(), None),  # not an object
     ]:
         status, text = _raw(url, body=body)
@@ -354,7 +357,7 @@ def test_api_key_is_required_when_configured(served):
 
 def test_full_queue_answers_503(params):
     """One seat and one waiting place: with one request running and one waiting, the next gets 503."""
-    options = {**ENGINE_OPTIONS, "max_num_seqs": 1, "warmup": False}
+    options = {**ENGINE_OPTIONS, "max_num_seqs": 1}
     engine = AsyncEngine(build_engine(params, model_name=MODEL, max_waiting=1, **options))
     with serving(create_app(engine, model_name=MODEL)) as url:
 
@@ -421,6 +424,10 @@ def test_metrics_follow_the_engine_and_requests(served):
     assert after["qoq_kv_pages_used"] + after["qoq_kv_pages_free"] == stats.kv_pages_total
     assert after["qoq_requests_running"] == 0 and after["qoq_requests_waiting"] == 0
     assert "qoq_preemptions_total" in after
+    attention = served.engine.attention  # on CPU: the jnp references and XLA
+    for phase, implementation in (("decode", "reference"), ("extend", "reference"), ("prefill", "xla")):
+        assert getattr(attention, phase) == implementation
+        assert after[f"qoq_attention_implementation{{implementation={implementation},phase={phase}}}"] == 1
 
 
 def test_cancelled_stream_aborts_its_request_and_frees_its_pages(served):
@@ -439,22 +446,78 @@ def test_cancelled_stream_aborts_its_request_and_frees_its_pages(served):
     assert _metrics(served.url)["qoq_requests_finished_total{finish_reason=abort}"] == aborted_before + 1
 
 
+def test_a_request_failing_on_the_device_fails_alone(served, params, monkeypatch):
+    """A request whose step fails on the device: 500 in OpenAI's shape for a whole answer, an error event for a
+    stream; requests running beside it still answer as `generate` does, /health stays 200 and the engine serves
+    the next request."""
+    poison = "Poisoned prompt for the device"
+    poison_ids = tuple(params.tokenizer(poison).input_ids)
+    dispatch = ModelRunner.dispatch
+
+    def failing(runner, scheduled):
+        if any(tuple(c.seq.request.prompt_token_ids) == poison_ids for c in scheduled.chunks):
+            raise RuntimeError("the device refused this request's inputs")
+        return dispatch(runner, scheduled)
+
+    def failing_later(runner, scheduled):  # once it has streamed 3 tokens
+        if any(tuple(s.request.prompt_token_ids) == poison_ids and s.num_tokens > len(poison_ids) + 3
+               for s in scheduled.decode):  # fmt: skip
+            raise RuntimeError("the device refused this request's inputs")
+        return dispatch(runner, scheduled)
+
+    monkeypatch.setattr(ModelRunner, "dispatch", failing)
+    before = _metrics(served.url)
+
+    async def scenario():
+        async with openai.AsyncOpenAI(base_url=f"{served.url}/v1", api_key="unused", max_retries=0) as client:
+            good = client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=NEW, temperature=0)
+            bad = client.completions.create(model=MODEL, prompt=poison, max_tokens=NEW, temperature=0)
+            return await asyncio.gather(good, bad, return_exceptions=True)
+
+    good, bad = asyncio.run(scenario())
+    assert good.choices[0].text == qoq_jax.generate(params, [PROMPT], max_new_tokens=NEW)[0]
+    assert isinstance(bad, openai.InternalServerError) and bad.status_code == 500
+    assert bad.body["type"] == "server_error" and "refused this request" in bad.body["message"]
+    monkeypatch.setattr(ModelRunner, "dispatch", failing_later)
+    body = {"model": MODEL, "prompt": poison, "max_tokens": NEW, "stream": True, "temperature": 0}
+    status, text = _raw(f"{served.url}/v1/completions", body=json.dumps(body).encode())
+    events = [line.removeprefix("data: ") for line in text.splitlines() if line.startswith("data: ")]
+    assert status == 200 and events[-1] == "[DONE]" and len(events) >= 3  # some text, then the error
+    assert json.loads(events[-2])["error"]["type"] == "server_error" and json.loads(events[0])["choices"][0]["text"]
+    assert _raw(f"{served.url}/health")[0] == 200
+    after = _metrics(served.url)
+    assert after["qoq_requests_failed_total"] - before["qoq_requests_failed_total"] == 2
+    key = "qoq_requests_finished_total{finish_reason=error}"
+    assert after[key] - before[key] == 2
+    monkeypatch.undo()
+    again = served.client.completions.create(model=MODEL, prompt=OTHER_PROMPT, max_tokens=NEW, temperature=0)
+    assert again.choices[0].text == qoq_jax.generate(params, [OTHER_PROMPT], max_new_tokens=NEW)[0]
+
+
 # -------------------------------------------------------------------------------------------------------- CLI
+
+
+class _Described:
+    def describe(self) -> str:
+        return "sized and described"
 
 
 def test_serve_command_passes_engine_options(monkeypatch, params, capsys):
     seen = {}
     monkeypatch.setattr(qoq_jax, "load", lambda model, dtype=None, mesh=None: params)
-    monkeypatch.setattr("serve.engine.build_engine", lambda p, **kw: seen.update(build=kw) or object())
+    monkeypatch.setattr("serve.engine.build_engine", lambda p, **kw: seen.update(build=kw) or _Described())
     monkeypatch.setattr("serve.engine.AsyncEngine", lambda engine: engine)
     monkeypatch.setattr("serve.http_server.create_app", lambda e, **kw: seen.update(app=kw) or "app")
     monkeypatch.setattr("serve.http_server.run", lambda app, host, port: seen.update(run=(app, host, port)))
     argv = ["serve", "--model", "some-dir", "--port", "8123", "--api-key", "k", "--max-num-seqs", "8"]
+    argv += ["--max-num-batched-tokens", "40", "--warmup", "none", "--no-prefix-caching"]
     assert cli.main([*argv, "--max-model-len", "256", "--page-size", "32", "--kv-memory-gb", "0.5"]) == 0
     assert seen["build"] == dict(
-        model_name="some-dir", max_num_seqs=8, max_model_len=256, page_size=32, kv_memory_bytes=2**29
-    )
-    assert seen["app"] == dict(model_name="some-dir", api_key="k")
+        model_name="some-dir", max_num_seqs=8, max_num_batched_tokens=40, max_model_len=256, page_size=32,
+        kv_memory_bytes=2**29, warmup="none", prefix_caching=False,
+    )  # fmt: skip
+    assert "[some-dir: sized and described]" in capsys.readouterr().err
+    assert seen["app"] == dict(model_name="some-dir", api_key="k", logprobs_mode="raw")
     assert seen["run"] == ("app", "127.0.0.1", 8123)
 
 
@@ -484,8 +547,9 @@ def test_client_gone_before_a_whole_answer_aborts_its_request(served):
 # 8 seats, chunks of two rows of 32 tokens, and 12 pages of 16 tokens (1.5 full-length sequences), so
 # 32 clients at once force preemptions.
 BUSY_OPTIONS = dict(
-    max_num_seqs=8, max_model_len=128, page_size=16, num_pages=12, max_prefill_chunk=32, max_prefill_rows=2
-)
+    max_num_seqs=8, max_model_len=128, page_size=16, num_pages=12, prefill_row_tokens=32, max_prefill_rows=2,
+    warmup="none", compile_in_background=False,
+)  # fmt: skip
 
 
 @pytest.fixture(scope="module")

@@ -24,7 +24,7 @@ from qoq_jax.kv_cache import (
     kv_bytes_per_token,
     pages_that_fit,
 )
-from qoq_jax.page_allocator import PageAllocator
+from serve.kv_cache_manager import KVCacheManager
 from qoq_jax.quant import dequantize_kv, quantize_kv
 from qoq_jax.steps import DecodeState
 
@@ -117,7 +117,7 @@ def test_prefill_into_a_shared_pool_matches_a_private_cache():
 
     _, private = run(*qoq_jax.prefill(params, tokens, lengths, max_length=32, page_size=8))
 
-    allocator = PageAllocator(num_pages=20, page_size=8)
+    allocator = KVCacheManager(num_pages=20, page_size=8)
     allocator.allocate("other", 24)  # someone else's pages first, so ours are not 0..7
     for row in ("b", "a"):
         allocator.allocate(row, 32)

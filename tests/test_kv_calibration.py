@@ -12,6 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from near_ties import assert_equal_up_to_a_near_tie
 from tiny_models import TINY_CONFIGS
 
 import qoq_jax
@@ -21,6 +22,8 @@ from converters.qoq import RECIPES, quantize_model
 from pallas_kernels import paged_attention
 from qoq_jax.kv_cache import LayerAttention, NoKVCache, PagedKVCache, kv_bytes_per_page, kv_bytes_per_token
 from qoq_jax.quant import QuantFormat, dequantize_kv, quantize_kv
+from serve.engine import build_engine
+from serve.request import Request
 
 TOLERANCE = 1e-4
 
@@ -109,6 +112,30 @@ def test_every_way_into_the_cache_gives_forward_with_every_kv_option(rng):
         np.testing.assert_allclose(logits, reference[:, position], rtol=TOLERANCE, atol=TOLERANCE)
     unclipped = dataclasses.replace(params, quant=dataclasses.replace(quant, kv_clip=None))
     assert np.max(np.abs(np.asarray(qoq_jax.forward(unclipped, tokens)) - reference)) > 100 * TOLERANCE
+
+
+def test_the_engine_serves_generate_s_tokens_with_every_kv_option(rng):
+    """The engine's pool takes the model's per-layer bits and clip ratios (its pages hold what `generate`'s
+    cache holds), so under the q/k transform, mixed bits and clipping its greedy tokens are generate's (up to a
+    near-tie: tests/near_ties.py), the prompt of 20 tokens prefilled in rows of 8."""
+    quant = QuantFormat("w8a8", kv_bits=4, layer_kv_bits=(8, 4), kv_clip=((0.9, 0.95), (1.0, 0.85)), qk_transform=True)
+    params = _quantized_with_transform(rng, quant)
+    engine = build_engine(
+        params, max_num_seqs=2, max_model_len=48, page_size=8, num_pages=12, max_num_batched_tokens=18,
+        prefill_row_tokens=8, max_prefill_rows=2, warmup="none", compile_in_background=False,
+    )  # fmt: skip
+    keys, values = engine.runner.pool.keys, engine.runner.pool.values
+    assert [(k.bits, k.clip, v.clip) for k, v in zip(keys, values)] == [(8, 0.9, 0.95), (4, 1.0, 0.85)]
+    prompts = [rng.integers(3, params.config.vocab_size, n).tolist() for n in (20, 7)]
+    for index, prompt in enumerate(prompts):
+        engine.add_request(Request(str(index), tuple(prompt), 8, ignore_eos=True))
+    tokens = {str(index): [] for index in range(len(prompts))}
+    while engine.has_work():
+        for output in engine.step():
+            tokens[output.request_id] += output.new_token_ids
+    expected = qoq_jax.generate(params, prompts, max_new_tokens=8, ignore_eos=True)
+    for index, (prompt, want) in enumerate(zip(prompts, expected)):
+        assert_equal_up_to_a_near_tie(params, prompt, tokens[str(index)], want, f"prompt {index}")
 
 
 @pytest.mark.parametrize("head_dim", [64, 128])

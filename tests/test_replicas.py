@@ -29,7 +29,7 @@ ENGINE_OPTIONS = dict(
     page_size=16,
     num_pages=8,
     max_num_batched_tokens=16,
-    max_prefill_chunk=16,
+    prefill_row_tokens=16,
     max_prefill_rows=1,
 )
 # 12 to 16 tokens each: qoq_jax.generate's references all pad to one compiled shape.

@@ -255,9 +255,14 @@ def test_kv_budget_counts_each_devices_share_of_the_heads():
 
 
 def test_engine_on_a_mesh_samples_what_generate_samples(g128_params):
-    """Seeded sampling through the engine on 4 devices (budget per device) equals `generate` on one."""
-    prompts = [[1, 2, 3, 4, 5], [7] * 20]
-    expected = qoq_jax.generate(g128_params, prompts, max_new_tokens=6, temperature=0.8, top_k=20, seed=5)
+    """Seeded sampling through the engine on 4 devices (budget per device) equals `generate` on one; so do the
+    penalties, logit bias and log-probabilities (the token history and the vocabulary-split logits they read)."""
+    prompts = [[1, 2, 3, 4, 5], [7, 9] * 10]
+    expected = qoq_jax.generate(g128_params, prompts[:1], max_new_tokens=6, temperature=0.8, top_k=20, seed=5)
+    features = dict(presence_penalty=0.8, repetition_penalty=1.3, logit_bias={3: 4.0}, logprobs=2, prompt_logprobs=1)
+    [featured] = qoq_jax.complete(
+        g128_params, prompts[1:], max_new_tokens=6, temperature=0.8, top_k=20, seed=6, ignore_eos=True, **features
+    )
     page_bytes = kv_bytes_per_page(CONFIG, 16, 4, jnp.float32, kv_shards=2)
     engine = build_engine(
         g128_params,
@@ -266,19 +271,30 @@ def test_engine_on_a_mesh_samples_what_generate_samples(g128_params):
         max_model_len=48,
         page_size=16,
         kv_memory_bytes=12 * page_bytes,
-        max_prefill_chunk=16,  # the 20-token prompt is prefilled in two chunks
+        prefill_row_tokens=16,  # the 20-token prompt is prefilled in two chunks
         max_num_batched_tokens=64,
         max_prefill_rows=1,
     )
-    assert engine.allocator.num_pages == 12
-    for i, prompt in enumerate(prompts):
-        sampling = qoq_jax.SamplingParams(temperature=0.8, top_k=20, seed=5 + i)
+    assert engine.kv_cache.num_pages == 12
+    samplings = [
+        qoq_jax.SamplingParams(temperature=0.8, top_k=20, seed=5),
+        qoq_jax.SamplingParams(temperature=0.8, top_k=20, seed=6, **features),
+    ]
+    for i, (prompt, sampling) in enumerate(zip(prompts, samplings)):
         engine.add_request(Request(str(i), tuple(prompt), 6, sampling, ignore_eos=True))
-    tokens = {str(i): [] for i in range(len(prompts))}
+    outputs = {str(i): [] for i in range(len(prompts))}
     while engine.has_work():
         for output in engine.step():
-            tokens[output.request_id] += output.new_token_ids
-    assert [tokens[str(i)] for i in range(len(prompts))] == expected
+            outputs[output.request_id].append(output)
+    assert [t for o in outputs["0"] for t in o.new_token_ids] == expected[0]
+    assert [t for o in outputs["1"] for t in o.new_token_ids] == featured.token_ids
+    logprobs = [e for o in outputs["1"] for e in o.new_logprobs]
+    [prompt_logprobs] = [o.prompt_logprobs for o in outputs["1"] if o.prompt_logprobs is not None]
+    for got, want in ((logprobs, featured.logprobs), (prompt_logprobs, featured.prompt_logprobs)):
+        assert [e.token_id for e in got] == [e.token_id for e in want]
+        for mine, theirs in zip(got, want):  # top values, not ids: a near tie may order two ids either way
+            values = [mine.logprob, *(v for _, v in mine.top)]
+            np.testing.assert_allclose(values, [theirs.logprob, *(v for _, v in theirs.top)], atol=1e-4)
 
 
 @lowering_test

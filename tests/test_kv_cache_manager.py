@@ -1,4 +1,6 @@
-"""Page allocator: random op sequences never leak or share a page, and failed requests change nothing."""
+"""The KV-cache manager on the host, no model: random op sequences never leak or share a page, an allocation the
+pool cannot cover returns None and changes nothing, and exact page ids, reference counts and eviction order of the
+prefix cache (as vLLM tests its block pool)."""
 
 from __future__ import annotations
 
@@ -11,8 +13,7 @@ from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
-from qoq_jax.errors import QoQError
-from qoq_jax.page_allocator import OutOfPagesError, PageAllocator
+from serve.kv_cache_manager import KVCacheManager
 
 # Mixed kinds of hashable ids, since a serving engine may key sequences by request objects or strings.
 SEQ_IDS = st.sampled_from([0, 1, 2, 3, "a", ("req", 7)])
@@ -24,7 +25,7 @@ class AllocatorMachine(RuleBasedStateMachine):
 
     @initialize(num_pages=st.integers(1, 10), page_size=st.integers(1, 4))
     def create(self, num_pages, page_size):
-        self.allocator = PageAllocator(num_pages, page_size)
+        self.allocator = KVCacheManager(num_pages, page_size)
         self.max_tokens: dict = {}
 
     def snapshot(self) -> tuple:
@@ -37,12 +38,10 @@ class AllocatorMachine(RuleBasedStateMachine):
         old_table = allocator.block_table(seq_id) if seq_id in allocator else []
         missing = max(0, allocator.pages_needed(num_tokens) - len(old_table))
         fits = missing <= allocator.num_free_pages
-        assert allocator.can_allocate(seq_id, num_tokens) == fits
 
         if not fits:
             before = self.snapshot()
-            with pytest.raises(OutOfPagesError, match=f"needs {missing} more .* only {before[0]} are free"):
-                allocator.allocate(seq_id, num_tokens)
+            assert allocator.allocate(seq_id, num_tokens) is None
             assert self.snapshot() == before and (seq_id in allocator) == (seq_id in self.max_tokens)
             return
 
@@ -99,7 +98,7 @@ TestAllocatorMachine.settings = settings(max_examples=100, stateful_step_count=3
 
 
 def test_fresh_pool_gives_batch_contiguous_tables():
-    allocator = PageAllocator(num_pages=16, page_size=4)
+    allocator = KVCacheManager(num_pages=16, page_size=4)
     for seq_id in range(3):
         allocator.allocate(seq_id, 10)
     assert [allocator.block_table(seq_id) for seq_id in range(3)] == [[0, 1, 2], [3, 4, 5], [6, 7, 8]]
@@ -108,14 +107,14 @@ def test_fresh_pool_gives_batch_contiguous_tables():
 
 
 def test_block_table_is_a_copy():
-    allocator = PageAllocator(num_pages=4, page_size=2)
+    allocator = KVCacheManager(num_pages=4, page_size=2)
     allocator.allocate("s", 3)
     allocator.block_table("s").append(3)
     assert allocator.block_table("s") == [0, 1]
 
 
 def test_block_tables_pads_with_page_zero():
-    allocator = PageAllocator(num_pages=8, page_size=2)
+    allocator = KVCacheManager(num_pages=8, page_size=2)
     allocator.allocate("a", 5)
     allocator.allocate("b", 1)
     allocator.allocate("c", 0)
@@ -130,14 +129,13 @@ def test_block_tables_pads_with_page_zero():
 
 
 def test_out_of_pages_is_all_or_nothing():
-    allocator = PageAllocator(num_pages=3, page_size=4)
+    allocator = KVCacheManager(num_pages=3, page_size=4)
     allocator.allocate(0, 4)
-    with pytest.raises(OutOfPagesError, match="sequence 1 needs 3 more KV-cache pages but only 2 are free") as caught:
-        allocator.allocate(1, 12)
-    assert isinstance(caught.value, QoQError) and (caught.value.pages_needed, caught.value.pages_free) == (3, 2)
+    assert allocator.allocate(1, 12) is None
     assert 1 not in allocator and allocator.num_free_pages == 2
-    assert not allocator.can_allocate(1, 12) and allocator.can_allocate(1, 8)
-    assert allocator.can_allocate(0, 4)  # already covered: needs no pages
+    assert allocator.allocate(0, 4) == []  # already covered: needs no pages
+    assert allocator.allocate(1, 8) == [1, 2] and allocator.num_free_pages == 0
+    assert allocator.allocate(1, 9) is None and allocator.block_table(1) == [1, 2]
 
 
 @pytest.mark.parametrize(
@@ -146,11 +144,11 @@ def test_out_of_pages_is_all_or_nothing():
 )
 def test_bad_pool_shape_is_refused(num_pages, page_size, message):
     with pytest.raises(ValueError, match=message):
-        PageAllocator(num_pages, page_size)
+        KVCacheManager(num_pages, page_size)
 
 
 def test_bad_requests_are_refused():
-    allocator = PageAllocator(num_pages=4, page_size=4)
+    allocator = KVCacheManager(num_pages=4, page_size=4)
     assert allocator.pages_needed(np.int64(9)) == 3 and allocator.pages_needed(0) == 0
     with pytest.raises(ValueError, match="num_tokens must be >= 0, got -1"):
         allocator.allocate("s", -1)
@@ -166,7 +164,7 @@ def test_bad_requests_are_refused():
 
 
 def test_prefix_pages_are_shared_reference_counted_and_evicted_last():
-    allocator = PageAllocator(num_pages=6, page_size=4)
+    allocator = KVCacheManager(num_pages=6, page_size=4)
     prompt = list(range(10, 21))  # 11 tokens: 2 full pages and a partial one
     allocator.allocate("a", len(prompt))
     allocator.cache_prefix("a", prompt)
@@ -199,7 +197,36 @@ def test_prefix_pages_are_shared_reference_counted_and_evicted_last():
 
 
 def test_shared_prefix_must_start_a_sequence():
-    allocator = PageAllocator(num_pages=2, page_size=4)
+    allocator = KVCacheManager(num_pages=2, page_size=4)
     allocator.allocate("a", 4)
     with pytest.raises(ValueError, match="already has pages"):
         allocator.share_prefix("a", [1, 2, 3, 4, 5])
+
+
+def test_exact_page_ids_through_sharing_freeing_and_eviction():
+    """vLLM's block-pool walk-through at 16-token pages and 11 pages: exact ids as requests share, free and evict."""
+    manager = KVCacheManager(num_pages=11, page_size=16)
+    common = list(range(100, 132))  # two full pages shared by every prompt below
+    first = common + list(range(7))  # 39 tokens: pages 0, 1 full, page 2 partial
+    assert manager.share_prefix("r0", first) == 0
+    assert manager.allocate("r0", len(first)) == [0, 1, 2]
+    manager.cache_prefix("r0", first)
+
+    second = common + list(range(50, 60))
+    assert manager.share_prefix("r1", second) == 32  # pages 0 and 1, now referenced twice
+    assert manager.block_table("r1") == [0, 1] and manager.allocate("r1", len(second)) == [3]
+    assert manager.num_free_pages == 11 - 4
+
+    manager.release("r0")  # page 2 (uncached) is free again; 0 and 1 stay with r1
+    assert manager.num_free_pages == 8
+    assert manager.allocate("r2", 16) == [2]  # uncached pages are handed out first, the freed one before new ones
+    manager.release("r1")
+    # Free list now: r1's uncached page 3 (reused first), never-used 4..10, then the cached 1, 0 (tail first).
+    assert manager.allocate("r3", 8 * 16) == [3, 4, 5, 6, 7, 8, 9, 10]
+    assert manager.num_cached_pages == 2 and manager.share_prefix("r4", second) == 32
+    assert manager.block_table("r4") == [0, 1] and manager.num_free_pages == 0
+    manager.release("r4")
+    manager.release("r3")
+    # Taking the whole pool evicts the cached pages last: 1 then 0 go out as the final two ids.
+    assert manager.allocate("r5", 10 * 16)[-2:] == [1, 0] and manager.num_cached_pages == 0
+    assert manager.share_prefix("r6", second) == 0

@@ -1,10 +1,16 @@
-"""Host-side bookkeeping of a paged KV cache's page pool: which sequence owns which pages, in token order, and
-which full pages hold a known token prefix (prefix caching).
+"""The KV-cache manager: host-side bookkeeping of the paged pool (which sequence owns which pages, in token order)
+and the prefix cache (which full pages hold a known token prefix).
 
-Kept in plain Python so a scheduler can admit, grow and preempt sequences between steps without touching the device.
-A full page whose tokens (and all tokens before them) are known is registered under a hash chain of its token
-blocks; a later sequence with the same prefix shares it (reference-counted) instead of recomputing it. A released
-cached page stays findable until the free list hands it out again, least recently released last.
+Plain Python, so the scheduler admits, grows and preempts sequences between steps without touching the device; the
+runner learns the page ids a step added and writes only those into its device tables. A request the pool cannot
+cover gets `None` from `allocate` and nothing changes, so the scheduler decides whom to preempt (vLLM's
+`allocate_slots`). A full page whose tokens (and all tokens before them) are known is registered under a hash chain
+of its token blocks; a later sequence with the same prefix shares it (reference-counted) instead of recomputing it.
+A released cached page stays findable until the free list hands it out again, least recently released last.
+
+    pool   [ 0 1 2 3 4 5 6 7 ]          page_size 4
+    "a"    [ 0 1 2 ]   tokens 0..10      pages 0, 1 full: cached under h(t0..3), h(h0, t4..7)
+    "b"    [ 0 1 5 ]   same 8-token prefix: shares 0 and 1 (2 references each), computes from token 8
 """
 
 from __future__ import annotations
@@ -15,17 +21,6 @@ from collections import OrderedDict
 from collections.abc import Hashable, Iterable, Sequence
 
 import numpy as np
-
-from qoq_jax.errors import QoQError
-
-
-class OutOfPagesError(QoQError):
-    """The pool cannot cover a request; nothing was allocated, so the caller may preempt a sequence and retry."""
-
-    def __init__(self, seq_id: Hashable, pages_needed: int, pages_free: int):
-        super().__init__(f"sequence {seq_id!r} needs {pages_needed} more KV-cache pages but only {pages_free} are free")
-        self.pages_needed = pages_needed
-        self.pages_free = pages_free
 
 
 def _count(name: str, value: int, minimum: int) -> int:
@@ -41,7 +36,7 @@ def _count(name: str, value: int, minimum: int) -> int:
     return value
 
 
-class PageAllocator:
+class KVCacheManager:
     """Owns page ids 0..num_pages-1; every call costs O(pages it touches), never O(pool)."""
 
     def __init__(self, num_pages: int, page_size: int):
@@ -79,19 +74,16 @@ class PageAllocator:
     def _missing_pages(self, seq_id: Hashable, num_tokens: int) -> int:
         return max(0, self.pages_needed(num_tokens) - len(self._tables.get(seq_id, ())))
 
-    def can_allocate(self, seq_id: Hashable, num_tokens: int) -> bool:
-        """Lets a scheduler decide on admission or preemption without catching exceptions."""
-        return self._missing_pages(seq_id, num_tokens) <= len(self._free_pages)
-
-    def allocate(self, seq_id: Hashable, num_tokens: int) -> list[int]:
-        """Grow seq_id's table to cover num_tokens tokens in total and return only the pages added.
+    def allocate(self, seq_id: Hashable, num_tokens: int) -> list[int] | None:
+        """Grow seq_id's table to cover num_tokens tokens in total and return only the pages added, or None (and
+        change nothing) when the free pages cannot cover it.
 
         Taking the total rather than a delta makes repeated calls idempotent, and a smaller total never shrinks the
         table: pages only come back through `release`. A new seq_id is registered even when it needs no pages yet.
         """
         missing = self._missing_pages(seq_id, num_tokens)
         if missing > len(self._free_pages):
-            raise OutOfPagesError(seq_id, missing, len(self._free_pages))
+            return None
         new_pages = [self._take_free_page() for _ in range(missing)]
         for page in new_pages:
             self._references[page] = 1
@@ -125,13 +117,15 @@ class PageAllocator:
         self._hashed[seq_id] = (len(table), matched)
         return len(table) * self._page_size
 
-    def cache_prefix(self, seq_id: Hashable, token_ids: Sequence[int]) -> None:
-        """Registers seq_id's full pages holding `token_ids` (the tokens computed so far, from position 0) so
-        later sequences with the same prefix can share them. A prefix already cached elsewhere is left there.
-        Only pages filled since the last call are hashed, so calling it every step costs nothing in between."""
+    def cache_prefix(self, seq_id: Hashable, token_ids: Sequence[int], num_tokens: int | None = None) -> None:
+        """Registers seq_id's full pages holding its first `num_tokens` tokens (default all of `token_ids`; the
+        tokens whose keys and values are written, from position 0) so later sequences with the same prefix can
+        share them. A prefix already cached elsewhere is left there. Only pages filled since the last call are
+        hashed, so calling it every step costs nothing in between."""
         table = self._tables[seq_id]
         hashed, prefix = self._hashed.get(seq_id, (0, b""))
-        full_pages = min(len(token_ids) // self._page_size, len(table))
+        num_tokens = len(token_ids) if num_tokens is None else num_tokens
+        full_pages = min(num_tokens // self._page_size, len(table))
         for index, prefix in enumerate(self._prefix_hashes(token_ids, hashed, full_pages, prefix), start=hashed):
             page = table[index]
             if prefix not in self._page_of_prefix and page not in self._prefix_of_page:
@@ -167,6 +161,9 @@ class PageAllocator:
                 self._free_pages[page] = None
                 # Uncached pages are handed out again first, in their old order; cached ones last.
                 self._free_pages.move_to_end(page, last=page in self._prefix_of_page)
+
+    def num_pages_of(self, seq_id: Hashable) -> int:
+        return len(self._tables[seq_id])
 
     def block_table(self, seq_id: Hashable) -> list[int]:
         """A copy, so callers cannot corrupt the pool's bookkeeping."""
