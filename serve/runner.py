@@ -375,7 +375,9 @@ class ModelRunner:
     def _compile(self, shape: StepShape):
         inputs = [jax.ShapeDtypeStruct(x.shape, x.dtype) for x in self._inputs(None, shape)]
         layout = self._layout(shape)
-        return _step.lower(self.params, *self._abstract_state, *inputs, layout=layout, width=shape.width).compile()
+        lowered = _step.lower(self.params, *self._abstract_state, *inputs, layout=layout, width=shape.width)
+        with _XLA_COMPILE:  # lowering runs in parallel; XLA's CPU compiler crashed here under concurrent compiles
+            return lowered.compile()
 
     # --- one step ---------------------------------------------------------------------------------------------
 
@@ -519,6 +521,9 @@ def _sample(logits, slots, positions, sampling, prompt_lengths, stop_ids, histor
         history_rows_b=slot_rows,
     )
     return sampled, history.record(slots, sampled.tokens[:, None], True, True)
+
+
+_XLA_COMPILE = threading.Lock()  # one XLA compilation at a time in this process (a segfault seen without it)
 
 
 class _Programs:
