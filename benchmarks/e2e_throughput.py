@@ -211,6 +211,7 @@ class QoQRunner:
                 block_tables=jnp.zeros((1, per_seq), jnp.int32),
                 dtype=self.params.dtype,
                 kv_bits=self.params.kv_bits,
+                kv_clip=self.params.kv_clip,
                 kernel=self.params.kernel,
             )
 

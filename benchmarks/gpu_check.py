@@ -7,7 +7,9 @@ hypothesis are there), `STEPS` run one after another, each in its own process:
   gemm check         `gemm.py --check`: both kernels at every M bucket and Llama-3-8B shape against the reference;
   gemm timings       `gemm.py` at M = 1, 16, 1024, 4096 with 10 repeats (the goal's M's);
   decode attention   `attention.py` at batch 1/64/256 × context 2048/8192, every qoq row checked first;
-  e2e compiled loop  `e2e_throughput.py` for Llama-3-8B, QoQ g128 and W16A16, one timed run each.
+  e2e compiled loop  `e2e_throughput.py` for Llama-3-8B, QoQ g128 and W16A16, one timed run each;
+  e2e engine         the same model and budget served by the engine (`engine/e2e-<device>.json`), last, in
+                     whatever time the steps before it left.
 Each step gets its share of `--budget-s` (570 s by default) plus whatever the steps before it left unused; a step
 that runs out is stopped and reported, and the next one starts. The persistent compilation cache is shared by
 the steps. Every JSON lands in `--out` (gemm-/attention-/e2e-<device>.json and their tables, and
@@ -40,14 +42,11 @@ from typing import Callable
 REPO_ROOT = Path(__file__).resolve().parent.parent
 OUTPUT_TAIL_CHARS = 3000
 DEFAULT_BUDGET_S = 570  # leaves the 10-minute call half a minute for start-up and the summary (Σ step budgets)
+ENGINE_DIR = "engine"  # the engine's e2e JSON beside the compiled loop's, which has the same name
 DRY_RUN_BUDGET_S = 600  # a safety net on a loaded CPU; the dry run takes about a minute of CPU time
 
 # Not built yet: each becomes one more entry of STEPS when it lands.
-PENDING = (
-    "prefill-over-pages kernel (issue 17): a benchmark timing it (its GPU test class runs in kernel tests)",
-    "e2e engine row: `e2e_throughput.py --systems qoq_w4a8kv4_g128_engine` exists, but its Llama-3-8B run (weights,"
-    " warm-up of the engine's programs, 1024 + 512 tokens per sequence) needs a budget of its own beyond these steps",
-)
+PENDING = ("prefill-over-pages kernel (issue 17): a benchmark timing it (its GPU test class runs in kernel tests)",)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -119,6 +118,10 @@ def summarize_attention(out: Path, junit: str, slug: str) -> list[str]:
     return lines
 
 
+def summarize_engine(out: Path, junit: str, slug: str) -> list[str]:
+    return summarize_e2e(out / ENGINE_DIR, junit, slug)
+
+
 def summarize_e2e(out: Path, junit: str, slug: str) -> list[str]:
     result, rows = _rows(out, "e2e", slug)
     lines = [f"{r['model']} {r['system']}: batch {r['batch']}, {r['tokens_per_s'] or 0:.0f} tokens/s" for r in rows]
@@ -174,8 +177,17 @@ STEPS = (
              "--no-latency", "--out-dir", "{out}"),  # fmt: skip
         dry_run=("benchmarks/e2e_throughput.py", "--smoke", "--systems", "qoq_w4a8kv4_g128", "--no-latency",
                  "--out-dir", "{out}"),  # fmt: skip
-        budget_s=170,
+        budget_s=130,
         summarize=summarize_e2e,
+    ),
+    Step(  # last: what the budget has left after the kernels' steps
+        "e2e engine",
+        gpu=("benchmarks/e2e_throughput.py", "--systems", "qoq_w4a8kv4_g128_engine", "--repeats", "1", "--no-latency",
+             "--out-dir", "{out}/" + ENGINE_DIR),  # fmt: skip
+        dry_run=("benchmarks/e2e_throughput.py", "--smoke", "--systems", "qoq_w4a8kv4_g128_engine", "--no-latency",
+                 "--out-dir", "{out}/" + ENGINE_DIR),  # fmt: skip
+        budget_s=40,
+        summarize=summarize_engine,
     ),
 )
 

@@ -27,7 +27,7 @@ import numpy as np
 from flax import nnx
 from tqdm.auto import tqdm
 
-from converters import equivalence, gptq
+from converters import equivalence, gptq, kv_calibration
 from qoq_jax.config import ModelConfig
 from qoq_jax.errors import CalibrationError
 from qoq_jax.kv_cache import NoKVCache
@@ -63,6 +63,7 @@ _LINEARS_BY_INPUT = {
     for observed in dict.fromkeys(_LINEARS.values())
 }
 _SAMPLE_BLOCKS, _SAMPLE_BLOCK_LEN = 8, 64
+_FLOAT32_PARAMS = ("key_transform", "query_transform", "key_offset")  # the q/k transform stays float32
 
 log = logging.getLogger(__name__)
 
@@ -86,25 +87,94 @@ class Recipe:
     gptq: bool = True
     gptq_damp: float = 0.01
     gptq_block_size: int = 128
+    # The KV cache's stages (converters.kv_calibration), judged on `kv_rows` calibration rows per layer:
+    smooth_attention_search: bool = False  # SmoothAttention's (α, β) per layer from a grid, instead of α fixed
+    center_keys: bool = False  # k ← k − μ after RoPE (softmax-invariant)
+    rotate_qk: bool = False  # online per-head Hadamard on q and k after RoPE
+    learn_qk: bool = False  # A and μ of k ← (k − μ)·A, q ← q·A⁻ᵀ trained with Adam from the above
+    # Adam steps, rate and the training loss's query stride: cheap enough for the CLI's default calibration (see
+    # README for the slower setting that lowers the attention error a little more).
+    learn_qk_steps: int = 40
+    learn_qk_rate: float = 5e-3
+    learn_qk_query_stride: int = 8
+    kv_clip_search: bool = False  # per-layer K and V clip ratios
+    kv8_layers: int = 0  # this many layers, those with the largest 4-bit attention error, get KV8 pages
+    kv_rows: int = 4
+
+    def __post_init__(self):
+        if self.weights in _WEIGHT_ONLY and (self.qk_transform or self.kv_clip_search or self.kv8_layers):
+            raise ValueError(f"recipe {self.name!r}: KV stages need a quantized format, not {self.weights}")
+        if self.kv8_layers and self.kv_bits != 4:
+            raise ValueError(f"recipe {self.name!r}: kv8_layers mixes KV8 into a KV4 cache; kv_bits is {self.kv_bits}")
+        if self.smooth_attention_search and not self.smooth_attention:
+            raise ValueError(f"recipe {self.name!r}: smooth_attention_search needs smooth_attention")
 
     @property
     def grouped(self) -> bool:
         return self.weights in (Int4GroupWeight.format_name, *_WEIGHT_ONLY)
 
     @property
+    def qk_transform(self) -> bool:
+        """Whether the model gets attention's q/k transform parameters (`QuantFormat.qk_transform`)."""
+        return self.center_keys or self.rotate_qk or self.learn_qk
+
+    @property
+    def kv_stages(self) -> bool:
+        """Whether the recipe calibrates the KV cache of the quantized model (`calibrate_kv`)."""
+        return self.qk_transform or self.kv_clip_search or self.kv8_layers > 0
+
+    def weight_recipe(self) -> "Recipe":
+        """The recipe without its KV stages: what `quantize_model` runs before `calibrate_kv`. Recipes with the
+        same weight recipe share their quantized weights (the accuracy benchmark quantizes them once)."""
+        return dataclasses.replace(
+            self, center_keys=False, rotate_qk=False, learn_qk=False, kv_clip_search=False, kv8_layers=0
+        )
+
+    @property
     def needs_statistics(self) -> bool:
         """Whether any stage reads calibration activations (plain rounding does not)."""
-        return self.reorder or self.smooth_attention or self.smooth_linear or self.clip_search or self.gptq
+        return (
+            self.reorder
+            or self.smooth_attention
+            or self.smooth_linear
+            or self.clip_search
+            or self.gptq
+            or self.smooth_attention_search
+        )
 
     def stages(self) -> list[str]:
-        flags = ("rotate", "reorder", "smooth_attention", "smooth_linear", "clip_search", "gptq")
-        return [flag for flag in flags if getattr(self, flag)]
+        flags = (
+            "rotate",
+            "reorder",
+            "smooth_attention",
+            "smooth_attention_search",
+            "smooth_linear",
+            "center_keys",
+            "rotate_qk",
+            "learn_qk",
+            "kv_clip_search",
+            "clip_search",
+            "gptq",
+        )
+        return [flag for flag in flags if getattr(self, flag)] + (["kv8_layers"] if self.kv8_layers else [])
 
 
 _RTN = {"rotate": False, "smooth_attention": False, "smooth_linear": False, "gptq": False}
 
+_KV_STAGES = {"center_keys": True, "rotate_qk": True, "learn_qk": True, "kv_clip_search": True}
+
 RECIPES = {
-    "g128": Recipe("g128", Int4GroupWeight.format_name, reorder=True),
+    "g128": Recipe("g128", Int4GroupWeight.format_name, reorder=True, **_KV_STAGES),
+    "g128-thorough": Recipe(
+        "g128-thorough",
+        Int4GroupWeight.format_name,
+        reorder=True,
+        **_KV_STAGES,
+        learn_qk_steps=100,
+        learn_qk_rate=2e-3,
+        learn_qk_query_stride=4,
+    ),
+    "g128-qserve": Recipe("g128-qserve", Int4GroupWeight.format_name, reorder=True),
     "gchn": Recipe(
         "gchn", Int4ChannelWeight.format_name, smooth_linear_alpha=0.1, smooth_linear_beta=0.9, clip_search=True
     ),
@@ -115,7 +185,10 @@ RECIPES = {
     "rtn-w4a16-progressive": Recipe("rtn-w4a16-progressive", WEIGHT_ONLY_PROGRESSIVE, kv_bits=16, **_RTN),
 }
 """QoQ's two recipes (defaults of qoq-g128.yaml / qoq-gchn.yaml; SmoothAttention is the manual λ = √max|K|
-for both) and the baselines of the accuracy table."""
+for both) and the baselines of the accuracy table. `g128` adds this library's KV4 stages (centred, rotated and
+learned q/k transform, KV clip search: `converters.kv_calibration`), measured in benchmarks/accuracy.py;
+`g128-thorough` trains the q/k transform longer (about 3× the KV stages' time, a lower attention error);
+`g128-qserve` is the reference recipe without them."""
 
 
 def resolve_group_size(recipe: Recipe, config: ModelConfig) -> int | None:
@@ -143,18 +216,26 @@ def quantize_model(
     progress: bool = True,
 ) -> tuple[Params, dict]:
     """Calibrates and quantizes a float model; returns the quantized Params and a JSON-able report of what ran
-    (recipe, group size, calibration size, seconds) for the checkpoint's metadata."""
+    (recipe, group size, calibration size, per-layer KV choices, seconds) for the checkpoint's metadata.
+
+    The weights are quantized first (`recipe.weight_recipe()`), then `calibrate_kv` runs the KV stages on the
+    quantized model."""
+    if recipe.kv_stages:
+        weights_only = quantize_model(
+            params, recipe.weight_recipe(), calibration_tokens, batch_size=batch_size, progress=progress
+        )
+        return calibrate_kv(weights_only, recipe, calibration_tokens, progress=progress)
     started = time.perf_counter()
     if params.quant is not None:
         raise ValueError("the model is already quantized; calibration needs the float model")
     config = params.config
     group_size = resolve_group_size(recipe, config)
-    quant = None if recipe.weights in _WEIGHT_ONLY else QuantFormat(recipe.weights, recipe.kv_bits, group_size)
-    if quant is not None:
+    quant = None
+    if recipe.weights not in _WEIGHT_ONLY:
+        quant = QuantFormat(recipe.weights, recipe.kv_bits, group_size)
         for (module, name), _ in _LINEARS.items():
             in_features, out_features = _linear_shape(config, name)
             quant.check_linear(in_features, out_features, f"{module}.{name}")
-
     weights = jax.tree.map(lambda a: np.asarray(a, np.float32), nnx.to_pure_dict(params.state))
     if recipe.rotate:
         if config.post_norms:  # the residual stream cannot rotate through post-norms: the block inputs rotate online
@@ -171,13 +252,20 @@ def quantize_model(
     if recipe.needs_statistics:
         hidden = float_model.embed(tokens, ())
         sample_rows, sample_starts = _sample_blocks(*tokens.shape)
+        kv_rows = _kv_rows(recipe, tokens.shape[0])
     bar = tqdm(total=config.num_layers * (2 + len(_LINEARS_BY_INPUT)), desc=f"QoQ {recipe.name}", disable=not progress)
-    quantized_layers, disabled_stages = {}, []
+    quantized_layers, smoothing, disabled_stages = {}, [], []
     for index in range(config.num_layers):
         layer, stats = weights["layers"][index], None
         if recipe.needs_statistics:
             bar.set_postfix_str(f"layer {index} · statistics")
             layer_graph, layer_state = nnx.split(float_model.layers[index])
+            attention_sample = None
+            if recipe.smooth_attention_search:
+                attention_sample = kv_calibration.AttentionSample.create(
+                    *_attention_inputs(layer_graph, layer_state, hidden[kv_rows])[:3],
+                    float_model.layers[index].self_attn.layer_attention,
+                )
             hidden, stats = _calibration_pass(
                 layer_graph, layer_state, hidden, sample_rows, sample_starts, config=config, batch_size=batch_size
             )
@@ -185,7 +273,8 @@ def quantize_model(
             bar.set_postfix_str(f"layer {index} · transforms")
             with warnings.catch_warnings(record=True) as caught:
                 warnings.simplefilter("always", equivalence.SmoothingDisabledWarning)
-                layer, stats = _transform_layer(layer, stats, recipe, config)
+                layer, stats, chosen = _transform_layer(layer, stats, recipe, config, attention_sample)
+            smoothing.append(chosen)
             for warning in caught:
                 if not issubclass(warning.category, equivalence.SmoothingDisabledWarning):
                     warnings.warn_explicit(warning.message, warning.category, warning.filename, warning.lineno)
@@ -213,17 +302,104 @@ def quantize_model(
         quantized_layers[index] = quantized
     bar.close()
 
-    weights = {**weights, "layers": quantized_layers}
-    result = _build_params(weights, config, quant, dtype=params.dtype, tokenizer=params.tokenizer)
     report = {
         "recipe": dataclasses.asdict(recipe),
         "stages": recipe.stages(),
         "disabled_stages": disabled_stages,  # stages a NaN/Inf scale turned off, per layer
         "group_size": group_size,
         "calibration": {"samples": int(tokens.shape[0]), "seq_len": int(tokens.shape[1])},
-        "seconds": round(time.perf_counter() - started, 1),
+    }
+    if recipe.smooth_attention_search:
+        report["smooth_attention"] = smoothing
+    weights = {**weights, "layers": quantized_layers}
+    result = _build_params(weights, config, quant, dtype=params.dtype, tokenizer=params.tokenizer)
+    report["seconds"] = round(time.perf_counter() - started, 1)
+    return result, report
+
+
+def calibrate_kv(
+    quantized: tuple[Params, dict], recipe: Recipe, calibration_tokens: np.ndarray, *, progress: bool = True
+) -> tuple[Params, dict]:
+    """The KV stages of `recipe` (`converters.kv_calibration`) on a model whose weights `quantize_model`
+    quantized with `recipe.weight_recipe()` (its Params and report). Walks the quantized model layer by layer on
+    `recipe.kv_rows` calibration rows, so each layer is calibrated on the keys and values its quantized q/k/v
+    projections produce, the next layer fed this one's output with unquantized attention. Then the `kv8_layers`
+    layers with the largest 4-bit attention error get KV8 pages (full range), the rest the searched clip ratios.
+    Returns the Params with the new format and transforms and the report with a record per layer."""
+    started = time.perf_counter()
+    params, report = quantized
+    if params.quant is None:
+        raise ValueError(f"recipe {recipe.name!r}: KV stages need a quantized model")
+    if {**report["recipe"], "name": recipe.name} != dataclasses.asdict(recipe.weight_recipe()):
+        raise ValueError(f"the weights were quantized by {report['recipe']['name']!r}, not as {recipe.name!r} needs")
+    config = params.config
+    if recipe.kv8_layers > config.num_layers:
+        raise ValueError(f"kv8_layers={recipe.kv8_layers} exceeds the model's {config.num_layers} layers")
+    tokens = jnp.asarray(calibration_tokens, jnp.int32)[_kv_rows(recipe, calibration_tokens.shape[0])]
+    model = params.model()
+    hidden = model.embed(tokens, ())
+    weights = nnx.to_pure_dict(params.state)
+    records = []
+    for index in tqdm(range(config.num_layers), desc=f"KV {recipe.name}", disable=not progress):
+        layer_graph, layer_state = nnx.split(model.layers[index])
+        *qkv, hidden = _attention_inputs(layer_graph, layer_state, hidden)
+        sample = kv_calibration.AttentionSample.create(*qkv, model.layers[index].self_attn.layer_attention)
+        transform, record = _calibrate_kv_layer(sample, recipe)
+        if recipe.qk_transform:
+            attention = weights["layers"][index]["self_attn"]
+            attention.update({name: np.asarray(value) for name, value in dataclasses.asdict(transform).items()})
+        records.append(record)
+    bits = [params.quant.kv_bits] * config.num_layers
+    for index in np.argsort([-record["error"] for record in records], kind="stable")[: recipe.kv8_layers]:
+        bits[int(index)] = 8
+    clips = [(r["k_clip"], r["v_clip"]) if b == params.quant.kv_bits else (1.0, 1.0) for r, b in zip(records, bits)]
+    quant = dataclasses.replace(
+        params.quant,
+        layer_kv_bits=tuple(bits) if recipe.kv8_layers else None,
+        kv_clip=tuple(clips) if recipe.kv_clip_search else None,
+        qk_transform=recipe.qk_transform,
+    )
+    result = _build_params(weights, config, quant, dtype=params.dtype, tokenizer=params.tokenizer)
+    report = {
+        **report,
+        "recipe": dataclasses.asdict(recipe),
+        "stages": recipe.stages(),
+        "kv_layers": [{"kv_bits": b, **record} for b, record in zip(bits, records)],
+        "kv_seconds": round(time.perf_counter() - started, 1),
+        "seconds": round(report["seconds"] + time.perf_counter() - started, 1),
     }
     return result, report
+
+
+def _calibrate_kv_layer(sample, recipe: Recipe):
+    """One layer's q/k transform (centre, rotate, learn) and clip ratios; returns the transform and a record of
+    the choices with the attention errors at KV4 before and after."""
+    bits = recipe.kv_bits
+    num_kv_heads, head_dim = sample.key.shape[2:]
+    transform = kv_calibration.QKTransform.identity(num_kv_heads, head_dim)
+    record = {"error_plain": round(float(kv_calibration.attention_error(sample, transform, bits)), 6)}
+    if recipe.qk_transform:
+        transform = kv_calibration.initial_transform(sample, rotate=recipe.rotate_qk, center=recipe.center_keys)
+        if recipe.learn_qk:
+            record["error_before_learning"] = round(float(kv_calibration.attention_error(sample, transform, bits)), 6)
+            transform = kv_calibration.learn_transform(
+                sample,
+                transform,
+                bits=bits,
+                steps=recipe.learn_qk_steps,
+                learning_rate=recipe.learn_qk_rate,
+                query_stride=recipe.learn_qk_query_stride,
+            )
+    k_clip, v_clip = 1.0, 1.0
+    if recipe.kv_clip_search:
+        k_clip, v_clip, _ = kv_calibration.search_clip(sample, transform, bits)
+    error = float(kv_calibration.attention_error(sample, transform, bits, k_clip, v_clip))
+    return transform, {**record, "k_clip": k_clip, "v_clip": v_clip, "error": round(error, 6)}
+
+
+def _kv_rows(recipe: Recipe, num_samples: int) -> np.ndarray:
+    """`recipe.kv_rows` calibration rows evenly spread over the set."""
+    return np.unique(np.linspace(0, num_samples - 1, min(recipe.kv_rows, num_samples)).astype(int))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -288,6 +464,18 @@ def _observe_batch(layer_graph, layer_state, x_btd, stats, sample_rows, sample_s
     )
 
 
+@functools.partial(jax.jit, static_argnums=0)
+def _attention_inputs(layer_graph, layer_state, x_btd):
+    """A layer's post-RoPE queries, keys and values (before any q/k transform) on some calibration rows, and
+    its output with unquantized attention."""
+    layer = nnx.merge(layer_graph, layer_state)
+    seen = {}
+    batch, length, _ = x_btd.shape
+    positions = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), (batch, length))
+    output, _ = layer(x_btd, positions, jnp.ones((batch, length), bool), NoKVCache(), 0, seen.__setitem__)
+    return seen["query"], seen["key"], seen["value"], output
+
+
 def _flat_channels(x: jax.Array) -> int:
     """Channels per token of an observed tensor: [B, T, H, D] → H·D, [B, T, C] → C."""
     return int(np.prod(x.shape[2:]))
@@ -307,8 +495,10 @@ def _sample_blocks(num_samples: int, seq_len: int) -> tuple[jax.Array, jax.Array
 # --------------------------------------------------------------------------------------------------
 
 
-def _transform_layer(layer: Mapping, stats: LayerStatistics, recipe: Recipe, config: ModelConfig):
-    """Reorder and smooth one layer (exact transforms), carrying down_proj's input statistics along."""
+def _transform_layer(layer: Mapping, stats: LayerStatistics, recipe: Recipe, config: ModelConfig, sample):
+    """Reorder and smooth one layer (exact transforms), carrying down_proj's input statistics along; with
+    `smooth_attention_search`, SmoothAttention's (α, β) is chosen on the attention `sample`. Returns the layer,
+    the statistics and the chosen (α, β) (None without SmoothAttention)."""
     down_hessian = stats.hessians["down_input"]
     down_absmax = np.asarray(stats.absmax["down_input"])
     down_sample = stats.samples["down_input"]
@@ -318,15 +508,13 @@ def _transform_layer(layer: Mapping, stats: LayerStatistics, recipe: Recipe, con
         down_absmax = down_absmax[order]
         down_sample = down_sample[..., order]
         down_hessian = dataclasses.replace(down_hessian, xtx_sum=down_hessian.xtx_sum[order][:, order])
+    chosen = None
     if recipe.smooth_attention:
-        layer, _ = equivalence.smooth_attention(
-            layer,
-            config,
-            np.asarray(stats.absmax["key"]),
-            np.asarray(stats.absmax["query"]),
-            alpha=recipe.smooth_attention_alpha,
-            beta=0.0,
-        )
+        key_max, query_max = np.asarray(stats.absmax["key"]), np.asarray(stats.absmax["query"])
+        chosen = (recipe.smooth_attention_alpha, 0.0)
+        if recipe.smooth_attention_search:
+            chosen = kv_calibration.search_smoothing(sample, layer, config, key_max, query_max, bits=recipe.kv_bits)[:2]
+        layer, _ = equivalence.smooth_attention(layer, config, key_max, query_max, alpha=chosen[0], beta=chosen[1])
     if recipe.smooth_linear:
         layer, scales = equivalence.smooth_down_proj(
             layer, down_absmax, recipe.smooth_linear_alpha, recipe.smooth_linear_beta
@@ -339,7 +527,7 @@ def _transform_layer(layer: Mapping, stats: LayerStatistics, recipe: Recipe, con
         hessians={**stats.hessians, "down_input": down_hessian},
         samples={**stats.samples, "down_input": down_sample},
     )
-    return layer, stats
+    return layer, stats, chosen
 
 
 @functools.partial(jax.jit, static_argnames=("recipe", "group_size"))
@@ -404,10 +592,13 @@ def _codes(w, hessian, scale, zero, group_size, clip, recipe: Recipe):
 def _build_params(weights: Mapping, config: ModelConfig, quant: QuantFormat | None, *, dtype, tokenizer) -> Params:
     quantized_types = (Int4GroupWeight, Int4ChannelWeight, Int8ChannelWeight)
 
-    def cast(leaf):
-        return leaf if isinstance(leaf, quantized_types) else jnp.asarray(leaf, dtype)
+    def cast(path, leaf):
+        if isinstance(leaf, quantized_types):
+            return leaf
+        float32 = path[-1].key in _FLOAT32_PARAMS
+        return jnp.asarray(leaf, jnp.float32 if float32 else dtype)
 
-    weights = jax.tree.map(cast, weights, is_leaf=lambda leaf: isinstance(leaf, quantized_types))
+    weights = jax.tree_util.tree_map_with_path(cast, weights, is_leaf=lambda leaf: isinstance(leaf, quantized_types))
     if quant is None:
         return assemble_params(config, _flatten(weights), dtype=dtype, tokenizer=tokenizer)
     graphdef, state = nnx.split(nnx.eval_shape(lambda: CausalLM(config, dtype=dtype, rngs=nnx.Rngs(0), quant=quant)))

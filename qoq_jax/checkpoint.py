@@ -158,8 +158,16 @@ def load_checkpoint(
 
 
 def _quant_dict(quant: QuantFormat) -> dict[str, Any]:
-    """The stored fields: `kernel` is how this machine runs the matmul, not part of the format."""
-    return {"weights": quant.weights, "kv_bits": quant.kv_bits, "group_size": quant.group_size}
+    """The stored fields: `kernel` is how this machine runs the matmul, not part of the format. The KV options
+    are written only when set, so a checkpoint without them reads as before (and older readers see no change)."""
+    stored = {"weights": quant.weights, "kv_bits": quant.kv_bits, "group_size": quant.group_size}
+    if quant.layer_kv_bits is not None:
+        stored["layer_kv_bits"] = list(quant.layer_kv_bits)
+    if quant.kv_clip is not None:
+        stored["kv_clip"] = [list(pair) for pair in quant.kv_clip]
+    if quant.qk_transform:
+        stored["qk_transform"] = True
+    return stored
 
 
 def _model_description(path: Path, metadata: Mapping[str, Any], kernel: str):
@@ -178,6 +186,7 @@ def _model_description(path: Path, metadata: Mapping[str, Any], kernel: str):
     if quant is not None:
         try:
             quant = QuantFormat(**quant, kernel=kernel)
+            quant.check_layers(config.num_layers)
         except (TypeError, ValueError) as err:
             raise CheckpointError(f"{file}: quant is invalid: {err}") from err
     return config, model_dtype, quant

@@ -24,6 +24,7 @@ import abc
 import dataclasses
 import functools
 import logging
+from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
@@ -36,6 +37,20 @@ log = logging.getLogger(__name__)
 
 DEFAULT_PAGE_SIZE = 64
 _SCALE_ZERO_BYTES = 4  # fp16 scale + fp16 zero per token per KV head
+
+KVBits = int | Sequence[int]
+"""Bits of every layer's K and V pages, or one entry per layer (mixed precision: `QuantFormat.layer_kv_bits`)."""
+KVClip = Sequence[tuple[float, float]] | None
+"""Per layer (K, V) clip ratios of the quantized range (`QuantFormat.kv_clip`); None keeps the full range."""
+
+
+def layer_kv_settings(num_layers: int, kv_bits: KVBits, kv_clip: KVClip = None) -> tuple[tuple, tuple]:
+    """(bits per layer, (K clip, V clip) per layer) from a uniform or per-layer description, checked."""
+    bits = (kv_bits,) * num_layers if isinstance(kv_bits, int) else tuple(kv_bits)
+    clip = ((1.0, 1.0),) * num_layers if kv_clip is None else tuple(tuple(pair) for pair in kv_clip)
+    if len(bits) != num_layers or len(clip) != num_layers:
+        raise ValueError(f"per-layer KV settings need {num_layers} entries; got {len(bits)} bits, {len(clip)} clips")
+    return bits, clip
 
 
 @dataclasses.dataclass(frozen=True)
@@ -80,21 +95,26 @@ class NoKVCache(KVCache):
     perplexity) measure what KV4/KV8 attention sees, the protocol of the QoQ paper's accuracy numbers, and agree
     with `prefill` to float rounding."""
 
-    kv_bits: int = dataclasses.field(default=16, metadata=dict(static=True))
+    kv_bits: int | tuple[int, ...] = dataclasses.field(default=16, metadata=dict(static=True))
+    kv_clip: tuple[tuple[float, float], ...] | None = dataclasses.field(default=None, metadata=dict(static=True))
     kernel: str = dataclasses.field(default="auto", metadata=dict(static=True))
 
     def attend(self, layer, q_bthd, k_bthd, v_bthd, positions_bt, valid_bt, attention=FULL_ATTENTION):
-        out = round_trip_attention(q_bthd, k_bthd, v_bthd, valid_bt, attention, bits=self.kv_bits, kernel=self.kernel)
+        bits = self.kv_bits if isinstance(self.kv_bits, int) else self.kv_bits[layer]
+        clip = (1.0, 1.0) if self.kv_clip is None else self.kv_clip[layer]
+        out = round_trip_attention(
+            q_bthd, k_bthd, v_bthd, valid_bt, attention, bits=bits, clip=clip, kernel=self.kernel
+        )
         return out, self
 
 
 def round_trip_attention(
-    q_bthd, k_bthd, v_bthd, valid_bt, attention: LayerAttention, *, bits: int, kernel: str
+    q_bthd, k_bthd, v_bthd, valid_bt, attention: LayerAttention, *, bits: int, clip: tuple[float, float], kernel: str
 ) -> jax.Array:
     """Causal attention of right-padded prompts starting at position 0 over their own keys and values as
-    `bits`-bit pages hold them (`quantize_kv` then dequantized, in the model dtype): what a later chunk or decode
-    step reads back from the pages."""
-    k_bthd, v_bthd = (fake_quantize_kv(x, bits) for x in (k_bthd, v_bthd))
+    `bits`-bit pages with (K, V) `clip` ratios hold them (`quantize_kv` then dequantized, in the model dtype):
+    what a later chunk or decode step reads back from the pages."""
+    k_bthd, v_bthd = fake_quantize_kv(k_bthd, bits, clip[0]), fake_quantize_kv(v_bthd, bits, clip[1])
     lengths = jnp.sum(valid_bt, axis=1, dtype=jnp.int32)
     return prompt_attention(q_bthd, k_bthd, v_bthd, lengths, attention, kernel=kernel)
 
@@ -151,22 +171,26 @@ def grouped_attention(q_bthd, k_bshd, v_bshd, mask_bts, attention: LayerAttentio
 @dataclasses.dataclass
 class KVPool:
     """One layer's keys or values for every page: codes [Hkv, pages, page_size, D/2 (KV4) or D] (uint8, or the
-    model dtype at 16 bits) and, below 16 bits, fp16 scale and zero [Hkv, pages, page_size]."""
+    model dtype at 16 bits) and, below 16 bits, fp16 scale and zero [Hkv, pages, page_size]. Writes keep
+    `clip` of each token-head's range (`quantize_kv`)."""
 
     codes: jax.Array
     scale: jax.Array | None
     zero: jax.Array | None
     bits: int = dataclasses.field(metadata=dict(static=True))
+    clip: float = dataclasses.field(default=1.0, metadata=dict(static=True))
 
     @classmethod
-    def zeros(cls, num_kv_heads: int, num_pages: int, page_size: int, head_dim: int, *, bits: int, dtype):
+    def zeros(
+        cls, num_kv_heads: int, num_pages: int, page_size: int, head_dim: int, *, bits: int, dtype, clip: float = 1.0
+    ):
         if bits not in paged_attention.KV_BITS:
             raise ValueError(f"kv_bits must be one of {paged_attention.KV_BITS}; got {bits}")
         shape = (num_kv_heads, num_pages, page_size)
         codes = jnp.zeros((*shape, paged_attention.code_width(head_dim, bits)), jnp.uint8 if bits < 16 else dtype)
         if bits == 16:
-            return cls(codes, None, None, bits)
-        return cls(codes, jnp.zeros(shape, jnp.float16), jnp.zeros(shape, jnp.float16), bits)
+            return cls(codes, None, None, bits, clip)
+        return cls(codes, jnp.zeros(shape, jnp.float16), jnp.zeros(shape, jnp.float16), bits, clip)
 
     @property
     def num_pages(self) -> int:
@@ -178,7 +202,7 @@ class KVPool:
         if self.bits == 16:
             codes = self.codes.at[:, pages_bt, slots_bt].set(x_hbtd.astype(self.codes.dtype), mode="drop")
             return dataclasses.replace(self, codes=codes)
-        codes, scale, zero = quantize_kv(x_hbtd, self.bits)
+        codes, scale, zero = quantize_kv(x_hbtd, self.bits, self.clip)
         if self.bits == 4:
             codes = paged_attention.pack_kv_codes(codes)
         return dataclasses.replace(
@@ -220,20 +244,25 @@ class PagedKVCache(KVCache):
         page_size: int,
         block_tables: jax.Array,
         dtype,
-        kv_bits: int,
+        kv_bits: KVBits,
         kernel: str = "auto",
+        kv_clip: KVClip = None,
     ) -> "PagedKVCache":
-        """An empty pool of `num_pages` pages per layer, read through `block_tables`."""
+        """An empty pool of `num_pages` pages per layer, read through `block_tables`; `kv_bits` and `kv_clip` are
+        uniform or per layer (`Params.kv_bits`, `Params.kv_clip`)."""
         if page_size < 1:
             raise ValueError(f"page_size must be ≥ 1; got {page_size}")
+        bits, clips = layer_kv_settings(config.num_layers, kv_bits, kv_clip)
 
-        def pools():
+        def pools(which: int):
             return tuple(
-                KVPool.zeros(config.num_kv_heads, num_pages, page_size, config.head_dim, bits=kv_bits, dtype=dtype)
-                for _ in range(config.num_layers)
+                KVPool.zeros(
+                    config.num_kv_heads, num_pages, page_size, config.head_dim, bits=b, dtype=dtype, clip=c[which]
+                )
+                for b, c in zip(bits, clips)
             )
 
-        return cls(keys=pools(), values=pools(), block_tables=jnp.asarray(block_tables, jnp.int32), kernel=kernel)
+        return cls(keys=pools(0), values=pools(1), block_tables=jnp.asarray(block_tables, jnp.int32), kernel=kernel)
 
     @classmethod
     def for_batch(cls, config: ModelConfig, batch_size: int, max_length: int, *, page_size: int, **kwargs):
@@ -269,8 +298,10 @@ class PagedKVCache(KVCache):
         if self.continues_prefix:
             lengths = jnp.sum(valid_bt, axis=1, dtype=jnp.int32)
             return cache.extend_attention(layer, q_bthd, positions_bt[:, 0], lengths, attention), cache
-        bits = self.keys[layer].bits
-        out = round_trip_attention(q_bthd, k_bthd, v_bthd, valid_bt, attention, bits=bits, kernel=self.kernel)
+        bits, clip = self.keys[layer].bits, (self.keys[layer].clip, self.values[layer].clip)
+        out = round_trip_attention(
+            q_bthd, k_bthd, v_bthd, valid_bt, attention, bits=bits, clip=clip, kernel=self.kernel
+        )
         return out, cache
 
     def extend_attention(self, layer: int, q_bthd, starts_b, lengths_b, attention=FULL_ATTENTION) -> jax.Array:
@@ -315,7 +346,12 @@ def attention_implementations(config: ModelConfig, *, page_size: int, dtype, ker
     paged, paged_reason = paged_implementation(kernel, page_size, config.head_dim)
     softcapped = config.attn_logit_softcap is not None
     prefill, prefill_reason = prefill_implementation(
-        config.num_heads, config.num_kv_heads, config.head_dim, jnp.dtype(dtype), kernel, softcapped,
+        config.num_heads,
+        config.num_kv_heads,
+        config.head_dim,
+        jnp.dtype(dtype),
+        kernel,
+        softcapped,
         config.sliding_window,
     )
     reasons = tuple(reason for reason in (paged_reason, prefill_reason) if reason)
@@ -393,20 +429,24 @@ def _cudnn_refusal(num_heads: int, num_kv_heads: int, head_dim: int, dtype, wind
     return None
 
 
-def kv_bytes_per_token(config: ModelConfig, kv_bits: int, dtype, *, kv_shards: int = 1) -> int:
+def kv_bytes_per_token(config: ModelConfig, kv_bits: KVBits, dtype, *, kv_shards: int = 1) -> int:
     """Exact cache bytes one token takes over all layers, K and V: codes plus fp16 scale and zero per KV head
-    below 16 bits (QServe's budget counts bits as bytes and drops the scales, 8× off at KV4). With tensor
-    parallelism, the bytes on each device when the KV heads are split over `kv_shards` devices."""
-    if kv_bits == 16:
-        per_head = config.head_dim * jnp.dtype(dtype).itemsize
-    else:
-        per_head = paged_attention.code_width(config.head_dim, kv_bits) + _SCALE_ZERO_BYTES
+    below 16 bits (QServe's budget counts bits as bytes and drops the scales, 8× off at KV4), summed layer by
+    layer when `kv_bits` is per layer. With tensor parallelism, the bytes on each device when the KV heads are
+    split over `kv_shards` devices."""
     if config.num_kv_heads % kv_shards:
         raise ValueError(f"{config.num_kv_heads} KV heads do not split over {kv_shards} devices")
-    return config.num_layers * 2 * config.num_kv_heads // kv_shards * per_head
+    bits, _ = layer_kv_settings(config.num_layers, kv_bits)
+
+    def per_head(layer_bits: int) -> int:
+        if layer_bits == 16:
+            return config.head_dim * jnp.dtype(dtype).itemsize
+        return paged_attention.code_width(config.head_dim, layer_bits) + _SCALE_ZERO_BYTES
+
+    return 2 * config.num_kv_heads // kv_shards * sum(per_head(b) for b in bits)
 
 
-def kv_bytes_per_page(config: ModelConfig, page_size: int, kv_bits: int, dtype, *, kv_shards: int = 1) -> int:
+def kv_bytes_per_page(config: ModelConfig, page_size: int, kv_bits: KVBits, dtype, *, kv_shards: int = 1) -> int:
     return page_size * kv_bytes_per_token(config, kv_bits, dtype, kv_shards=kv_shards)
 
 
@@ -416,7 +456,7 @@ def pages_that_fit(
     weight_bytes: int,
     *,
     page_size: int,
-    kv_bits: int,
+    kv_bits: KVBits,
     dtype,
     reserve_bytes: int = 0,
     kv_shards: int = 1,

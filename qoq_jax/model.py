@@ -144,6 +144,13 @@ class Attention(nnx.Module):
         self.k_norm = _norm(c, (c.num_kv_heads, c.head_dim), dtype) if c.qk_norm else None
         self.rope = c.layer_rope(layer)
         self.layer_attention = LayerAttention.of_layer(c, layer)  # scale, soft-cap, sliding window
+        if quant is not None and quant.qk_transform:  # identity until calibration sets them (QuantFormat)
+            eye = jnp.broadcast_to(jnp.eye(c.head_dim, dtype=jnp.float32), (c.num_kv_heads, c.head_dim, c.head_dim))
+            self.key_transform = nnx.Param(eye)
+            self.query_transform = nnx.Param(eye)
+            self.key_offset = nnx.Param(jnp.zeros((c.num_kv_heads, c.head_dim), jnp.float32))
+        else:
+            self.key_transform = self.query_transform = self.key_offset = None
 
     def __call__(
         self, x_btd, positions_bt, valid_bt, cache: KVCache, layer: int, observe: Observer | None, tensor_axes: Axes
@@ -161,10 +168,28 @@ class Attention(nnx.Module):
         k = apply_rope(k, cos, sin)
         _observe(observe, "query", q)
         _observe(observe, "key", k)
+        _observe(observe, "value", v)
+        if self.key_transform is not None:
+            q, k = self.transform_qk(q, k)
         out, cache = cache.attend(layer, q, k, v, positions_bt, valid_bt, self.layer_attention)
         out = out.reshape(batch, length, -1)
         _observe(observe, "o_input", out)
         return self.o_proj(out, split_over=tensor_axes), cache
+
+    def transform_qk(self, q_bthd, k_bthd):
+        """The q/k transform of `QuantFormat.qk_transform`, before any cache path sees q and k."""
+        return transform_qk(q_bthd, k_bthd, self.key_transform[...], self.query_transform[...], self.key_offset[...])
+
+
+def transform_qk(q_bthd, k_bthd, key_transform, query_transform, key_offset):
+    """k ← (k − μ)·A and q ← q·A⁻ᵀ per KV head (its query heads share A), in float32: q·k changes by the query's
+    own constant q·μ, which softmax drops. A [Hkv, D, D] = key_transform, A⁻ᵀ = query_transform, μ [Hkv, D]."""
+    batch, length, num_heads, head_dim = q_bthd.shape
+    num_kv_heads = k_bthd.shape[2]
+    k = jnp.einsum("bthd,hde->bthe", k_bthd.astype(jnp.float32) - key_offset, key_transform)
+    q = q_bthd.astype(jnp.float32).reshape(batch, length, num_kv_heads, num_heads // num_kv_heads, head_dim)
+    q = jnp.einsum("bthgd,hde->bthge", q, query_transform).reshape(q_bthd.shape)
+    return q.astype(q_bthd.dtype), k.astype(k_bthd.dtype)
 
 
 _ACTIVATIONS = {"silu": jax.nn.silu, "gelu_tanh": functools.partial(jax.nn.gelu, approximate=True)}
@@ -209,8 +234,8 @@ class DecoderLayer(nnx.Module):
         observe: Observer | None = None,
         tensor_axes: Axes = (),
     ):
-        """`observe` sees each linear's input and the post-RoPE queries and keys (names in `Observer` calls:
-        attn_input, query, key, o_input, mlp_input, down_input)."""
+        """`observe` sees each linear's input, the post-RoPE queries and keys (before any q/k transform) and the
+        values (names in `Observer` calls: attn_input, query, key, value, o_input, mlp_input, down_input)."""
         attn_out, cache = self.self_attn(
             self._block_input(self.input_layernorm, x_btd), positions_bt, valid_bt, cache, layer, observe, tensor_axes
         )

@@ -62,8 +62,16 @@ class Params:
         return self.state["embed_tokens"][...].dtype
 
     @property
-    def kv_bits(self) -> int:
-        return 16 if self.quant is None else self.quant.kv_bits
+    def kv_bits(self) -> int | tuple[int, ...]:
+        """Bits of the KV pages: one number, or one per layer for a mixed-precision cache."""
+        if self.quant is None:
+            return 16
+        return self.quant.kv_bits if self.quant.layer_kv_bits is None else self.quant.layer_kv_bits
+
+    @property
+    def kv_clip(self) -> tuple[tuple[float, float], ...] | None:
+        """Per layer (K, V) clip ratios of the KV quantizer, or None (full range)."""
+        return None if self.quant is None else self.quant.kv_clip
 
     @property
     def kernel(self) -> str:

@@ -55,12 +55,15 @@ def quantize_activations(x: jax.Array, scale_over: tuple[str, ...] = ()) -> tupl
     return codes, scale
 
 
-def quantize_kv(x: jax.Array, bits: int) -> tuple[jax.Array, jax.Array, jax.Array]:
+def quantize_kv(x: jax.Array, bits: int, clip: float = 1.0) -> tuple[jax.Array, jax.Array, jax.Array]:
     """Asymmetric per-vector quantization along the last axis (one head of one token):
-    (codes uint8, scale fp16, zero fp16) with x̂ = codes·scale − zero."""
+    (codes uint8, scale fp16, zero fp16) with x̂ = codes·scale − zero.
+
+    `clip` < 1 shrinks the range to clip·[min, max] (both ends scaled about 0, as the weight clip search does)
+    and values outside it saturate: a finer step for the many at the cost of the few (a calibrated ratio)."""
     levels = 2**bits - 1
     x32 = x.astype(jnp.float32)
-    vmax, vmin = jnp.max(x32, axis=-1), jnp.min(x32, axis=-1)
+    vmax, vmin = jnp.max(x32, axis=-1) * clip, jnp.min(x32, axis=-1) * clip
     scale = ((vmax - vmin) / levels).astype(jnp.float16)
     scale = jnp.where(scale > 0, scale, jnp.float16(1))
     zero = (-vmin).astype(jnp.float16)
@@ -72,11 +75,11 @@ def dequantize_kv(codes: jax.Array, scale: jax.Array, zero: jax.Array, dtype) ->
     return (codes.astype(jnp.float32) * scale[..., None] - zero[..., None].astype(jnp.float32)).astype(dtype)
 
 
-def fake_quantize_kv(x: jax.Array, bits: int) -> jax.Array:
+def fake_quantize_kv(x: jax.Array, bits: int, clip: float = 1.0) -> jax.Array:
     """x after its round trip through `bits`-bit KV storage (16: unchanged)."""
     if bits == 16:
         return x
-    return dequantize_kv(*quantize_kv(x, bits), x.dtype)
+    return dequantize_kv(*quantize_kv(x, bits, clip), x.dtype)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -291,12 +294,26 @@ QuantizedWeight = Int4GroupWeight | Int4ChannelWeight | Int8ChannelWeight
 class QuantFormat:
     """How a model's decoder linears and KV cache are stored: static, hashable, recorded in checkpoints.
 
-    weights: "w4a8-g128" | "w4a8-chn" | "w8a8"; group_size only for g128; kv_bits 4, 8 or 16."""
+    weights: "w4a8-g128" | "w4a8-chn" | "w8a8"; group_size only for g128; kv_bits 4, 8 or 16.
+
+    The KV options of QoQ's calibration (each off by default, so formats without them describe older checkpoints):
+
+    * layer_kv_bits: bits of layer i's K and V pages (mixed precision, e.g. KV8 for sensitive layers); None: all
+      `kv_bits`.
+    * kv_clip: per layer (K ratio, V ratio) of the per-token range kept before rounding (see `quantize_kv`);
+      None: 1.0 everywhere.
+    * qk_transform: every attention layer holds per-KV-head `key_transform` A, `query_transform` A⁻ᵀ [Hkv, D, D]
+      and `key_offset` μ [Hkv, D] (float32), applied after RoPE: k ← (k − μ)·A, q ← q·A⁻ᵀ. q·k changes only by
+      q·μ, the same for every key of a query, which softmax ignores; so attention is unchanged while the keys
+      written to the pages are centred and rotated (a Hadamard A spreads outlier channels over the head)."""
 
     weights: str
     kv_bits: int = 4
     group_size: int | None = None
     kernel: str = "auto"
+    layer_kv_bits: tuple[int, ...] | None = None
+    kv_clip: tuple[tuple[float, float], ...] | None = None
+    qk_transform: bool = False
 
     FORMATS: ClassVar[dict[str, type]] = {
         cls.format_name: cls for cls in (Int4GroupWeight, Int4ChannelWeight, Int8ChannelWeight)
@@ -311,6 +328,29 @@ class QuantFormat:
             raise ValueError("group_size is required by, and only by, the w4a8-g128 format")
         if self.kernel not in KERNEL_CHOICES:
             raise ValueError(f"kernel must be one of {KERNEL_CHOICES}; got {self.kernel!r}")
+        if self.layer_kv_bits is not None:  # JSON gives lists: store tuples, so the format stays hashable
+            object.__setattr__(self, "layer_kv_bits", tuple(int(b) for b in self.layer_kv_bits))
+            bad = [b for b in self.layer_kv_bits if b not in KV_BITS]
+            if bad or not self.layer_kv_bits:
+                raise ValueError(f"layer_kv_bits must be a non-empty list of {KV_BITS}; got {self.layer_kv_bits}")
+        if self.kv_clip is not None:
+            object.__setattr__(self, "kv_clip", tuple((float(k), float(v)) for k, v in self.kv_clip))
+            if not self.kv_clip or not all(0 < r <= 1 for pair in self.kv_clip for r in pair):
+                raise ValueError(f"kv_clip must be non-empty (K, V) ratios in (0, 1]; got {self.kv_clip}")
+        if self.layer_kv_bits and self.kv_clip and len(self.layer_kv_bits) != len(self.kv_clip):
+            raise ValueError(
+                f"layer_kv_bits has {len(self.layer_kv_bits)} layers but kv_clip has {len(self.kv_clip)}"
+            )
+
+    def check_layers(self, num_layers: int) -> None:
+        """Refuses per-layer KV options written for another depth."""
+        for name in ("layer_kv_bits", "kv_clip"):
+            value = getattr(self, name)
+            if value is not None and len(value) != num_layers:
+                raise ValueError(f"{name} has {len(value)} entries for a model of {num_layers} layers")
+
+    def layer_bits(self, num_layers: int) -> tuple[int, ...]:
+        return self.layer_kv_bits or (self.kv_bits,) * num_layers
 
     def check_linear(self, num_in: int, num_out: int, name: str = "linear") -> None:
         """Refuses a shape this format cannot store, naming the layer (never silently changing the recipe)."""

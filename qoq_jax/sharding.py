@@ -46,6 +46,7 @@ _COLUMN_PARALLEL = {"q_proj": "heads", "k_proj": "kv_heads", "v_proj": "kv_heads
 _ROW_PARALLEL = {"o_proj": "heads", "down_proj": "mlp"}
 _PER_HEAD = {"q_norm": "heads", "k_norm": "kv_heads"}  # q/k norm weights [heads, head_dim] split with their heads
 _CACHE_POOLS = ("keys", "values")
+_PER_KV_HEAD = ("key_transform", "query_transform", "key_offset")  # [KV heads, ...] of the q/k transform
 
 T = TypeVar("T")
 
@@ -161,7 +162,7 @@ class TensorParallel:
             return P(self._axes("vocab"), None)
         if "lm_head" in parts:
             return P(None, self._axes("vocab"))
-        if any(part in _CACHE_POOLS for part in parts):  # [KV heads, pages, ...]
+        if any(part in _CACHE_POOLS or part in _PER_KV_HEAD for part in parts):  # [KV heads, pages, ...]
             return P(KV_SHARD_AXIS)
         return P()  # norms, block tables, lengths, tokens
 

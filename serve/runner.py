@@ -306,6 +306,7 @@ class ModelRunner:
                 block_tables=jnp.zeros((1, 1), jnp.int32),  # each step sets its rows' tables
                 dtype=params.dtype,
                 kv_bits=params.kv_bits,
+                kv_clip=params.kv_clip,
                 kernel=params.kernel,
             )
 
@@ -374,7 +375,9 @@ class ModelRunner:
     def _compile(self, shape: StepShape):
         inputs = [jax.ShapeDtypeStruct(x.shape, x.dtype) for x in self._inputs(None, shape)]
         layout = self._layout(shape)
-        return _step.lower(self.params, *self._abstract_state, *inputs, layout=layout, width=shape.width).compile()
+        lowered = _step.lower(self.params, *self._abstract_state, *inputs, layout=layout, width=shape.width)
+        with _XLA_COMPILE:  # lowering runs in parallel; XLA's CPU compiler crashed here under concurrent compiles
+            return lowered.compile()
 
     # --- one step ---------------------------------------------------------------------------------------------
 
@@ -518,6 +521,9 @@ def _sample(logits, slots, positions, sampling, prompt_lengths, stop_ids, histor
         history_rows_b=slot_rows,
     )
     return sampled, history.record(slots, sampled.tokens[:, None], True, True)
+
+
+_XLA_COMPILE = threading.Lock()  # one XLA compilation at a time in this process (a segfault seen without it)
 
 
 class _Programs:

@@ -94,7 +94,10 @@ def test_recipe_quantizes_every_decoder_linear_and_beats_plain_rounding(outlier_
 
     quantized, report = quantize_model(params, recipe, calibration, batch_size=4, progress=False)
     weight_type = Int4GroupWeight if recipe_name == "g128" else Int4ChannelWeight
-    assert quantized.quant == QuantFormat(recipe.weights, 4, resolve_group_size(recipe, params.config))
+    quant = quantized.quant
+    group_size = resolve_group_size(recipe, params.config)
+    assert (quant.weights, quant.kv_bits, quant.group_size) == (recipe.weights, 4, group_size)
+    assert quant.qk_transform == recipe.qk_transform and (quant.kv_clip is not None) == recipe.kv_clip_search
     for layer in range(params.config.num_layers):
         for module, name in LINEARS:
             kernel = quantized.state["layers"][layer][module][name]["kernel"].get_value()
@@ -203,7 +206,10 @@ def test_cli_quantize_then_eval_then_generate(model_dirs, tmp_path, capsys, gpl_
     args = ["--model", str(model), "--recipe", "g128", "--calib", str(calib)]
     assert main(["quantize", *args, "--samples", "4", "--seq-len", "64", "--output", str(output)]) == 0
     metadata = json.loads((output / "qoq.json").read_text())
-    assert metadata["quant"] == {"weights": "w4a8-g128", "kv_bits": 4, "group_size": 64}
+    assert {k: metadata["quant"][k] for k in ("weights", "kv_bits", "group_size")} == {
+        "weights": "w4a8-g128", "kv_bits": 4, "group_size": 64
+    }
+    assert metadata["quant"]["qk_transform"] and len(metadata["quant"]["kv_clip"]) == 2  # the default KV stages
     assert metadata["recipe"]["recipe"]["name"] == "g128" and metadata["recipe"]["calibration"]["samples"] == 4
     [disabled] = metadata["recipe"]["disabled_stages"]
     assert disabled["layer"] == 1 and disabled["stage"] == "smooth_linear" and "NaN/Inf" in disabled["reason"]
