@@ -11,8 +11,10 @@ CPU_DEVICES = 4
 if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
     os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={CPU_DEVICES}"
 
+import gc  # noqa: E402
 from pathlib import Path  # noqa: E402
 
+import jax  # noqa: E402
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 from seeding import seed_of  # noqa: E402
@@ -28,6 +30,17 @@ def gpl_text() -> str:
     if not GPL_TEXT.is_file():
         pytest.fail(f"the shared test text is missing: {GPL_TEXT}")
     return GPL_TEXT.read_text()
+
+
+@pytest.fixture(scope="module", autouse=True)
+def release_compiled_programs():
+    """Frees each module's compiled programs when it ends. XLA's CPU runtime maps memory for every kernel it
+    compiles and a process may hold only `vm.max_map_count` mappings (65 530 by default): an xdist worker that
+    kept every module's programs reached it (tests/test_engine.py alone adds ~27 000), its next compilation failed
+    with "Failed to materialize symbols", and throwing that error crashed the worker in the C++ unwinder."""
+    yield
+    jax.clear_caches()
+    gc.collect()
 
 
 @pytest.fixture
