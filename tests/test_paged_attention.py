@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from cuda_lowering import lower_for_cuda, lowering_test, triton_module_text
+from cuda_lowering import lower_for_cuda, triton_module_text
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
@@ -259,7 +259,6 @@ def test_default_block_sizes_split_long_contexts_over_small_batches():
 LOWERING_SHAPES = [(1, 32, 8, 128, 128, 4096), (64, 32, 8, 128, 32, 4096), (16, 9, 3, 64, 32, 1000)]
 
 
-@lowering_test
 @pytest.mark.parametrize("bits", [4, 8, 16])
 @pytest.mark.parametrize("batch, num_heads, num_kv_heads, head_dim, pages_per_row, num_pages", LOWERING_SHAPES)
 def test_lowers_for_cuda(bits, batch, num_heads, num_kv_heads, head_dim, pages_per_row, num_pages):
@@ -289,7 +288,6 @@ def test_lowers_for_cuda(bits, batch, num_heads, num_kv_heads, head_dim, pages_p
     assert sorted(dots) == sorted([qk, pv] * (2 if bits == 4 else 1))
 
 
-@lowering_test
 def test_sliding_window_soft_capped_variant_lowers_for_cuda():
     """Gemma 2 2B's decode (8 query and 4 KV heads of 256, a 4096-token window, soft-cap 50) at KV4."""
     page_size, head_dim, dtype = 64, 256, jnp.bfloat16

@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from cuda_lowering import lower_for_cuda, lowering_test, triton_module_text
+from cuda_lowering import lower_for_cuda, triton_module_text
 from paged_pools import float64_softmax_attention, make_pools, poison_unread, row_tokens, scribble_past
 from seeding import seeded_rng
 from suite_guard import assert_every_test_ran_and_passed
@@ -256,7 +256,6 @@ def test_default_block_sizes_fill_32_rows():
 LOWERING_SHAPES = [(4, 512, 32, 8, 128, 64, 4096), (2, 256, 9, 3, 64, 32, 1000)]
 
 
-@lowering_test
 @pytest.mark.parametrize("bits", [4, 8, 16])
 @pytest.mark.parametrize("batch, chunk, num_heads, num_kv_heads, head_dim, pages_per_row, num_pages", LOWERING_SHAPES)
 def test_lowers_for_cuda(bits, batch, chunk, num_heads, num_kv_heads, head_dim, pages_per_row, num_pages):
@@ -289,7 +288,6 @@ def test_lowers_for_cuda(bits, batch, chunk, num_heads, num_kv_heads, head_dim, 
     assert sorted(dots) == sorted([qk, pv] * (2 if bits == 4 else 1))
 
 
-@lowering_test
 def test_sliding_window_soft_capped_variant_lowers_for_cuda():
     """Gemma 2 2B's chunked prefill (8 query and 4 KV heads of 256, a 4096-token window, soft-cap 50) at KV4."""
     page_size, head_dim, dtype = 64, 256, jnp.bfloat16
