@@ -376,7 +376,7 @@ class ModelRunner:
         inputs = [jax.ShapeDtypeStruct(x.shape, x.dtype) for x in self._inputs(None, shape)]
         layout = self._layout(shape)
         lowered = _step.lower(self.params, *self._abstract_state, *inputs, layout=layout, width=shape.width)
-        with _XLA_COMPILE:  # lowering runs in parallel; XLA's CPU compiler crashed here under concurrent compiles
+        with _XLA_COMPILE:  # lowering runs in parallel
             return lowered.compile()
 
     # --- one step ---------------------------------------------------------------------------------------------
@@ -523,7 +523,9 @@ def _sample(logits, slots, positions, sampling, prompt_lengths, stop_ids, histor
     return sampled, history.record(slots, sampled.tokens[:, None], True, True)
 
 
-_XLA_COMPILE = threading.Lock()  # one XLA compilation at a time in this process (a segfault seen without it)
+# One XLA compilation at a time in this process. Added for a crash later traced to XLA's CPU JIT running out of
+# memory mappings (tests/conftest.py), not to concurrency; kept until the engine tests run without it.
+_XLA_COMPILE = threading.Lock()
 
 
 class _Programs:
