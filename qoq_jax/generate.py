@@ -366,7 +366,7 @@ class _Stopping:
         generated = positions - self.prompt_lengths
         sampled = sample_next(logits, self.sampling, history, positions, generated, stop_ids)
         rows = jnp.arange(positions.shape[0])
-        history = history.record(rows, sampled.tokens[:, None], True, True)
+        history = history.record_sampled(rows, sampled.tokens)
         return sampled, history
 
 

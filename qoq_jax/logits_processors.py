@@ -56,6 +56,11 @@ class TokenHistory:
             self.in_prompt.at[rows, prompt].set(True, mode="drop"),
         )
 
+    def record_sampled(self, rows_b: jax.Array, tokens_b: jax.Array) -> "TokenHistory":
+        """Adds one sampled token per row (rows out of range: none). Leaves the prompt marks alone, so a decode
+        step does not copy them ([B, V] bytes) for a scatter that would change nothing."""
+        return TokenHistory(self.output_counts.at[rows_b, tokens_b].add(1, mode="drop"), self.in_prompt)
+
 
 def process_logits(
     logits_bv: jax.Array,
@@ -71,16 +76,31 @@ def process_logits(
     batch, vocab = logits_bv.shape
     rows = jnp.arange(batch)[:, None]
     logits = logits_bv.at[rows, sampling.logit_bias_ids].add(sampling.logit_bias, mode="drop")
-    held = (generated_b < sampling.min_tokens)[:, None] & (stop_ids_bs >= 0) & (stop_ids_bs < vocab)
+    held = _held_stop_ids(sampling, generated_b, stop_ids_bs, vocab)
     logits = logits.at[rows, jnp.where(held, stop_ids_bs, NO_TOKEN)].set(-jnp.inf, mode="drop")
-    penalised = sampling.presence_penalty != 0
-    penalised |= (sampling.frequency_penalty != 0) | (sampling.repetition_penalty != 1)
 
     def penalise():
         rows_history = history if history_rows_b is None else jax.tree.map(lambda x: x[history_rows_b], history)
         return apply_penalties(logits, sampling, rows_history)
 
-    return jax.lax.cond(jnp.any(penalised), penalise, lambda: logits)
+    return jax.lax.cond(jnp.any(_penalised(sampling)), penalise, lambda: logits)
+
+
+def changes_logits(sampling: "SamplingBatch", generated_b: jax.Array, stop_ids_bs: jax.Array, vocab: int):
+    """Whether `process_logits` would change any row's logits (a traced bool): callers skip it when not, as it
+    copies the [B, V] logits."""
+    biased = jnp.any((sampling.logit_bias_ids != NO_TOKEN) & (sampling.logit_bias != 0))
+    return biased | jnp.any(_held_stop_ids(sampling, generated_b, stop_ids_bs, vocab)) | jnp.any(_penalised(sampling))
+
+
+def _held_stop_ids(sampling: "SamplingBatch", generated_b, stop_ids_bs, vocab: int) -> jax.Array:
+    """[B, S]: the stop ids held at -inf (min_tokens not yet generated)."""
+    return (generated_b < sampling.min_tokens)[:, None] & (stop_ids_bs >= 0) & (stop_ids_bs < vocab)
+
+
+def _penalised(sampling: "SamplingBatch") -> jax.Array:
+    penalised = sampling.presence_penalty != 0
+    return penalised | (sampling.frequency_penalty != 0) | (sampling.repetition_penalty != 1)
 
 
 def apply_penalties(logits_bv: jax.Array, sampling: "SamplingBatch", history: TokenHistory) -> jax.Array:

@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from qoq_jax.errors import InvalidSamplingError
-from qoq_jax.logits_processors import NO_TOKEN, TokenHistory, process_logits
+from qoq_jax.logits_processors import NO_TOKEN, TokenHistory, changes_logits, process_logits
 from qoq_jax.logprobs import MAX_LOGPROBS, TokenLogprobs, no_logprobs, token_logprobs
 from qoq_jax.validation import FLOAT32_MAX, INT32_MAX, UINT32_MAX, check_float32, check_integer, is_real
 
@@ -182,15 +182,22 @@ def _blocks(x_bv: jax.Array, fill) -> jax.Array:
 
 def _draw(logits_bv, sampling: SamplingBatch, positions_b):
     """Temperature, then top-k and top-p when a row asks for them, then one draw per row by inverse CDF."""
-    scaled = _filtered(logits_bv / jnp.maximum(sampling.temperature, 1e-6)[:, None], sampling)
+    scaled = logits_bv / jnp.maximum(sampling.temperature, 1e-6)[:, None]
     keys = jax.vmap(lambda seed, pos: jax.random.fold_in(jax.random.key(seed), pos))(sampling.seed, positions_b)
     uniform = jax.vmap(lambda key: jax.random.uniform(key, ()))(keys)
-    return _inverse_cdf(scaled, uniform)
+    return jax.lax.cond(  # the draw inside both branches: a cond handing [B, V] logits out copies them
+        jnp.any(_filters(sampling)),
+        lambda: _inverse_cdf(_top_k_top_p(scaled, sampling), uniform),
+        lambda: _inverse_cdf(scaled, uniform),
+    )
+
+
+def _filters(sampling: SamplingBatch) -> jax.Array:
+    return (sampling.top_k > 0) | (sampling.top_p < 1.0)
 
 
 def _filtered(scaled, sampling: SamplingBatch):
-    filters = (sampling.top_k > 0) | (sampling.top_p < 1.0)
-    return jax.lax.cond(jnp.any(filters), lambda: _top_k_top_p(scaled, sampling), lambda: scaled)
+    return jax.lax.cond(jnp.any(_filters(sampling)), lambda: _top_k_top_p(scaled, sampling), lambda: scaled)
 
 
 def _top_k_top_p(scaled, sampling: SamplingBatch):
@@ -247,20 +254,29 @@ def sample_next(
     asks for them, the log-probabilities (`SamplingParams`).
 
     `positions_b` is the position each new token will take; the caller records kept tokens in the history."""
-    processed = process_logits(logits_bv, sampling, history, generated_b, stop_ids_bs, history_rows_b)
-    tokens = sample(processed, sampling, positions_b)
 
-    def logprobs():
-        processed_rows = sampling.wants_logprobs & sampling.processed_logprobs
-        source = jax.lax.cond(
-            jnp.any(processed_rows),
-            lambda: jnp.where(processed_rows[:, None], _sampled_distribution(processed, sampling), logits_bv),
-            lambda: logits_bv,
-        )
-        return token_logprobs(source, tokens)
+    def draw(processed):
+        tokens = sample(processed, sampling, positions_b)
 
-    empty = no_logprobs(tokens.shape, logits_bv.shape[-1])
-    return SampledTokens(tokens, jax.lax.cond(jnp.any(sampling.wants_logprobs), logprobs, lambda: empty))
+        def logprobs():
+            processed_rows = sampling.wants_logprobs & sampling.processed_logprobs
+            return jax.lax.cond(
+                jnp.any(processed_rows),
+                lambda: token_logprobs(
+                    jnp.where(processed_rows[:, None], _sampled_distribution(processed, sampling), logits_bv), tokens
+                ),
+                lambda: token_logprobs(logits_bv, tokens),
+            )
+
+        empty = no_logprobs(tokens.shape, logits_bv.shape[-1])
+        return SampledTokens(tokens, jax.lax.cond(jnp.any(sampling.wants_logprobs), logprobs, lambda: empty))
+
+    # Each cond here holds the work that follows it: one that handed [B, V] logits out would copy them.
+    return jax.lax.cond(
+        changes_logits(sampling, generated_b, stop_ids_bs, logits_bv.shape[-1]),
+        lambda: draw(process_logits(logits_bv, sampling, history, generated_b, stop_ids_bs, history_rows_b)),
+        lambda: draw(logits_bv),
+    )
 
 
 def _sampled_distribution(processed_bv, sampling: SamplingBatch):

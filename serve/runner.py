@@ -520,7 +520,7 @@ def _sample(logits, slots, positions, sampling, prompt_lengths, stop_ids, histor
         stop_ids[slot_rows],
         history_rows_b=slot_rows,
     )
-    return sampled, history.record(slots, sampled.tokens[:, None], True, True)
+    return sampled, history.record_sampled(slots, sampled.tokens)
 
 
 # One XLA compilation at a time in this process. Added for a crash later traced to XLA's CPU JIT running out of
