@@ -52,6 +52,7 @@ from serve.request import Request  # noqa: E402
 TEXT = REPO.parent / "shared" / "data" / "gpl-3.0.txt"
 GOAL_RATIO, GOAL_HOST_MS, GOAL_BATCH = 0.95, 2.0, 256
 PAGE_SIZE = 16
+MIN_WINDOW_STEPS = 32  # steps with every sequence decoding, per run
 
 
 def tiny_model(tokenizer, args) -> qoq_jax.Params:
@@ -95,6 +96,10 @@ def run_engine(engine, requests: list[Request]) -> dict:
             window += (time.perf_counter(), stats.generation_tokens_total, dataclasses.replace(times))
     t0, g0, s0, t1, g1, s1 = window
     steps = s1.steps - s0.steps
+    if steps < MIN_WINDOW_STEPS:
+        raise SystemExit(
+            f"only {steps} steps with all {len(requests)} sequences decoding: raise --new-tokens or --prompt-budget"
+        )
     parts = [f.name for f in dataclasses.fields(s1) if f.name != "steps"]
     host = {part: (getattr(s1, part) - getattr(s0, part)) / steps * 1e3 for part in parts}
     return {
@@ -138,6 +143,7 @@ def measure(params, tokenizer, batch: int, args) -> dict:
         page_size=PAGE_SIZE,
         num_pages=batch * -(-(args.prompt_tokens + args.new_tokens) // PAGE_SIZE),
         max_num_batched_tokens=batch + args.prompt_budget,
+        max_prefill_rows=args.prompt_budget // PAGE_SIZE,  # the default (512 tokens) leaves 512 no decode window
         prefix_caching=False,
         warmup="none",
     )
