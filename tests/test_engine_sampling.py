@@ -147,12 +147,21 @@ def test_settings_share_the_compiled_step_programs(engine):
 def test_plain_decode_steps_copy_no_vocabulary_wide_array(params, engine):
     """The sampler's logit processing (bias, min_tokens, penalties) runs in its own branch, and a decode step
     records only the output counts: without it XLA copies the [B, V] logits and the [slots, V] prompt marks in
-    every step, whether a request asked for processing or not (measured: 3.6 of 23 ms a step at 64 rows, the
-    engine's step behind the bare decode loop). The one [B, V] copy left is the processing branch's own."""
+    every step, whether a request asked for processing or not (measured on engine_overhead's model at 64 rows:
+    23.4 ms a step against the bare decode loop's 19.8; 15.8 against 15.9 without the copies). A vocabulary-wide
+    copy may only sit in a conditional's branch (the processing branch copies the logits it changes)."""
     runner = engine.runner
-    rows = runner.decode_buckets[-1]
-    program = runner._compile(StepShape(rows, 0, runner.width_buckets[-1]))
+    program = runner._compile(StepShape(runner.decode_buckets[-1], 0, runner.width_buckets[-1]))
     vocab = params.config.vocab_size
-    copies = re.findall(rf"= (\w+)\[(\d+),{vocab}\]\{{1,0\}} copy\(", program.as_text())
-    assert [int(n) for _, n in copies if int(n) == runner.num_slots + 1] == [], "the token history is copied"
-    assert len(copies) <= 1, copies
+    copies = []  # (computation, copied rows) of every [rows, V] copy
+    computation = None
+    for line in program.as_text().splitlines():
+        if line and not line[0].isspace():
+            computation = line.split()[1] if line.startswith("ENTRY") else line.split()[0]
+        elif match := re.search(rf"= \w+\[(\d+),{vocab}\]\{{1,0\}} copy\(", line):
+            copies.append((computation, int(match.group(1))))
+    assert copies, "no vocabulary-wide copy at all: the HLO format changed and this test reads nothing"
+    branches = set(re.findall(r"branch_computations=\{([^}]*)\}", program.as_text()))
+    branches = {name.strip() for group in branches for name in group.split(",")}
+    assert [rows for _, rows in copies if rows == runner.num_slots + 1] == [], "the token history is copied"
+    assert [c for c in copies if c[0] not in branches] == [], "a copy runs in every step"
