@@ -375,9 +375,7 @@ class ModelRunner:
     def _compile(self, shape: StepShape):
         inputs = [jax.ShapeDtypeStruct(x.shape, x.dtype) for x in self._inputs(None, shape)]
         layout = self._layout(shape)
-        lowered = _step.lower(self.params, *self._abstract_state, *inputs, layout=layout, width=shape.width)
-        with _XLA_COMPILE:  # lowering runs in parallel
-            return lowered.compile()
+        return _step.lower(self.params, *self._abstract_state, *inputs, layout=layout, width=shape.width).compile()
 
     # --- one step ---------------------------------------------------------------------------------------------
 
@@ -521,11 +519,6 @@ def _sample(logits, slots, positions, sampling, prompt_lengths, stop_ids, histor
         history_rows_b=slot_rows,
     )
     return sampled, history.record_sampled(slots, sampled.tokens)
-
-
-# One XLA compilation at a time in this process. Added for a crash later traced to XLA's CPU JIT running out of
-# memory mappings (tests/conftest.py), not to concurrency; kept until the engine tests run without it.
-_XLA_COMPILE = threading.Lock()
 
 
 class _Programs:

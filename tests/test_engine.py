@@ -248,9 +248,9 @@ def test_abort_frees_pages_and_ends_the_request(engine):
 
 
 def test_warmup_compiled_every_shape(params):
-    """With warm-up "all", serving a varied workload compiles nothing more."""
+    """With warm-up "all" (two XLA compilations at once), serving a varied workload compiles nothing more."""
     options = {**SMALL, "max_num_seqs": 1, "max_model_len": 32, "max_num_batched_tokens": 16, "max_prefill_rows": 1}
-    engine = build_engine(params, num_pages=4, **{**options, "warmup": "all"})
+    engine = build_engine(params, num_pages=4, **{**options, "warmup": "all", "compile_threads": 2})
     compiled = engine.runner.num_compiled
     assert compiled == len(engine.runner.all_shapes()) == 2 * 3  # widths 1, 2 × decode, chunk, both
     rng = np.random.default_rng(6)
