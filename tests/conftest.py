@@ -43,21 +43,22 @@ def release_compiled_programs():
     gc.collect()
 
 
-# The longest files (seconds on two 2-core workers, longest first): started first, so that with --dist loadfile the
-# two workers end together instead of one running a long file alone at the end (xdist hands out files in
-# collection order as workers free up). A file missing here only runs later; its tests are unchanged.
+# The longest files, longest first (each one's summed test time in a full two-worker run, --junitxml): started
+# first, so that with --dist loadfile the two workers end together instead of one running a long file alone at the
+# end (xdist hands out files in collection order as workers free up). A file missing here only runs later.
 LONGEST_FILES = (
-    "test_smollm2_qoq.py",  # ~150 s: quantizes the 30-layer SmolLM2
-    "test_engine.py",  # ~150 s
-    "test_qoq.py",  # ~130 s
-    "test_tensor_parallel.py",  # ~100 s
-    "test_kv_calibration.py",  # ~85 s
-    "test_http_server.py",  # ~75 s
-    "test_smollm2.py",  # ~65 s
-    "test_families.py",  # ~60 s
-    "test_gpu_check.py",  # ~60 s: seven subprocesses
-    "test_http_features.py",  # ~50 s
-    "test_e2e_benchmark.py",  # ~47 s
+    "test_engine.py",  # 172 s
+    "test_smollm2_qoq.py",  # 169 s: quantizes the 30-layer SmolLM2
+    "test_qoq.py",  # 139 s
+    "test_tensor_parallel.py",  # 108 s
+    "test_kv_calibration.py",  # 92 s
+    "test_http_server.py",  # 79 s
+    "test_model_parity.py",  # 79 s
+    "test_smollm2.py",  # 77 s
+    "test_families.py",  # 68 s
+    "test_gpu_check.py",  # 62 s: seven subprocesses
+    "test_e2e_benchmark.py",  # 62 s
+    "test_http_features.py",  # 49 s
 )
 
 

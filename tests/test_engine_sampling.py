@@ -152,16 +152,16 @@ def test_plain_decode_steps_copy_no_vocabulary_wide_array(params, engine):
     copy may only sit in a conditional's branch (the processing branch copies the logits it changes)."""
     runner = engine.runner
     program = runner._compile(StepShape(runner.decode_buckets[-1], 0, runner.width_buckets[-1]))
-    vocab = params.config.vocab_size
+    vocab, hlo = params.config.vocab_size, program.as_text()
     copies = []  # (computation, copied rows) of every [rows, V] copy
     computation = None
-    for line in program.as_text().splitlines():
+    for line in hlo.splitlines():
         if line and not line[0].isspace():
             computation = line.split()[1] if line.startswith("ENTRY") else line.split()[0]
         elif match := re.search(rf"= \w+\[(\d+),{vocab}\]\{{1,0\}} copy\(", line):
             copies.append((computation, int(match.group(1))))
     assert copies, "no vocabulary-wide copy at all: the HLO format changed and this test reads nothing"
-    branches = set(re.findall(r"branch_computations=\{([^}]*)\}", program.as_text()))
-    branches = {name.strip() for group in branches for name in group.split(",")}
+    groups = re.findall(r"branch_computations=\{([^}]*)\}", hlo)
+    branches = {name.strip() for group in groups for name in group.split(",")}
     assert [rows for _, rows in copies if rows == runner.num_slots + 1] == [], "the token history is copied"
     assert [c for c in copies if c[0] not in branches] == [], "a copy runs in every step"
