@@ -55,10 +55,13 @@ class Request:
         object.__setattr__(self, "stop_token_ids", check_integers("stop_token_ids", self.stop_token_ids, 0, INT32_MAX))
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(slots=True)
 class RequestOutput:
     """What one engine step produced for one request: the new tokens and the text they add (text that could
-    start a stop string is held back until it cannot), and, on the last output, why the request finished."""
+    start a stop string is held back until it cannot), and, on the last output, why the request finished.
+
+    Not frozen: the engine builds one per running sequence per step, and a frozen dataclass's `__init__` (a call
+    of object.__setattr__ per field) costs five times as much (1.0 µs against 0.2). Treat it as read-only."""
 
     request_id: str
     new_token_ids: tuple[int, ...]
