@@ -105,7 +105,7 @@ def run_http(args) -> list[dict]:
             load = os.getloadavg()
             subprocess.run([sys.executable, str(REPO / "benchmarks" / "serve_load.py"), *load_args(args, url, out)],
                            check=True, stdout=subprocess.DEVNULL)  # fmt: skip
-            summary = {k: v for k, v in json.loads(out.read_text()).items() if k != "requests"}  # not per request
+            summary = serve_load.read_summary(out)
             if round_ == 0:
                 wait_for_compilations(url)
                 continue

@@ -380,6 +380,12 @@ def summarize_run(results: list[RequestResult], duration: float, client_cpu: flo
     }
 
 
+def read_summary(path: Path) -> dict:
+    """A run's JSON as `main` writes it, without the per-request records: what the scripts that drive this one
+    compare."""
+    return {key: value for key, value in json.loads(path.read_text()).items() if key != "requests"}
+
+
 def format_tables(summary: dict) -> str:
     def ms(value: float | None) -> str:
         return "—" if value is None else f"{value:.1f}"

