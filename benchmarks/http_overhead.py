@@ -25,7 +25,6 @@ import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -33,7 +32,7 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "benchmarks"))
 
 import serve_load  # noqa: E402
-from vllm_side_by_side import free_port, server  # noqa: E402
+from vllm_side_by_side import free_port, server, wait_for_compilations  # noqa: E402
 
 GOAL = 0.8
 
@@ -79,15 +78,6 @@ def run_engine(args) -> list[dict]:
         runs.append({"output_tokens_per_s": tokens / seconds, "seconds": seconds, "load_average_start": load})
         print(f"engine: {tokens / seconds:.1f} output tok/s", file=sys.stderr, flush=True)
     return runs
-
-
-def wait_for_compilations(url: str) -> None:
-    while True:
-        with urllib.request.urlopen(f"{url}/metrics", timeout=30) as response:
-            text = response.read().decode()
-        if "qoq_step_programs_compiling 0.0" in text:
-            return
-        time.sleep(2)
 
 
 def run_http(args) -> list[dict]:

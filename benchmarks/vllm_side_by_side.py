@@ -5,8 +5,9 @@
    (VLLM_CPU_OMP_THREADS_BIND=0-N, none reserved), tcmalloc and Intel OpenMP preloaded, a KV cache space.
    tcmalloc comes from the system (`apt-get install libtcmalloc-minimal4`); the script says so when it is missing.
 2. The embedded SmolLM2-135M becomes an HF folder written by transformers from its GGUF, which both servers load.
-3. For each dtype, each server is started in turn (one at a time: they share the cores), warmed with a few
-   requests, then loaded with `benchmarks/serve_load.py` on each workload; servers alternate for `--rounds`
+3. For each dtype, each server is started in turn (one at a time: they share the cores), primed with an untimed
+   run of each workload (the sparse one shortened; then, for qoq-jax, until no step program compiles in the
+   background), then loaded with `benchmarks/serve_load.py` on each workload; servers alternate for `--rounds`
    rounds (qoq, vllm, qoq, vllm, ...) so slow phases of a shared machine fall on both:
    * `concurrent`: 64 streaming requests at once, 118-word prompts, 128 output tokens (output tokens/s);
    * `sparse`: Poisson arrivals at 0.1 req/s (TPOT, when requests rarely overlap).
@@ -58,6 +59,7 @@ WORKLOADS = {
     "concurrent": dict(rate="inf", requests=64, prompt=118, output=128),
     "sparse": dict(rate="0.1", requests=12, prompt=118, output=128),
 }
+PRIMING = {**WORKLOADS, "sparse": dict(WORKLOADS["sparse"], rate="0.2", requests=4)}
 
 
 def log(message: str) -> None:
@@ -178,8 +180,8 @@ def vllm_command(python: Path, venv: Path, model_dir: Path, dtype: str, port: in
     return [str(c) for c in command], env
 
 
-def load(url: str, workload: str, out: Path, seed: int) -> dict:
-    spec = WORKLOADS[workload]
+def load(url: str, spec: dict, out: Path, seed: int) -> dict:
+    """One serve_load run of a workload spec (WORKLOADS' shape)."""
     command = [sys.executable, str(REPO / "benchmarks" / "serve_load.py"), url, "--model", SERVED_MODEL,
                "--request-rate", spec["rate"], "--num-requests", str(spec["requests"]),
                "--prompt-len", str(spec["prompt"]), str(spec["prompt"]),
@@ -188,6 +190,27 @@ def load(url: str, workload: str, out: Path, seed: int) -> dict:
     started = os.getloadavg()
     subprocess.run(command, check=True, stdout=subprocess.DEVNULL)
     return {"summary": serve_load.read_summary(out), "load_average_start": started, "load_average_end": os.getloadavg()}
+
+
+def wait_for_compilations(url: str) -> None:
+    """Until a qoq-jax server compiles no step program in the background (its /metrics gauge)."""
+    while True:
+        with urllib.request.urlopen(f"{url}/metrics", timeout=30) as response:
+            text = response.read().decode()
+        if "qoq_step_programs_compiling 0.0" in text:
+            return
+        time.sleep(2)
+
+
+def prime(url: str, system: str, workloads: list[str], logs: Path) -> None:
+    """Untimed runs of each workload first (the sparse one shortened), so that neither server is measured while
+    it still compiles: qoq-jax compiles the step programs its warm-up did not cover in the background as steps
+    first need them (waited for here), vLLM compiles at start-up."""
+    for workload in workloads:
+        log(f"{system}: priming with {workload}")
+        load(url, PRIMING[workload], logs / f"{system}-priming-{workload}.json", seed=1_000)
+    if system == "qoq-jax":
+        wait_for_compilations(url)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -224,10 +247,11 @@ def main(argv: list[str] | None = None) -> int:
                 else:
                     command, env = vllm_command(python, args.venv, model_dir, dtype, port, args)
                 with server(command, env, url, logs / f"{system}-{dtype}-{round_}.log", args.startup_timeout):
+                    prime(url, system, args.workloads, logs)
                     for workload in args.workloads:
                         log(f"{system} {dtype} round {round_}: {workload}")
                         out = logs / f"{system}-{dtype}-{round_}-{workload}.json"
-                        row = load(url, workload, out, seed=round_)
+                        row = load(url, WORKLOADS[workload], out, seed=round_)
                         runs.append({"system": system, "dtype": dtype, "round": round_, "workload": workload, **row})
                         summary = row["summary"]
                         log(f"  {summary['output_token_throughput']:.1f} output tok/s, TPOT p50 "

@@ -625,9 +625,9 @@ def test_serve_load_measures_the_server_and_the_scripts_read_its_summary(served,
     import vllm_side_by_side
 
     monkeypatch.setattr(vllm_side_by_side, "SERVED_MODEL", MODEL)
-    monkeypatch.setitem(vllm_side_by_side.WORKLOADS, "concurrent", dict(rate="inf", requests=3, prompt=5, output=5))
     out = tmp_path / "load.json"
-    summary = vllm_side_by_side.load(served.url, "concurrent", out, seed=0)["summary"]
+    spec = dict(rate="inf", requests=3, prompt=5, output=5)
+    summary = vllm_side_by_side.load(served.url, spec, out, seed=0)["summary"]
     assert "requests" not in summary and len(json.loads(out.read_text())["requests"]) == 3
     assert (summary["completed"], summary["failed"], summary["total_output_tokens"]) == (3, 0, 15)
     assert summary["output_token_throughput"] == pytest.approx(15 / summary["duration_s"])
