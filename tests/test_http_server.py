@@ -27,6 +27,9 @@ from serve.runner import ModelRunner
 from loopback import serving
 from tiny_models import sharp_tiny_llama, tiny_tokenizer
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+import vllm_side_by_side  # noqa: E402
+
 MODEL = "tiny-llama"
 # Few shapes: decode batches of 1 and 2, prompt chunks of one row of 16 tokens, each compiled when first needed.
 ENGINE_OPTIONS = dict(
@@ -621,9 +624,6 @@ def test_serve_load_measures_the_server_and_the_scripts_read_its_summary(served,
     server: every request completes with all its tokens, and what it returns is serve_load's summary as
     `read_summary` gives it to vllm_side_by_side and http_overhead (both once read a `summary` key serve_load never
     wrote); the side-by-side's medians and ratios come out of it."""
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-    import vllm_side_by_side
-
     monkeypatch.setattr(vllm_side_by_side, "SERVED_MODEL", MODEL)
     out = tmp_path / "load.json"
     spec = dict(rate="inf", requests=3, prompt=5, output=5)
