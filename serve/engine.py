@@ -295,6 +295,7 @@ class Engine:
             requests_failed_total=self._counters["requests_failed"],
             engine_restarts_total=self._counters["restarts"],
             step_programs_compiling=self.runner.num_compiling,
+            steps_in_larger_program_total=self.runner.num_steps_in_larger_program,
         )
 
     # --- one iteration (the engine thread) ---------------------------------------------------------------

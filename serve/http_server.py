@@ -255,6 +255,8 @@ class _EngineCollector:
              stats.requests_failed_total),
             ("qoq_engine_restarts", "Failed steps that cost the device state: running requests recomputed.",
              stats.engine_restarts_total),
+            ("qoq_steps_in_larger_program", "Steps run in a covering program while their own compiled.",
+             stats.steps_in_larger_program_total),
         ]  # fmt: skip
         for name, documentation, value in counters:
             yield CounterMetricFamily(name, documentation, value=value)

@@ -94,3 +94,4 @@ class EngineStats:
     requests_failed_total: int  # ended by an error in their step, while the others went on
     engine_restarts_total: int  # steps whose failure lost the device state: every running request recomputed
     step_programs_compiling: int  # step shapes compiling in the background (their steps run in larger ones)
+    steps_in_larger_program_total: int  # steps run in a covering program, their own not compiled yet

@@ -290,6 +290,7 @@ class ModelRunner:
         # Entries a step can add: a page per decode row; a whole table per admitted sequence (one per row at most).
         self.max_table_updates = max_num_seqs + max_prefill_rows * (pages_per_seq + 1)
         self.num_dispatched = 0
+        self.num_steps_in_larger_program = 0  # run in a covering program while their own compiled
         self._layouts: dict[tuple[int, int], StepLayout] = {}
         self._build_state()
         self._programs = _Programs(self._compile, row_tokens=prefill_row_tokens, background=compile_in_background)
@@ -355,9 +356,14 @@ class ModelRunner:
         ]
 
     def cover_shapes(self) -> list[StepShape]:
-        """The widest rows at every width: any step has a compiled program that covers it."""
+        """At every width: decode-only programs at 1, 8, 64, … rows and the most, the most chunk rows alone, and
+        both at their most. Any step has a program that covers it, and a decode-only step (the common one while
+        its own program compiles) runs in one of at most 8× its rows: in the widest alone, one SmolLM2 sequence
+        decoded at 7× the cost of its own program."""
         d, c = self.decode_buckets[-1], self.chunk_buckets[-1]
-        return [StepShape(*rows, w) for w in self.width_buckets for rows in ((d, 0), (0, c), (d, c))]
+        decode = sorted({b for b in self.decode_buckets if b.bit_length() % 3 == 1} | {d})
+        rows = [(n, 0) for n in decode] + [(0, c), (d, c)]
+        return [StepShape(*r, w) for w in self.width_buckets for r in rows]
 
     def warmup(self, mode: str, threads: int = 1) -> None:
         """Compiles the programs of a warm-up mode (one of WARMUP_MODES) before serving."""
@@ -381,7 +387,9 @@ class ModelRunner:
 
     def dispatch(self, scheduled: SchedulerOutput) -> InFlightStep:
         """Runs `scheduled` on the device without waiting for it."""
-        shape, program = self._programs.get(self.shape_of(scheduled))
+        own = self.shape_of(scheduled)
+        shape, program = self._programs.get(own)
+        self.num_steps_in_larger_program += shape != own
         ints, floats = self._inputs(scheduled, shape)
         epochs = tuple(s.epoch for s in scheduled.decode) + tuple(c.seq.epoch for c in scheduled.chunks)
         self.pool, self.batch, *outputs = program(self.params, self.pool, self.batch, ints, floats)

@@ -259,6 +259,36 @@ def test_warmup_compiled_every_shape(params):
     assert engine.runner.num_compiled == compiled
 
 
+def test_covering_set_runs_a_decode_step_in_at_most_eight_times_its_rows(params):
+    """Every step shape has a warm-up program covering it at its own width; a decode-only step's has at most 8× its
+    rows (the covering set at 256 seats: 1, 8, 64, 256 decode rows, the chunk rows alone and with 256)."""
+    runner = ModelRunner(params, num_pages=8, page_size=16, pages_per_seq=8, max_num_seqs=256, max_prefill_rows=4,
+                         prefill_row_tokens=16, compile_in_background=False)  # fmt: skip
+    cover = runner.cover_shapes()
+    assert len(cover) == len(runner.width_buckets) * 6 and set(cover) <= set(runner.all_shapes())
+    for shape in runner.all_shapes():
+        best = min((c for c in cover if c.covers(shape)), key=lambda c: c.cost(runner.row_tokens))
+        assert best.width == shape.width
+        if not shape.chunk_rows:
+            assert (best.chunk_rows, best.decode_rows <= 8 * shape.decode_rows) == (0, True), (shape, best)
+
+
+def test_steps_in_a_covering_program_are_counted(params):
+    """With the covering warm-up and no background compilation, 2- and 4-row decodes run in the 8-row program:
+    counted in the stats, each such step once, and nothing else is compiled."""
+    options = {**SMALL, "max_model_len": 16, "max_num_batched_tokens": 16, "max_prefill_rows": 1}
+    engine = build_engine(params, num_pages=8, **{**options, "warmup": "cover"})
+    assert engine.runner.num_compiled == 4  # width 1: 1 and 8 decode rows, the chunk row alone and with 8
+    shapes = []
+    dispatch = engine.runner.dispatch
+    engine.runner.dispatch = lambda scheduled: shapes.append(engine.runner.shape_of(scheduled)) or dispatch(scheduled)
+    _run(engine, [Request(f"c{i}", (5 + i, 6, 7), 6) for i in range(3)])
+    covered = [s for s in shapes if s not in engine.runner.cover_shapes()]
+    assert {(2, 0, 1), (4, 0, 1)} <= {dataclasses.astuple(s) for s in covered}  # and mixed steps, in (8, 1)
+    assert engine.stats().steps_in_larger_program_total == len(covered)
+    assert engine.runner.num_compiled == 4
+
+
 def test_bad_requests_are_refused(params, engine):
     with pytest.raises(PromptTooLongError, match="context of 128"):
         engine.add_request(Request("a", tuple(range(3, 103)), 29))

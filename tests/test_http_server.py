@@ -430,6 +430,7 @@ def test_metrics_follow_the_engine_and_requests(served):
     assert after["qoq_kv_pages_used"] + after["qoq_kv_pages_free"] == stats.kv_pages_total
     assert after["qoq_requests_running"] == 0 and after["qoq_requests_waiting"] == 0
     assert "qoq_preemptions_total" in after
+    assert after["qoq_steps_in_larger_program_total"] <= served.engine.stats().steps_in_larger_program_total
     attention = served.engine.attention  # on CPU: the jnp references and XLA
     for phase, implementation in (("decode", "reference"), ("extend", "reference"), ("prefill", "xla")):
         assert getattr(attention, phase) == implementation
