@@ -461,17 +461,23 @@ def attend_gathered(
 ) -> jax.Array:
     """GQA attention in float32 of queries [B, T, Hkv, G, D] over gathered keys and values [B, Hkv, S, D]:
     query t of row b sees key s where visible[b, t, s]; a query that sees none gets zeros. [B, T, Hkv, G, D]."""
-    q = jnp.moveaxis(q_btkgd.astype(jnp.float32), 1, 3)  # [B, Hkv, G, T, D]
-    if q.shape[3] == 1:  # decode: multiply and reduce (XLA CPU runs these tiny batched dots ~2x slower)
-        logits = jnp.sum(q * keys_bksd[:, :, None], axis=-1)[:, :, :, None]
+    batch, length, num_kv_heads, groups, head_dim = q_btkgd.shape
+    # As XLA's CPU backend runs these fastest (measured: ~2x the batched [G, D]x[D, S] dots for a decode query,
+    # ~1.35x for a 16-token chunk): one query multiplies and reduces; a chunk is one [G·T, D]x[D, S] dot per head.
+    q = jnp.transpose(q_btkgd.astype(jnp.float32), (0, 2, 3, 1, 4)).reshape(batch, num_kv_heads, -1, head_dim)
+    if length == 1:
+        logits = jnp.sum(q[:, :, :, None] * keys_bksd[:, :, None], axis=-1)
     else:
-        logits = jnp.einsum("bkgtd,bksd->bkgts", q, keys_bksd)
-    logits = _capped(logits * sm_scale, softcap)
+        logits = jnp.einsum("bkmd,bksd->bkms", q, keys_bksd)
+    logits = _capped(logits.reshape(batch, num_kv_heads, groups, length, -1) * sm_scale, softcap)
     visible = visible_bts[:, None, None]
     probs = jnp.where(visible, jax.nn.softmax(jnp.where(visible, logits, _MASK_VALUE), axis=-1), 0.0)
-    if q.shape[3] == 1:
-        return jnp.sum(probs[:, :, :, 0, :, None] * values_bksd[:, :, None], axis=-2)[:, None]
-    return jnp.einsum("bkgts,bksd->btkgd", probs, values_bksd)
+    probs = probs.reshape(batch, num_kv_heads, groups * length, -1)
+    if length == 1:
+        out = jnp.sum(probs[..., None] * values_bksd[:, :, None], axis=-2)
+    else:
+        out = jnp.einsum("bkms,bksd->bkmd", probs, values_bksd)
+    return jnp.transpose(out.reshape(batch, num_kv_heads, groups, length, head_dim), (0, 3, 1, 2, 4))
 
 
 @functools.partial(jax.jit, static_argnames=("bits", "sm_scale", "softcap", "window"))
