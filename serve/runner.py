@@ -358,8 +358,8 @@ class ModelRunner:
     def cover_shapes(self) -> list[StepShape]:
         """At every width: decode-only programs at 1, 8, 64, … rows and the most, the most chunk rows alone, and
         both at their most. Any step has a program that covers it, and a decode-only step (the common one while
-        its own program compiles) runs in one of at most 8× its rows: in the widest alone, one SmolLM2 sequence
-        decoded at 7× the cost of its own program."""
+        its own program compiles) runs in one of at most 8× its rows (in the widest decode program, a step of one
+        SmolLM2 sequence on a CPU cost 7× what its own program costs)."""
         d, c = self.decode_buckets[-1], self.chunk_buckets[-1]
         decode = sorted({b for b in self.decode_buckets if b.bit_length() % 3 == 1} | {d})
         rows = [(n, 0) for n in decode] + [(0, c), (d, c)]
