@@ -254,18 +254,25 @@ def test_kv_budget_counts_each_devices_share_of_the_heads():
         kv_bytes_per_page(CONFIG, 64, 4, jnp.float32, kv_shards=4)
 
 
-def test_engine_on_a_mesh_samples_what_generate_samples(g128_params):
+def test_engine_on_a_mesh_samples_what_generate_samples():
     """Seeded sampling through the engine on 4 devices (budget per device) equals `generate` on one; so do the
-    penalties, logit bias and log-probabilities (the token history and the vocabulary-split logits they read)."""
+    penalties, logit bias and log-probabilities (the token history and the vocabulary-split logits they read).
+
+    On the float model: there the two paths' sums in another order move the logits by ulps, which no draw feels.
+    On a W4A8KV4 model the same few ulps can move an int8 activation or int4 KV code (CODE_STEP above), and a
+    seeded draw near a boundary of the CDF then takes the neighbouring token: exact equality of sampled tokens is
+    not a property there (measured: reordering the CPU attention reference's sums flipped this test's second
+    token on the g128 model). W4A8KV4 on a mesh is checked by the greedy and logits tests above."""
+    float_params = qoq_jax.init_params(CONFIG, seed=2)
     prompts = [[1, 2, 3, 4, 5], [7, 9] * 10]
-    expected = qoq_jax.generate(g128_params, prompts[:1], max_new_tokens=6, temperature=0.8, top_k=20, seed=5)
+    expected = qoq_jax.generate(float_params, prompts[:1], max_new_tokens=6, temperature=0.8, top_k=20, seed=5)
     features = dict(presence_penalty=0.8, repetition_penalty=1.3, logit_bias={3: 4.0}, logprobs=2, prompt_logprobs=1)
     [featured] = qoq_jax.complete(
-        g128_params, prompts[1:], max_new_tokens=6, temperature=0.8, top_k=20, seed=6, ignore_eos=True, **features
+        float_params, prompts[1:], max_new_tokens=6, temperature=0.8, top_k=20, seed=6, ignore_eos=True, **features
     )
-    page_bytes = kv_bytes_per_page(CONFIG, 16, 4, jnp.float32, kv_shards=2)
+    page_bytes = kv_bytes_per_page(CONFIG, 16, 16, jnp.float32, kv_shards=2)
     engine = build_engine(
-        g128_params,
+        float_params,
         mesh=make_mesh(4),
         max_num_seqs=2,
         max_model_len=48,
