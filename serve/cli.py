@@ -258,7 +258,7 @@ def _add_serve(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="step programs compiled before serving: all of them, a covering set (default: at every table width, "
         "decode programs of 1, 8, 64, ... rows and max-num-seqs, and the most prompt-chunk rows alone and with "
-        "every decode row; the rest compile in the background as needed), or none",
+        "max-num-seqs decode rows; the rest compile in the background as needed), or none",
     )
     parser.add_argument("--no-prefix-caching", action="store_true", help="do not share cached prompt pages")
     parser.add_argument(
