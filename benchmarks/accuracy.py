@@ -50,6 +50,7 @@ _KV_OPTIONS = {  # row → (what it adds to the reference g128 recipe, the recip
                                                             "smooth_attention_search": True}),
     "g128-learn-qk": ("centred + rotated + learned q/k", {"center_keys": True, "rotate_qk": True,
                                                           "learn_qk": True}),
+    "g128-range-search": ("per-token KV range search", {"kv_range_search": True}),
 }
 
 ROWS: dict[str, tuple[str, str, Recipe | None]] = {  # name → (method, precision, recipe or None for the float model)

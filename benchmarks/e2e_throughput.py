@@ -212,6 +212,7 @@ class QoQRunner:
                 dtype=self.params.dtype,
                 kv_bits=self.params.kv_bits,
                 kv_clip=self.params.kv_clip,
+                kv_range_search=self.params.kv_range_search,
                 kernel=self.params.kernel,
             )
 

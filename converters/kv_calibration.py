@@ -14,6 +14,9 @@ shape what is written to the pages without changing the float model (`QuantForma
 * SmoothAttention strength per layer: (α, β) of λ = Kmax^α / Qmax^β chosen from a grid by the same error
   (on the float model, before the weights are quantized, since λ is folded into W_q and W_k).
 * clip ratios per layer for K and V (`quantize_kv`'s `clip`), chosen from a grid by the same error.
+* range search: each vector written to the pages takes the range of least round-trip error among a few
+  (`quantize_kv`'s `search`, `QuantFormat.kv_range_search`), decided per token as it is written, not here; the
+  errors above are then measured with it, the learned transform's training loss without it (min–max ranges).
 * sensitivity: each layer's error at 4 bits, which `converters.qoq` uses to give the worst layers 8-bit pages.
 
 The error is ‖attn(q', K̂', V̂) − attn(q, K, V)‖² / ‖attn(q, K, V)‖² over the calibration rows (causal, the
@@ -113,14 +116,20 @@ def _scored_error(sample: AttentionSample, transform: QKTransform, quantize, que
     return jnp.sum((out - reference) ** 2) / jnp.sum(reference**2)
 
 
-@functools.partial(jax.jit, static_argnames=("bits", "query_stride"))
+@functools.partial(jax.jit, static_argnames=("bits", "query_stride", "search"))
 def attention_error(
-    sample: AttentionSample, transform: QKTransform, bits: int, k_clip=1.0, v_clip=1.0, query_stride: int = 1
+    sample: AttentionSample,
+    transform: QKTransform,
+    bits: int,
+    k_clip=1.0,
+    v_clip=1.0,
+    query_stride: int = 1,
+    search: bool = False,
 ):
     """Relative squared error of the attention output when the pages hold `bits`-bit K and V (every query, or
-    every `query_stride`-th)."""
+    every `query_stride`-th), written with `quantize_kv`'s range `search` or without."""
     clips = (k_clip, v_clip)
-    return _scored_error(sample, transform, lambda x, i: fake_quantize_kv(x, bits, clips[i]), query_stride)
+    return _scored_error(sample, transform, lambda x, i: fake_quantize_kv(x, bits, clips[i], search), query_stride)
 
 
 def initial_transform(sample: AttentionSample, *, rotate: bool, center: bool) -> QKTransform:
@@ -187,14 +196,17 @@ def learn_transform(
     steps: int,
     learning_rate: float,
     query_stride: int,
+    search: bool = False,
 ) -> QKTransform:
     """A and μ refined from `start` by Adam on one calibration row per step (rows in turn, so the result
-    depends only on the sample); A⁻ᵀ is taken in float64. Keeps `start` if training did not lower the error."""
+    depends only on the sample); A⁻ᵀ is taken in float64. Keeps `start` if training did not lower the error
+    (measured as the pages are written: with range `search` or without)."""
     learned = _train((start.key_transform, start.key_offset), sample, bits, steps, learning_rate, query_stride)
     matrix = np.asarray(learned[0], np.float64)
     inverse_t = np.swapaxes(np.linalg.inv(matrix), -1, -2)
     result = QKTransform(learned[0], jnp.asarray(inverse_t, jnp.float32), learned[1])
-    if float(attention_error(sample, result, bits)) >= float(attention_error(sample, start, bits)):
+    errors = [float(attention_error(sample, transform, bits, search=search)) for transform in (result, start)]
+    if errors[0] >= errors[1]:
         return start
     return result
 
@@ -216,22 +228,25 @@ def _train(learned, sample: AttentionSample, bits: int, steps: int, learning_rat
     return jax.lax.fori_loop(0, steps, step, (learned, optimizer.init(learned)))[0]
 
 
-def search_clip(sample: AttentionSample, transform: QKTransform, bits: int):
+def search_clip(sample: AttentionSample, transform: QKTransform, bits: int, search: bool = False):
     """Per-layer clip ratios: K's first (V at full range), then V's given K's, each grid scored in one vectorised
-    call on every `SEARCH_QUERY_STRIDE`-th query; returns (k, v, error of the chosen pair on every query)."""
+    call on every `SEARCH_QUERY_STRIDE`-th query, the pages written with range `search` or without; the full
+    range (1, 1) instead if the pair does worse on every query. Returns (k, v, its error on every query)."""
     ratios = jnp.asarray(CLIP_RATIOS, jnp.float32)
-    k_errors = _clip_errors(sample, transform, bits, ratios, jnp.float32(1.0), vary_key=True)
+    k_errors = _clip_errors(sample, transform, bits, ratios, jnp.float32(1.0), vary_key=True, search=search)
     k_clip = CLIP_RATIOS[int(np.argmin(k_errors))]
-    v_errors = _clip_errors(sample, transform, bits, jnp.float32(k_clip), ratios, vary_key=False)
+    v_errors = _clip_errors(sample, transform, bits, jnp.float32(k_clip), ratios, vary_key=False, search=search)
     v_clip = CLIP_RATIOS[int(np.argmin(v_errors))]
-    return k_clip, v_clip, float(attention_error(sample, transform, bits, k_clip, v_clip))
+    chosen = float(attention_error(sample, transform, bits, k_clip, v_clip, search=search))
+    full = float(attention_error(sample, transform, bits, search=search))
+    return (k_clip, v_clip, chosen) if chosen < full else (1.0, 1.0, full)
 
 
-@functools.partial(jax.jit, static_argnames=("bits", "vary_key"))
-def _clip_errors(sample, transform, bits: int, k_clips, v_clips, *, vary_key: bool):
+@functools.partial(jax.jit, static_argnames=("bits", "vary_key", "search"))
+def _clip_errors(sample, transform, bits: int, k_clips, v_clips, *, vary_key: bool, search: bool):
     """The strided attention error for each K ratio (V's fixed) or each V ratio (K's fixed)."""
 
     def error(k_clip, v_clip):
-        return attention_error(sample, transform, bits, k_clip, v_clip, SEARCH_QUERY_STRIDE)
+        return attention_error(sample, transform, bits, k_clip, v_clip, SEARCH_QUERY_STRIDE, search)
 
     return jax.vmap(error, in_axes=(0, None) if vary_key else (None, 0))(k_clips, v_clips)

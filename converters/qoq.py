@@ -98,11 +98,14 @@ class Recipe:
     learn_qk_rate: float = 5e-3
     learn_qk_query_stride: int = 8
     kv_clip_search: bool = False  # per-layer K and V clip ratios
+    kv_range_search: bool = False  # each K/V vector's range searched as it is written (QuantFormat.kv_range_search)
     kv8_layers: int = 0  # this many layers, those with the largest 4-bit attention error, get KV8 pages
     kv_rows: int = 4
 
     def __post_init__(self):
-        if self.weights in _WEIGHT_ONLY and (self.qk_transform or self.kv_clip_search or self.kv8_layers):
+        if self.weights in _WEIGHT_ONLY and (
+            self.qk_transform or self.kv_clip_search or self.kv_range_search or self.kv8_layers
+        ):
             raise ValueError(f"recipe {self.name!r}: KV stages need a quantized format, not {self.weights}")
         if self.kv8_layers and self.kv_bits != 4:
             raise ValueError(f"recipe {self.name!r}: kv8_layers mixes KV8 into a KV4 cache; kv_bits is {self.kv_bits}")
@@ -121,13 +124,19 @@ class Recipe:
     @property
     def kv_stages(self) -> bool:
         """Whether the recipe calibrates the KV cache of the quantized model (`calibrate_kv`)."""
-        return self.qk_transform or self.kv_clip_search or self.kv8_layers > 0
+        return self.qk_transform or self.kv_clip_search or self.kv_range_search or self.kv8_layers > 0
 
     def weight_recipe(self) -> "Recipe":
         """The recipe without its KV stages: what `quantize_model` runs before `calibrate_kv`. Recipes with the
         same weight recipe share their quantized weights (the accuracy benchmark quantizes them once)."""
         return dataclasses.replace(
-            self, center_keys=False, rotate_qk=False, learn_qk=False, kv_clip_search=False, kv8_layers=0
+            self,
+            center_keys=False,
+            rotate_qk=False,
+            learn_qk=False,
+            kv_clip_search=False,
+            kv_range_search=False,
+            kv8_layers=0,
         )
 
     @property
@@ -153,6 +162,7 @@ class Recipe:
             "rotate_qk",
             "learn_qk",
             "kv_clip_search",
+            "kv_range_search",
             "clip_search",
             "gptq",
         )
@@ -161,7 +171,7 @@ class Recipe:
 
 _RTN = {"rotate": False, "smooth_attention": False, "smooth_linear": False, "gptq": False}
 
-_KV_STAGES = {"center_keys": True, "rotate_qk": True, "learn_qk": True, "kv_clip_search": True}
+_KV_STAGES = {"center_keys": True, "rotate_qk": True, "learn_qk": True, "kv_range_search": True}
 
 RECIPES = {
     "g128": Recipe("g128", Int4GroupWeight.format_name, reorder=True, **_KV_STAGES),
@@ -186,7 +196,9 @@ RECIPES = {
 }
 """QoQ's two recipes (defaults of qoq-g128.yaml / qoq-gchn.yaml; SmoothAttention is the manual λ = √max|K|
 for both) and the baselines of the accuracy table. `g128` adds this library's KV4 stages (centred, rotated and
-learned q/k transform, KV clip search: `converters.kv_calibration`), measured in benchmarks/accuracy.py;
+learned q/k transform, per-token KV range search: `converters.kv_calibration`), measured in
+benchmarks/accuracy.py (the per-layer KV clip search, `kv_clip_search`, is not in it: it lowered the calibration
+rows' attention error but raised SmolLM2's perplexity, with or without the range search);
 `g128-thorough` trains the q/k transform longer (about 3× the KV stages' time, a lower attention error);
 `g128-qserve` is the reference recipe without them."""
 
@@ -357,6 +369,7 @@ def calibrate_kv(
         params.quant,
         layer_kv_bits=tuple(bits) if recipe.kv8_layers else None,
         kv_clip=tuple(clips) if recipe.kv_clip_search else None,
+        kv_range_search=recipe.kv_range_search,
         qk_transform=recipe.qk_transform,
     )
     result = _build_params(weights, config, quant, dtype=params.dtype, tokenizer=params.tokenizer)
@@ -374,14 +387,15 @@ def calibrate_kv(
 def _calibrate_kv_layer(sample, recipe: Recipe):
     """One layer's q/k transform (centre, rotate, learn) and clip ratios; returns the transform and a record of
     the choices with the attention errors at KV4 before and after."""
-    bits = recipe.kv_bits
+    bits, search = recipe.kv_bits, recipe.kv_range_search
     num_kv_heads, head_dim = sample.key.shape[2:]
     transform = kv_calibration.QKTransform.identity(num_kv_heads, head_dim)
     record = {"error_plain": round(float(kv_calibration.attention_error(sample, transform, bits)), 6)}
     if recipe.qk_transform:
         transform = kv_calibration.initial_transform(sample, rotate=recipe.rotate_qk, center=recipe.center_keys)
         if recipe.learn_qk:
-            record["error_before_learning"] = round(float(kv_calibration.attention_error(sample, transform, bits)), 6)
+            before = kv_calibration.attention_error(sample, transform, bits, search=search)
+            record["error_before_learning"] = round(float(before), 6)
             transform = kv_calibration.learn_transform(
                 sample,
                 transform,
@@ -389,11 +403,12 @@ def _calibrate_kv_layer(sample, recipe: Recipe):
                 steps=recipe.learn_qk_steps,
                 learning_rate=recipe.learn_qk_rate,
                 query_stride=recipe.learn_qk_query_stride,
+                search=search,
             )
     k_clip, v_clip = 1.0, 1.0
     if recipe.kv_clip_search:
-        k_clip, v_clip, _ = kv_calibration.search_clip(sample, transform, bits)
-    error = float(kv_calibration.attention_error(sample, transform, bits, k_clip, v_clip))
+        k_clip, v_clip, _ = kv_calibration.search_clip(sample, transform, bits, search)
+    error = float(kv_calibration.attention_error(sample, transform, bits, k_clip, v_clip, search=search))
     return transform, {**record, "k_clip": k_clip, "v_clip": v_clip, "error": round(error, 6)}
 
 

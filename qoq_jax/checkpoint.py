@@ -165,6 +165,8 @@ def _quant_dict(quant: QuantFormat) -> dict[str, Any]:
         stored["layer_kv_bits"] = list(quant.layer_kv_bits)
     if quant.kv_clip is not None:
         stored["kv_clip"] = [list(pair) for pair in quant.kv_clip]
+    if quant.kv_range_search:
+        stored["kv_range_search"] = True
     if quant.qk_transform:
         stored["qk_transform"] = True
     return stored

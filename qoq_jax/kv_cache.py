@@ -97,24 +97,33 @@ class NoKVCache(KVCache):
 
     kv_bits: int | tuple[int, ...] = dataclasses.field(default=16, metadata=dict(static=True))
     kv_clip: tuple[tuple[float, float], ...] | None = dataclasses.field(default=None, metadata=dict(static=True))
+    kv_range_search: bool = dataclasses.field(default=False, metadata=dict(static=True))
     kernel: str = dataclasses.field(default="auto", metadata=dict(static=True))
 
     def attend(self, layer, q_bthd, k_bthd, v_bthd, positions_bt, valid_bt, attention=FULL_ATTENTION):
         bits = self.kv_bits if isinstance(self.kv_bits, int) else self.kv_bits[layer]
         clip = (1.0, 1.0) if self.kv_clip is None else self.kv_clip[layer]
-        out = round_trip_attention(
-            q_bthd, k_bthd, v_bthd, valid_bt, attention, bits=bits, clip=clip, kernel=self.kernel
-        )
+        options = dict(bits=bits, clip=clip, search=self.kv_range_search, kernel=self.kernel)
+        out = round_trip_attention(q_bthd, k_bthd, v_bthd, valid_bt, attention, **options)
         return out, self
 
 
 def round_trip_attention(
-    q_bthd, k_bthd, v_bthd, valid_bt, attention: LayerAttention, *, bits: int, clip: tuple[float, float], kernel: str
+    q_bthd,
+    k_bthd,
+    v_bthd,
+    valid_bt,
+    attention: LayerAttention,
+    *,
+    bits: int,
+    clip: tuple[float, float],
+    search: bool,
+    kernel: str,
 ) -> jax.Array:
     """Causal attention of right-padded prompts starting at position 0 over their own keys and values as
-    `bits`-bit pages with (K, V) `clip` ratios hold them (`quantize_kv` then dequantized, in the model dtype):
-    what a later chunk or decode step reads back from the pages."""
-    k_bthd, v_bthd = fake_quantize_kv(k_bthd, bits, clip[0]), fake_quantize_kv(v_bthd, bits, clip[1])
+    `bits`-bit pages with (K, V) `clip` ratios and range `search` hold them (`quantize_kv` then dequantized, in
+    the model dtype): what a later chunk or decode step reads back from the pages."""
+    k_bthd, v_bthd = (fake_quantize_kv(x, bits, c, search) for x, c in ((k_bthd, clip[0]), (v_bthd, clip[1])))
     lengths = jnp.sum(valid_bt, axis=1, dtype=jnp.int32)
     return prompt_attention(q_bthd, k_bthd, v_bthd, lengths, attention, kernel=kernel)
 
@@ -179,18 +188,28 @@ class KVPool:
     zero: jax.Array | None
     bits: int = dataclasses.field(metadata=dict(static=True))
     clip: float = dataclasses.field(default=1.0, metadata=dict(static=True))
+    search: bool = dataclasses.field(default=False, metadata=dict(static=True))
 
     @classmethod
     def zeros(
-        cls, num_kv_heads: int, num_pages: int, page_size: int, head_dim: int, *, bits: int, dtype, clip: float = 1.0
+        cls,
+        num_kv_heads: int,
+        num_pages: int,
+        page_size: int,
+        head_dim: int,
+        *,
+        bits: int,
+        dtype,
+        clip: float = 1.0,
+        search: bool = False,
     ):
         if bits not in paged_attention.KV_BITS:
             raise ValueError(f"kv_bits must be one of {paged_attention.KV_BITS}; got {bits}")
         shape = (num_kv_heads, num_pages, page_size)
         codes = jnp.zeros((*shape, paged_attention.code_width(head_dim, bits)), jnp.uint8 if bits < 16 else dtype)
         if bits == 16:
-            return cls(codes, None, None, bits, clip)
-        return cls(codes, jnp.zeros(shape, jnp.float16), jnp.zeros(shape, jnp.float16), bits, clip)
+            return cls(codes, None, None, bits, clip, search)
+        return cls(codes, jnp.zeros(shape, jnp.float16), jnp.zeros(shape, jnp.float16), bits, clip, search)
 
     @property
     def num_pages(self) -> int:
@@ -202,7 +221,7 @@ class KVPool:
         if self.bits == 16:
             codes = self.codes.at[:, pages_bt, slots_bt].set(x_hbtd.astype(self.codes.dtype), mode="drop")
             return dataclasses.replace(self, codes=codes)
-        codes, scale, zero = quantize_kv(x_hbtd, self.bits, self.clip)
+        codes, scale, zero = quantize_kv(x_hbtd, self.bits, self.clip, self.search)
         if self.bits == 4:
             codes = paged_attention.pack_kv_codes(codes)
         return dataclasses.replace(
@@ -247,9 +266,10 @@ class PagedKVCache(KVCache):
         kv_bits: KVBits,
         kernel: str = "auto",
         kv_clip: KVClip = None,
+        kv_range_search: bool = False,
     ) -> "PagedKVCache":
         """An empty pool of `num_pages` pages per layer, read through `block_tables`; `kv_bits` and `kv_clip` are
-        uniform or per layer (`Params.kv_bits`, `Params.kv_clip`)."""
+        uniform or per layer (`Params.kv_bits`, `Params.kv_clip`), `kv_range_search` for all."""
         if page_size < 1:
             raise ValueError(f"page_size must be ≥ 1; got {page_size}")
         bits, clips = layer_kv_settings(config.num_layers, kv_bits, kv_clip)
@@ -257,7 +277,14 @@ class PagedKVCache(KVCache):
         def pools(which: int):
             return tuple(
                 KVPool.zeros(
-                    config.num_kv_heads, num_pages, page_size, config.head_dim, bits=b, dtype=dtype, clip=c[which]
+                    config.num_kv_heads,
+                    num_pages,
+                    page_size,
+                    config.head_dim,
+                    bits=b,
+                    dtype=dtype,
+                    clip=c[which],
+                    search=kv_range_search,
                 )
                 for b, c in zip(bits, clips)
             )
@@ -298,10 +325,9 @@ class PagedKVCache(KVCache):
         if self.continues_prefix:
             lengths = jnp.sum(valid_bt, axis=1, dtype=jnp.int32)
             return cache.extend_attention(layer, q_bthd, positions_bt[:, 0], lengths, attention), cache
-        bits, clip = self.keys[layer].bits, (self.keys[layer].clip, self.values[layer].clip)
-        out = round_trip_attention(
-            q_bthd, k_bthd, v_bthd, valid_bt, attention, bits=bits, clip=clip, kernel=self.kernel
-        )
+        key_pool, value_pool = self.keys[layer], self.values[layer]
+        options = dict(bits=key_pool.bits, clip=(key_pool.clip, value_pool.clip), search=key_pool.search)
+        out = round_trip_attention(q_bthd, k_bthd, v_bthd, valid_bt, attention, **options, kernel=self.kernel)
         return out, cache
 
     def extend_attention(self, layer: int, q_bthd, starts_b, lengths_b, attention=FULL_ATTENTION) -> jax.Array:

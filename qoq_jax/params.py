@@ -74,6 +74,11 @@ class Params:
         return None if self.quant is None else self.quant.kv_clip
 
     @property
+    def kv_range_search(self) -> bool:
+        """Whether KV writes search each vector's range (`QuantFormat.kv_range_search`)."""
+        return self.quant is not None and self.quant.kv_range_search
+
+    @property
     def kernel(self) -> str:
         """Pallas kernels or their jnp references ("auto": Pallas on GPU), for matmuls and decode attention."""
         return "auto" if self.quant is None else self.quant.kernel

@@ -137,7 +137,9 @@ def forward(params: Params, token_ids: jax.Array) -> jax.Array:
     _check_fits(params, length)
     positions = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), (batch, length))
     valid = jnp.ones((batch, length), bool)
-    cache = NoKVCache(kv_bits=params.kv_bits, kv_clip=params.kv_clip, kernel=params.kernel)
+    cache = NoKVCache(
+        kv_bits=params.kv_bits, kv_clip=params.kv_clip, kv_range_search=params.kv_range_search, kernel=params.kernel
+    )
     logits, _ = _run_model(params, token_ids, positions, valid, cache)
     return logits
 
@@ -217,6 +219,7 @@ def _prefill(params, token_ids, lengths, max_length, page_size, cache, start_pos
             kv_bits=params.kv_bits,
             kernel=params.kernel,
             kv_clip=params.kv_clip,
+            kv_range_search=params.kv_range_search,
         )
     elif max_length is not None:
         raise ValueError("pass either max_length (for a fresh cache) or cache, not both")

@@ -308,6 +308,7 @@ class ModelRunner:
                 dtype=params.dtype,
                 kv_bits=params.kv_bits,
                 kv_clip=params.kv_clip,
+                kv_range_search=params.kv_range_search,
                 kernel=params.kernel,
             )
 

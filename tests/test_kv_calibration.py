@@ -89,17 +89,22 @@ def _quantized_with_transform(rng, quant: QuantFormat, head_dim: int = 64):
 
 
 def test_every_way_into_the_cache_gives_forward_with_every_kv_option(rng):
-    """With the q/k transform, per-layer bits (KV8, KV4) and clip ratios on, one-shot prefill (attending over the
-    round trip of its own K/V), a chunk continuing it over the pages (the extend path) and decode steps token by
-    token (each over pages that hold its own quantized key) all give the logits of `forward`, which attends over
-    the same quantization round trip: every path reads K/V exactly as the pages hold them, clip included."""
-    quant = QuantFormat("w8a8", kv_bits=4, layer_kv_bits=(8, 4), kv_clip=((0.9, 0.95), (1.0, 0.85)), qk_transform=True)
+    """With the q/k transform, per-layer bits (KV8, KV4), clip ratios and the range search on, one-shot prefill
+    (attending over the round trip of its own K/V), a chunk continuing it over the pages (the extend path) and
+    decode steps token by token (each over pages that hold its own quantized key) all give the logits of
+    `forward`, which attends over the same quantization round trip: every path reads K/V exactly as the pages
+    hold them, clip and searched ranges included."""
+    quant = QuantFormat(
+        "w8a8", kv_bits=4, layer_kv_bits=(8, 4), kv_clip=((0.9, 0.95), (1.0, 0.85)), kv_range_search=True,
+        qk_transform=True,
+    )  # fmt: skip
     params = _quantized_with_transform(rng, quant)
     tokens = jnp.asarray(rng.integers(3, params.config.vocab_size, (2, 14)), jnp.int32)
     reference = np.asarray(qoq_jax.forward(params, tokens))
     first, chunk = 5, 4
     state, logits = qoq_jax.prefill(params, tokens[:, :first], max_length=16, page_size=8)
     assert [pool.bits for pool in state.cache.keys] == [8, 4] and state.cache.keys[0].clip == 0.9
+    assert all(pool.search for pool in state.cache.keys + state.cache.values)
     assert state.cache.values[1].clip == 0.85
     np.testing.assert_allclose(logits, reference[:, first - 1], rtol=TOLERANCE, atol=TOLERANCE)
     starts = jnp.full((2,), first, jnp.int32)
@@ -110,15 +115,19 @@ def test_every_way_into_the_cache_gives_forward_with_every_kv_option(rng):
     for position in range(first + chunk, tokens.shape[1]):
         state, logits = qoq_jax.decode_step(params, state, tokens[:, position])
         np.testing.assert_allclose(logits, reference[:, position], rtol=TOLERANCE, atol=TOLERANCE)
-    unclipped = dataclasses.replace(params, quant=dataclasses.replace(quant, kv_clip=None))
-    assert np.max(np.abs(np.asarray(qoq_jax.forward(unclipped, tokens)) - reference)) > 100 * TOLERANCE
+    for option in ({"kv_clip": None}, {"kv_range_search": False}):  # each option changes what the pages hold
+        without = dataclasses.replace(params, quant=dataclasses.replace(quant, **option))
+        assert np.max(np.abs(np.asarray(qoq_jax.forward(without, tokens)) - reference)) > 100 * TOLERANCE, option
 
 
 def test_the_engine_serves_generate_s_tokens_with_every_kv_option(rng):
     """The engine's pool takes the model's per-layer bits and clip ratios (its pages hold what `generate`'s
     cache holds), so under the q/k transform, mixed bits and clipping its greedy tokens are generate's (up to a
     near-tie: tests/near_ties.py), the prompt of 20 tokens prefilled in rows of 8."""
-    quant = QuantFormat("w8a8", kv_bits=4, layer_kv_bits=(8, 4), kv_clip=((0.9, 0.95), (1.0, 0.85)), qk_transform=True)
+    quant = QuantFormat(
+        "w8a8", kv_bits=4, layer_kv_bits=(8, 4), kv_clip=((0.9, 0.95), (1.0, 0.85)), kv_range_search=True,
+        qk_transform=True,
+    )  # fmt: skip
     params = _quantized_with_transform(rng, quant)
     engine = build_engine(
         params, max_num_seqs=2, max_model_len=48, page_size=8, num_pages=12, max_num_batched_tokens=18,
@@ -126,6 +135,7 @@ def test_the_engine_serves_generate_s_tokens_with_every_kv_option(rng):
     )  # fmt: skip
     keys, values = engine.runner.pool.keys, engine.runner.pool.values
     assert [(k.bits, k.clip, v.clip) for k, v in zip(keys, values)] == [(8, 0.9, 0.95), (4, 1.0, 0.85)]
+    assert all(pool.search for pool in keys + values)
     prompts = [rng.integers(3, params.config.vocab_size, n).tolist() for n in (20, 7)]
     for index, prompt in enumerate(prompts):
         engine.add_request(Request(str(index), tuple(prompt), 8, ignore_eos=True))
@@ -266,6 +276,7 @@ KV_RECIPE = dataclasses.replace(
     learn_qk=True,
     learn_qk_steps=8,
     kv_clip_search=True,
+    kv_range_search=True,
     smooth_attention_search=True,
     kv8_layers=1,
     kv_rows=2,
@@ -304,7 +315,8 @@ def test_checkpoint_keeps_the_kv_options_and_old_ones_still_load(kv_quantized, t
     tokens = jnp.asarray(rng.integers(3, 300, (1, 20)))
     path = qoq_jax.save_checkpoint(quantized, tmp_path / "kv", recipe=report)
     stored = json.loads((path / "qoq.json").read_text())["quant"]
-    assert stored["qk_transform"] and len(stored["layer_kv_bits"]) == quantized.config.num_layers
+    assert stored["qk_transform"] and stored["kv_range_search"]
+    assert len(stored["layer_kv_bits"]) == quantized.config.num_layers
     loaded = qoq_jax.load(path)
     assert loaded.quant == quantized.quant
     np.testing.assert_array_equal(qoq_jax.forward(loaded, tokens), qoq_jax.forward(quantized, tokens))

@@ -209,7 +209,8 @@ def test_cli_quantize_then_eval_then_generate(model_dirs, tmp_path, capsys, gpl_
     assert {k: metadata["quant"][k] for k in ("weights", "kv_bits", "group_size")} == {
         "weights": "w4a8-g128", "kv_bits": 4, "group_size": 64
     }
-    assert metadata["quant"]["qk_transform"] and len(metadata["quant"]["kv_clip"]) == 2  # the default KV stages
+    assert metadata["quant"]["qk_transform"] and metadata["quant"]["kv_range_search"]  # the default KV stages
+    assert "kv_clip" not in metadata["quant"]
     assert metadata["recipe"]["recipe"]["name"] == "g128" and metadata["recipe"]["calibration"]["samples"] == 4
     [disabled] = metadata["recipe"]["disabled_stages"]
     assert disabled["layer"] == 1 and disabled["stage"] == "smooth_linear" and "NaN/Inf" in disabled["reason"]

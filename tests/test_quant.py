@@ -26,7 +26,9 @@ from qoq_jax.quant import (
     Int4ChannelWeight,
     Int4GroupWeight,
     Int8ChannelWeight,
+    KV_RANGE_CUTS,
     QuantFormat,
+    dequantize_kv,
     fake_quantize_kv,
     progressive_level2,
     quantize_activations,
@@ -152,6 +154,37 @@ def test_kv_quantization_per_token_head(bits):
     bound = expected_scale[..., None] / 2 + np.abs(expected_zero[..., None]) * 2**-10 + 1e-6
     assert np.all(np.abs(restored - x) <= bound)
     np.testing.assert_array_equal(np.asarray(fake_quantize_kv(jnp.asarray(x), 16)), x)
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_kv_range_search_takes_each_vector_s_best_candidate(bits, rng):
+    """With `search`, every vector's round trip error is the least over the candidate ranges of KV_RANGE_CUTS
+    (each computed here in numpy, float32, with the fp16 scale and zero the pages store), the full range
+    included, so no vector is worse than min-max; on Gaussian vectors of 64 the mean error drops by > 8% at 4
+    bits. The stored triple dequantizes as any other."""
+    levels = 2**bits - 1
+    x = (rng.standard_normal((4, 6, 3, 64)) * rng.uniform(0.1, 10.0, (4, 6, 3, 1))).astype(np.float32)
+    codes, scale, zero = quantize_kv(jnp.asarray(x), bits, search=True)
+    searched = np.asarray(dequantize_kv(codes, scale, zero, jnp.float32))
+    assert int(np.asarray(codes).max()) <= levels
+    np.testing.assert_array_equal(searched, np.asarray(fake_quantize_kv(jnp.asarray(x), bits, search=True)))
+    vmin, vmax = x.min(-1), x.max(-1)
+    width = vmax - vmin
+    candidates = []
+    for low in KV_RANGE_CUTS:
+        for high in KV_RANGE_CUTS:
+            lo, hi = vmin + np.float32(low) * width, vmax - np.float32(high) * width
+            step = ((hi - lo) / np.float32(levels)).astype(np.float16).astype(np.float32)[..., None]
+            offset = (-lo).astype(np.float16).astype(np.float32)[..., None]
+            restored = np.clip(np.round((x + offset) / step), 0, levels) * step - offset
+            candidates.append(np.sum((restored - x) ** 2, axis=-1))
+    error = np.sum((searched - x) ** 2, axis=-1)
+    # rtol: XLA may fuse a candidate's end into an FMA, moving its fp16 scale by an ulp (candidates differ by %)
+    np.testing.assert_allclose(error, np.min(candidates, axis=0), rtol=1e-3, atol=1e-12)
+    full = np.sum((np.asarray(fake_quantize_kv(jnp.asarray(x), bits)) - x) ** 2, axis=-1)
+    assert np.all(error <= full * (1 + 1e-3))
+    if bits == 4:
+        assert error.mean() < 0.92 * full.mean()
 
 
 @pytest.mark.parametrize(
