@@ -76,20 +76,23 @@ def quantize_kv(
     levels = 2**bits - 1
     x32 = x.astype(jnp.float32)
     vmax, vmin = jnp.max(x32, axis=-1) * clip, jnp.min(x32, axis=-1) * clip
-    scale, zero = _kv_grid(vmin, vmax, levels)
-    if search:
-        width, best = vmax - vmin, None
-        for low, high in itertools.product(KV_RANGE_CUTS, repeat=2):
-            scale, zero = _kv_grid(vmin + low * width, vmax - high * width, levels)
-            error = jnp.sum(jnp.square(_kv_round_trip(x32, scale, zero, levels) - x32), axis=-1)
-            if best is None:
-                best = (error, scale, zero)
-            else:
-                better = error < best[0]
-                best = tuple(jnp.where(better, new, old) for new, old in zip((error, scale, zero), best))
-        _, scale, zero = best
-    codes = _kv_codes(x32, scale, zero, levels)
-    return codes.astype(jnp.uint8), scale, zero
+    scale, zero = _searched_grid(x32, vmin, vmax, levels) if search else _kv_grid(vmin, vmax, levels)
+    return _kv_codes(x32, scale, zero, levels).astype(jnp.uint8), scale, zero
+
+
+def _searched_grid(x32, vmin, vmax, levels: int):
+    """The (scale, zero) of least round-trip error per vector among the `KV_RANGE_CUTS` ranges, one candidate at
+    a time (no [..., candidates, D] intermediate: a large prefill's K/V would not fit 16 times over)."""
+    width, best = vmax - vmin, None
+    for low, high in itertools.product(KV_RANGE_CUTS, repeat=2):
+        scale, zero = _kv_grid(vmin + low * width, vmax - high * width, levels)
+        error = jnp.sum(jnp.square(_kv_round_trip(x32, scale, zero, levels) - x32), axis=-1)
+        if best is None:
+            best = (error, scale, zero)
+        else:
+            better = error < best[0]
+            best = tuple(jnp.where(better, new, old) for new, old in zip((error, scale, zero), best))
+    return best[1:]
 
 
 def _kv_grid(vmin, vmax, levels: int):
