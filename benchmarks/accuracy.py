@@ -78,6 +78,10 @@ ROWS: dict[str, tuple[str, str, Recipe | None]] = {  # name → (method, precisi
         "QoQ default + KV8 in the 3 worst layers", "W4A8 g128, mixed KV4/KV8",
         dataclasses.replace(RECIPES["g128"], name="g128-kv8-layers", kv8_layers=3),
     ),
+    "g128-clip-not-range": (
+        "QoQ default with the per-layer KV clip search instead of the range search", "W4A8KV4 g128",
+        dataclasses.replace(RECIPES["g128"], name="g128-clip-not-range", kv_clip_search=True, kv_range_search=False),
+    ),
     "g128-kv-clip-search": (
         "QoQ default + per-layer KV clip search", "W4A8KV4 g128",
         dataclasses.replace(RECIPES["g128"], name="g128-kv-clip-search", kv_clip_search=True),

@@ -197,8 +197,8 @@ RECIPES = {
 """QoQ's two recipes (defaults of qoq-g128.yaml / qoq-gchn.yaml; SmoothAttention is the manual λ = √max|K|
 for both) and the baselines of the accuracy table. `g128` adds this library's KV4 stages (centred, rotated and
 learned q/k transform, per-token KV range search: `converters.kv_calibration`), measured in
-benchmarks/accuracy.py (the per-layer KV clip search, `kv_clip_search`, is not in it: it lowered the calibration
-rows' attention error but raised SmolLM2's perplexity, with or without the range search);
+benchmarks/accuracy.py (the per-layer KV clip search, `kv_clip_search`, is not in it: in trials on SmolLM2 it
+lowered the calibration rows' attention error but raised perplexity, with or without the range search);
 `g128-thorough` trains the q/k transform longer (about 3× the KV stages' time, a lower attention error);
 `g128-qserve` is the reference recipe without them."""
 
