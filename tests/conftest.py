@@ -10,20 +10,8 @@ os.environ.setdefault("JAX_DEFAULT_MATMUL_PRECISION", "highest")
 CPU_DEVICES = 4
 if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
     os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={CPU_DEVICES}"
-# One persistent compilation cache for the run, new and empty: the tiny test models compile the same programs in
-# many modules (each module's programs are freed when it ends, see below), in both xdist workers and in the
-# subprocesses some tests start (CLI, gpu_check, multihost), which inherit these variables. A compilation found
-# there is loaded instead of compiled again; every program is still traced and lowered as before. The controller
-# process (no PYTEST_XDIST_WORKER) made the folder and removes it at the end.
-_COMPILATION_CACHE = None
-if "JAX_COMPILATION_CACHE_DIR" not in os.environ and "PYTEST_XDIST_WORKER" not in os.environ:
-    import tempfile
-
-    _COMPILATION_CACHE = os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="qoq-jax-tests-xla-")
-    os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 
 import gc  # noqa: E402
-import shutil  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import jax  # noqa: E402
@@ -97,8 +85,3 @@ def pytest_runtest_makereport(item, call):
 def pytest_terminal_summary(terminalreporter, config):
     """After the run: the per-family logit errors against transformers (tests/test_families.py)."""
     print_parity_table(terminalreporter)
-
-
-def pytest_unconfigure(config):
-    if _COMPILATION_CACHE is not None:
-        shutil.rmtree(_COMPILATION_CACHE, ignore_errors=True)
