@@ -88,7 +88,9 @@ def _searched_grid(x32, vmin, vmax, levels: int):
     low, high = (grid.reshape(-1) for grid in jnp.meshgrid(cuts, cuts, indexing="ij"))  # [C], the full range first
     width = (vmax - vmin)[..., None]
     scale, zero = _kv_grid(vmin[..., None] + low * width, vmax[..., None] - high * width, levels)  # [..., C]
-    error = jnp.sum(jnp.square(_kv_round_trip(x32[..., None, :], scale, zero, levels) - x32[..., None, :]), -1)
+    candidates = x32[..., None, :]
+    restored = dequantize_kv(_kv_codes(candidates, scale, zero, levels), scale, zero, jnp.float32)
+    error = jnp.sum(jnp.square(restored - candidates), axis=-1)
     best = jnp.argmin(error, axis=-1)[..., None]  # the first of equal errors: the full range on a tie
     return (jnp.take_along_axis(a, best, axis=-1)[..., 0] for a in (scale, zero))
 
@@ -100,11 +102,6 @@ def _kv_grid(vmin, vmax, levels: int):
 
 def _kv_codes(x32, scale, zero, levels: int):
     return jnp.clip(jnp.round((x32 + zero[..., None]) / scale[..., None]), 0, levels)
-
-
-def _kv_round_trip(x32, scale, zero, levels: int):
-    codes = _kv_codes(x32, scale, zero, levels)
-    return codes * scale[..., None].astype(jnp.float32) - zero[..., None].astype(jnp.float32)
 
 
 def dequantize_kv(codes: jax.Array, scale: jax.Array, zero: jax.Array, dtype) -> jax.Array:
