@@ -13,9 +13,10 @@ the settings their slot takes on), and the block-table entries that changed sinc
 int32 and one float32 array (two transfers). One jitted program per step
 
     tables ← tables + updates
-    decode rows:  decode_step over tables[slots, :width]    → sample → tokens[slot]
-    chunk rows:   prefill(start_positions) over the same pool → sample at each chunk's end → tokens[slot]
+    decode rows:  decode_step over tables[slots, :width]    → logits
+    chunk rows:   prefill(start_positions) over the same pool → logits at each chunk's end
                   (and, when a row asks, the log-probabilities of its prompt tokens from every position)
+    all rows:     one sampler → tokens[slot]
 
 returns the sampled tokens (and log-probabilities, copied back only in steps where a request asked), which the
 host starts copying back at once and reads one step later, after it has dispatched the next step: the device
@@ -468,7 +469,6 @@ def _step(params: Params, pool: PagedKVCache, batch: DeviceBatch, ints, floats, 
     tokens, sampling, prompt_lengths, stop_ids, history = (
         batch.tokens, batch.sampling, batch.prompt_lengths, batch.stop_ids, batch.history
     )  # fmt: skip
-    sampled, prompt = [], None
     if chunks is not None:
         owned = jnp.where(chunks.lengths > 0, chunks.slots, dropped)
 
@@ -483,34 +483,44 @@ def _step(params: Params, pool: PagedKVCache, batch: DeviceBatch, ints, floats, 
         offsets = jnp.arange(chunks.tokens.shape[1])[None, :]
         generated = chunks.starts[:, None] + offsets >= chunks.prompt_lengths[:, None]
         history = history.record(owned, chunks.tokens, generated, offsets < chunks.lengths[:, None])
+    # Rows to sample, decode rows then chunk rows: their logits, the slots whose settings they take (out of range:
+    # not kept) and where their tokens go (padding decode rows: nowhere), and the position of each new token.
+    logits, sampling_slots, token_slots, positions, prompt = [], [], [], [], None
     if decode is not None:
         cache = dataclasses.replace(pool, block_tables=tables[decode.slots, :width])
-        state, logits = decode_step(params, DecodeState(cache=cache, lengths=decode.positions), tokens[decode.slots])
-        drawn, history = _sample(logits, decode.slots, state.lengths, sampling, prompt_lengths, stop_ids, history)
-        tokens = tokens.at[jnp.where(decode.slots < dropped - 1, decode.slots, dropped)].set(drawn.tokens, mode="drop")
+        state, decode_logits = decode_step(
+            params, DecodeState(cache=cache, lengths=decode.positions), tokens[decode.slots]
+        )
         pool = state.cache
-        sampled.append(drawn)
+        logits.append(decode_logits)
+        sampling_slots.append(decode.slots)
+        token_slots.append(jnp.where(decode.slots < dropped - 1, decode.slots, dropped))
+        positions.append(state.lengths)
     if chunks is not None:
         cache = dataclasses.replace(pool, block_tables=tables[chunks.slots, :width])
         state, hidden = prefill_hidden(
             params, chunks.tokens, chunks.lengths, cache=cache, start_positions=chunks.starts
         )
-        logits = lm_head(params, last_positions(hidden, chunks.lengths))
-        sampling_slots = jnp.where(chunks.samples, chunks.slots, dropped)
-        drawn, history = _sample(logits, sampling_slots, state.lengths, sampling, prompt_lengths, stop_ids, history)
-        tokens = tokens.at[sampling_slots].set(drawn.tokens, mode="drop")
+        pool = state.cache
+        logits.append(lm_head(params, last_positions(hidden, chunks.lengths)))
+        sampling_slots.append(jnp.where(chunks.samples, chunks.slots, dropped))
+        token_slots.append(sampling_slots[-1])
+        positions.append(state.lengths)
         prompt = jax.lax.cond(
             jnp.any(chunks.wants_prompt_logprobs),
             lambda: prompt_logprobs(params, hidden, chunks.targets),
             lambda: no_logprobs(chunks.tokens.shape, params.config.vocab_size),
         )
-        pool = state.cache
-        sampled.append(drawn)
+    # One sampler for every row of the step (a sequence has a decode row or chunk rows, never both).
+    logits, sampling_slots, token_slots, positions = map(
+        jnp.concatenate, (logits, sampling_slots, token_slots, positions)
+    )
+    sampled, history = _sample(logits, sampling_slots, positions, sampling, prompt_lengths, stop_ids, history)
+    tokens = tokens.at[token_slots].set(sampled.tokens, mode="drop")
     pool = dataclasses.replace(pool, block_tables=jnp.zeros((1, 1), jnp.int32))
     batch = DeviceBatch(tables, tokens, sampling, prompt_lengths, stop_ids, history)
     if params.parallel is not None:
         batch = params.parallel.constrain(batch)  # as the next step takes it
-    sampled = jax.tree.map(lambda *rows: jnp.concatenate(rows), *sampled)
     return pool, batch, sampled.tokens, sampled.logprobs, prompt
 
 
