@@ -260,7 +260,7 @@ class CausalLM(nnx.Module):
 
     def __init__(self, config: ModelConfig, *, dtype=jnp.float32, rngs: nnx.Rngs, quant: QuantFormat | None = None):
         self.config = config
-        embed_key, head_key, *layer_keys = jax.random.split(rngs.params(), 2 + config.num_layers)
+        embed_key, head_key, *layer_keys = self.init_keys(rngs, config.num_layers)
         embed_init = nnx.initializers.normal(0.02)
         self.embed_tokens = nnx.Param(embed_init(embed_key, (config.vocab_size, config.hidden_size), dtype))
         self.layers = nnx.List(
@@ -272,6 +272,12 @@ class CausalLM(nnx.Module):
             if config.tie_word_embeddings
             else Linear(config.hidden_size, config.vocab_size, use_bias=False, dtype=dtype, key=head_key)
         )
+
+    @staticmethod
+    def init_keys(rngs: nnx.Rngs, num_layers: int) -> jax.Array:
+        """[2 + num_layers] keys: the embedding's, the LM head's, then each layer's (`init_params` makes the
+        layers one by one from these)."""
+        return jax.random.split(rngs.params(), 2 + num_layers)
 
     def __call__(self, tokens_bt, positions_bt, valid_bt, cache: KVCache, *, tensor_axes: Axes = ()):
         """Final hidden states [B, T, D] of new tokens, and the cache with their keys and values.

@@ -20,7 +20,7 @@ from jax.sharding import Mesh
 
 from qoq_jax.config import ModelConfig
 from qoq_jax.errors import CheckpointError
-from qoq_jax.model import CausalLM
+from qoq_jax.model import CausalLM, DecoderLayer
 from qoq_jax.quant import QuantFormat
 from qoq_jax.sharding import TensorParallel
 
@@ -93,22 +93,40 @@ def init_params(
     quant: QuantFormat | None = None,
     mesh: Mesh | None = None,
 ) -> Params:
-    """Random weights with the model's shapes (tests, benchmarks), in `quant`'s formats when given, made by one
-    compiled program on the device, directly split over `mesh`'s tensor axis when given (never whole on one
-    device). To compare splits, make the weights once and `shard_params` them: the split program may round a
-    rare quantized code differently."""
+    """Random weights with the model's shapes (tests, benchmarks), in `quant`'s formats when given, made on the
+    device, directly split over `mesh`'s tensor axis when given (never whole on one device). Two compiled
+    programs: the model outside its layers, and one layer, run once per layer with that layer's key (the layers
+    have the same shapes), so the compile time does not grow with the depth; the weights are those
+    `CausalLM(config, rngs=nnx.Rngs(jax.random.key(seed)))` makes. To compare splits, make the weights once and
+    `shard_params` them: the split program may round a rare quantized code differently."""
     dtype = resolve_dtype(dtype)
     parallel = None if mesh is None else TensorParallel.create(mesh, config, quant)
-    make = functools.partial(_random_state, jnp.int32(seed), config=config, dtype=dtype, quant=quant)
     graphdef = nnx.split(nnx.eval_shape(lambda: CausalLM(config, dtype=dtype, rngs=nnx.Rngs(0), quant=quant)))[0]
-    state = make() if parallel is None else parallel.build(make)
+    build = (lambda make, *args: make(*args)) if parallel is None else parallel.build
+    static = dict(config=config, dtype=dtype, quant=quant)
+    seed = jnp.int32(seed)
+    outside = build(functools.partial(_random_state_outside_layers, **static), seed)
+    make_layer = functools.partial(_random_layer, **static)
+    flat = list(nnx.to_flat_state(outside))
+    for index in range(config.num_layers):
+        layer = build(make_layer, seed, jnp.int32(index))
+        flat += [(("layers", index, *path), leaf) for path, leaf in nnx.to_flat_state(layer)]
+    state = nnx.from_flat_state(flat)
     return Params(state=state, graphdef=graphdef, config=config, tokenizer=tokenizer, quant=quant, parallel=parallel)
 
 
 @functools.partial(jax.jit, static_argnames=("config", "dtype", "quant"))
-def _random_state(seed, *, config: ModelConfig, dtype, quant: QuantFormat | None) -> nnx.State:
-    """Compiled once per model description; the seed is an argument."""
-    return nnx.split(CausalLM(config, dtype=dtype, rngs=nnx.Rngs(jax.random.key(seed)), quant=quant))[1]
+def _random_state_outside_layers(seed, *, config: ModelConfig, dtype, quant: QuantFormat | None) -> nnx.State:
+    """The embedding, final norm and LM head (the layers' computations are dead code, removed before compiling)."""
+    state = nnx.split(CausalLM(config, dtype=dtype, rngs=nnx.Rngs(jax.random.key(seed)), quant=quant))[1]
+    return nnx.State({name: part for name, part in state.items() if name != "layers"})
+
+
+@functools.partial(jax.jit, static_argnames=("config", "dtype", "quant"))
+def _random_layer(seed, index, *, config: ModelConfig, dtype, quant: QuantFormat | None) -> nnx.State:
+    """Layer `index` (traced: one program serves every layer; a layer's arrays do not depend on its index)."""
+    key = CausalLM.init_keys(nnx.Rngs(jax.random.key(seed)), config.num_layers)[2 + index]
+    return nnx.split(DecoderLayer(config, 0, dtype=dtype, key=key, quant=quant))[1]
 
 
 def shard_params(params: Params, mesh: Mesh | None) -> Params:

@@ -142,10 +142,10 @@ class TensorParallel:
         takes, not the one XLA would propagate to them (e.g. from the vocabulary-split logits)."""
         return jax.lax.with_sharding_constraint(tree, self.shardings(tree))
 
-    def build(self, make: Callable[[], T]) -> T:
-        """The arrays `make` creates, created directly in their shardings (a pool or model too big for one
+    def build(self, make: Callable[..., T], *args) -> T:
+        """The arrays `make(*args)` creates, created directly in their shardings (a pool or model too big for one
         device never exists whole)."""
-        return jax.jit(make, out_shardings=self.shardings(jax.eval_shape(make)))()
+        return jax.jit(make, out_shardings=self.shardings(jax.eval_shape(make, *args)))(*args)
 
     def _spec(self, name: str, ndim: int) -> P:
         parts = name.split(".")

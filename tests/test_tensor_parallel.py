@@ -15,11 +15,13 @@ import pytest
 from cuda_lowering import lowering_test
 from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
+from flax import nnx
 
 import qoq_jax
 from qoq_jax import DecodeState, ModelConfig, PagedKVCache, QuantFormat, UnsupportedModelError
 from qoq_jax.kv_cache import kv_bytes_per_page
-from qoq_jax.params import shard_params
+from qoq_jax.model import CausalLM
+from qoq_jax.params import _random_layer, shard_params
 from qoq_jax.sharding import KV_SHARD_AXIS, TensorParallel, make_mesh
 from serve.engine import build_engine
 from serve.request import Request
@@ -214,6 +216,24 @@ def test_meshes_without_a_usable_tensor_axis_are_refused():
         TensorParallel.create(Mesh(devices.reshape(2, 2), ("data", "tensor")), CONFIG)
     with pytest.raises(ValueError, match="tensor_parallel=5 needs 5 devices; there are 4"):
         make_mesh(5)
+
+
+@pytest.mark.parametrize("fmt", ["float", "w4a8-g128"])
+def test_init_params_makes_the_model_s_own_weights_with_one_layer_program(fmt):
+    """Layer by layer (one compiled program serving every layer), on one device or directly split, the weights are
+    exactly those CausalLM itself draws from the seed."""
+    quant, config = FORMATS[fmt], dataclasses.replace(CONFIG, num_layers=3)  # a config no other test makes
+    drawn = jax.jit(lambda seed: nnx.split(CausalLM(config, rngs=nnx.Rngs(jax.random.key(seed)), quant=quant))[1])
+    expected = jax.tree.leaves(drawn(7))
+    layer_programs = _random_layer._cache_size()
+    made = [qoq_jax.init_params(config, quant=quant, seed=7)]
+    assert _random_layer._cache_size() == layer_programs + 1
+    if quant is None:  # a split quantizes in another program (see init_params)
+        made.append(qoq_jax.init_params(config, seed=7, mesh=make_mesh(4)))
+    for params in made:
+        assert jax.tree.structure(params.state) == jax.tree.structure(drawn.eval_shape(7))
+        for got, want in zip(jax.tree.leaves(params.state), expected, strict=True):
+            np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
 
 
 def test_a_vocabulary_that_does_not_divide_is_replicated():
