@@ -11,6 +11,8 @@ all 511 decode steps run greedily inside one compiled loop (no host round trip u
 donated throughout. One untimed run compiles; the median of `--repeats` timed runs is reported.
 
 * Systems: qoq_w4a8kv4_g128, qoq_w4a8kv4_chn (QoQ W4A8KV4, the Pallas GEMMs and KV4 decode attention on GPU),
+  qoq_w4a8kv4_g128_kv_stages (g128 as this library's default recipe stores it: plus the q/k transform after RoPE
+  and the per-token range search of each K and V written; what those cost per step is its gap to qoq_w4a8kv4_g128),
   w8a8kv8 (XLA int8 GEMMs, KV8 pages), w16a16kv16 (plain JAX in --dtype, KV16 pages), and hf_torch
   (transformers' `generate` with a static cache, fp16, when torch sees a CUDA device); and
   qoq_w4a8kv4_g128_engine: the same model, budget and batch served by the serving engine (`serve.engine`: the
@@ -95,6 +97,10 @@ QSERVE_A100 = {  # benchmark_a100.sh: (batch, pages), and the README's tokens/s
 QSERVE_A100_FORMAT = QuantFormat("w4a8-chn", kv_bits=4)  # benchmark_a100.sh: --group-size -1
 SYSTEMS = {
     "qoq_w4a8kv4_g128": QuantFormat("w4a8-g128", kv_bits=4, group_size=128),
+    # What the default `g128` recipe makes: the same, plus its KV4 stages (q/k transform, per-token range search).
+    "qoq_w4a8kv4_g128_kv_stages": QuantFormat(
+        "w4a8-g128", kv_bits=4, group_size=128, qk_transform=True, kv_range_search=True
+    ),
     "qoq_w4a8kv4_chn": QuantFormat("w4a8-chn", kv_bits=4),
     "w8a8kv8": QuantFormat("w8a8", kv_bits=8),
     "w16a16kv16": None,

@@ -7,7 +7,8 @@ hypothesis are there), `STEPS` run one after another, each in its own process:
   gemm check         `gemm.py --check`: both kernels at every M bucket and Llama-3-8B shape against the reference;
   gemm timings       `gemm.py` at M = 1, 16, 1024, 4096 with 10 repeats (the goal's M's);
   decode attention   `attention.py` at batch 1/64/256 × context 2048/8192, every qoq row checked first;
-  e2e compiled loop  `e2e_throughput.py` for Llama-3-8B, QoQ g128 and W16A16, one timed run each;
+  e2e compiled loop  `e2e_throughput.py` for Llama-3-8B, QoQ g128 without and with the default recipe's KV4 stages
+                     (their decode cost) and W16A16, one timed run each;
   e2e engine         the same model and budget served by the engine (`engine/e2e-<device>.json`), last, in
                      whatever time the steps before it left.
 Each step gets its share of `--budget-s` (570 s by default) plus whatever the steps before it left unused; a step
@@ -149,11 +150,11 @@ STEPS = (
             "tests/test_paged_prefill_attention.py::TestPagedPrefillAttentionInterpret::"
             "test_bfloat16_queries_with_default_blocks",
         ),
-        budget_s=110,
+        budget_s=100,
         summarize=summarize_tests,
     ),
     Step("gemm check", gpu=("benchmarks/gemm.py", "--check"), dry_run=("benchmarks/gemm.py", "--check", "--m", "16"),
-         budget_s=80),  # fmt: skip
+         budget_s=65),  # fmt: skip
     Step(
         "gemm timings",
         gpu=("benchmarks/gemm.py", "--m", "1", "16", "1024", "4096", "--repeats", "10", "--out-dir", "{out}"),
@@ -168,16 +169,16 @@ STEPS = (
              "--out-dir", "{out}"),  # fmt: skip
         dry_run=("benchmarks/attention.py", "--smoke", "--systems", "qoq_kv4", "bf16_paged", "--batch", "1",
                  "--context", "64", "--repeats", "1", "--out-dir", "{out}"),  # fmt: skip
-        budget_s=100,
+        budget_s=85,
         summarize=summarize_attention,
     ),
     Step(
         "e2e compiled loop",
-        gpu=("benchmarks/e2e_throughput.py", "--systems", "qoq_w4a8kv4_g128", "w16a16kv16", "--repeats", "1",
-             "--no-latency", "--out-dir", "{out}"),  # fmt: skip
+        gpu=("benchmarks/e2e_throughput.py", "--systems", "qoq_w4a8kv4_g128", "qoq_w4a8kv4_g128_kv_stages",
+             "w16a16kv16", "--repeats", "1", "--no-latency", "--out-dir", "{out}"),  # fmt: skip
         dry_run=("benchmarks/e2e_throughput.py", "--smoke", "--systems", "qoq_w4a8kv4_g128", "--no-latency",
                  "--out-dir", "{out}"),  # fmt: skip
-        budget_s=130,
+        budget_s=170,
         summarize=summarize_e2e,
     ),
     Step(  # last: what the budget has left after the kernels' steps
