@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 
+import jax
 import numpy as np
 import openai
 import pytest
@@ -15,6 +16,8 @@ from converters.calibration_data import calibration_tokens
 from converters.qoq import RECIPES, quantize_model
 from serve.engine import AsyncEngine, build_engine
 from serve.http_server import create_app
+
+pytestmark = pytest.mark.xla_optimized  # it spends its time calibrating the 30-layer model: 1.6× longer without
 
 # A small calibration set keeps this short on two CPU cores (the CLI default is 32 × 512; 8 × 256 took 45 s to
 # quantize alone, 8 × 128 takes 32 s).
@@ -102,3 +105,8 @@ def test_quantized_model_serves_openai_completions_and_chat(qoq_g128):
         streamed = "".join(chunk.choices[0].delta.content or "" for chunk in stream if chunk.choices)
         assert streamed == whole.choices[0].message.content and streamed.strip()
         assert whole.usage.completion_tokens <= 12
+
+
+def test_this_module_compiles_with_xla_optimizations():
+    """The suite turns XLA's backend optimizations off (tests/conftest.py); this module's mark turns them back on."""
+    assert jax.config.values["jax_disable_most_optimizations"] is False
