@@ -49,3 +49,12 @@ def test_summary_judges_no_goal_on_cpu_rows(dry_run):
 
 def test_gpu_steps_fit_the_ten_minute_call():
     assert sum(step.budget_s for step in gpu_check.STEPS) <= gpu_check.DEFAULT_BUDGET_S <= 600 - 30
+
+
+def test_a_gpu_run_checks_the_optimized_programs_and_a_dry_run_what_the_suite_compiles():
+    suite = {"JAX_DISABLE_MOST_OPTIMIZATIONS": "1", "XLA_PYTHON_CLIENT_PREALLOCATE": "false"}
+    on_gpu = gpu_check.step_environment(suite, "/tmp/cache", on_gpu=True)
+    dry_run = gpu_check.step_environment(suite, "/tmp/cache", on_gpu=False)
+    assert on_gpu["JAX_DISABLE_MOST_OPTIMIZATIONS"] == "0" and dry_run["JAX_DISABLE_MOST_OPTIMIZATIONS"] == "1"
+    for env in (on_gpu, dry_run):
+        assert env["JAX_COMPILATION_CACHE_DIR"] == "/tmp/cache" and "XLA_PYTHON_CLIENT_PREALLOCATE" not in env
