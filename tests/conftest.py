@@ -11,8 +11,8 @@ CPU_DEVICES = 4
 if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
     os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={CPU_DEVICES}"
 # The suite checks what programs compute, not how fast, and most of its time is XLA compiling small programs:
-# without XLA's backend (LLVM) optimizations it ran in 12:40 instead of 24:44 on two cores (same day), every test
-# passing.
+# without XLA's backend (LLVM) optimizations, files timed back to back on two cores took 0.73-0.80x as long
+# (test_generate 52.5 -> 38.4 s, test_engine 164.5 -> 132.3 s), every test passing.
 # Set here so that the subprocesses of the CLI and benchmark tests inherit it; `JAX_DISABLE_MOST_OPTIMIZATIONS=0`
 # runs the suite optimized. Modules marked `xla_optimized` run optimized anyway (see `xla_optimizations`).
 os.environ.setdefault("JAX_DISABLE_MOST_OPTIMIZATIONS", "1")
