@@ -11,7 +11,8 @@ stop-string checks cost what they cost in serving) decodes N sequences together,
   device for the previous step's tokens: what the host did not have to do), as the engine thread's CPU time (on a
   CPU device the host's wall time stretches while the step computes on the same two cores) and as wall time.
 * bare: the same model, batch and block-table width, `decode_step` + `sample` compiled and dispatched back to
-  back with the sampled tokens fed on the device and nothing read back, as many steps as the window.
+  back with the sampled tokens fed on the device and nothing read back, as many steps as the window; with the
+  CPU time of its calls (XLA's own dispatch, which the engine's prepare time holds too).
 
 The two alternate `--repeats` times; medians are reported, with the machine's load average at the start (the
 machine is shared: trust the within-run ratio). Goals on the 2-core CPU: engine ≥ 0.95× bare at 256 sequences,
@@ -127,11 +128,14 @@ def run_bare(params, batch: int, width: int, start_length: int, steps: int) -> d
     tokens = jnp.zeros((batch,), jnp.int32)
     state, tokens = _bare_step(params, state, tokens, sampling)  # compile
     jax.block_until_ready(tokens)
-    started = time.perf_counter()
+    started, dispatch = time.perf_counter(), 0.0
     for _ in range(steps):
+        called = time.thread_time()
         state, tokens = _bare_step(params, state, tokens, sampling)
+        dispatch += time.thread_time() - called
     jax.block_until_ready(tokens)
-    return {"tokens_per_s": batch * steps / (time.perf_counter() - started)}
+    rate = batch * steps / (time.perf_counter() - started)
+    return {"tokens_per_s": rate, "dispatch_ms_per_step": dispatch / steps * 1e3}
 
 
 def measure(params, tokenizer, batch: int, args) -> dict:
@@ -176,6 +180,7 @@ def measure(params, tokenizer, batch: int, args) -> dict:
         "engine_over_bare": engine_rate / bare_rate,
         "host_ms_per_step": statistics.median(r["host_ms_per_step"] for r in engine_rows),
         "host_wall_ms_per_step": statistics.median(r["host_wall_ms_per_step"] for r in engine_rows),
+        "bare_dispatch_ms_per_step": statistics.median(r["dispatch_ms_per_step"] for r in bare_rows),
         "split_ms_per_step": split,
         "window_steps": [r["steps"] for r in engine_rows],
         "engine_runs": engine_rows,
@@ -196,11 +201,12 @@ def markdown(result: dict) -> str:
         f"{result['new_tokens']} new tokens, medians of {result['repeats']} alternating runs",
         "",
         "Host ms per step: the engine thread's CPU time (wall time in brackets: on a CPU device it stretches while the",
-        "step computes on the same cores); wait: wall time blocked on the device for the previous step's tokens.",
+        "step computes on the same cores); wait: wall time blocked on the device for the previous step's tokens;",
+        "bare dispatch: the CPU time of the bare loop's calls of its compiled step (XLA's own, in prepare too).",
         "",
         "| sequences | engine tok/s | bare loop tok/s | engine / bare | host ms/step | schedule | prepare | outputs "
-        "| wait |",
-        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| wait | bare dispatch |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for row in result["rows"]:
         split = row["split_ms_per_step"]
@@ -208,7 +214,7 @@ def markdown(result: dict) -> str:
         lines.append(
             f"| {row['batch']} | {row['engine_tokens_per_s']:.0f} | {row['bare_tokens_per_s']:.0f} | "
             f"{row['engine_over_bare']:.3f} | {row['host_ms_per_step']:.2f} ({row['host_wall_ms_per_step']:.2f}) | "
-            f"{' | '.join(cells)} | {split['wait']:.2f} |"
+            f"{' | '.join(cells)} | {split['wait']:.2f} | {row['bare_dispatch_ms_per_step']:.2f} |"
         )
     goals = result["goals"]
     lines += ["", f"Goals at {GOAL_BATCH}: engine/bare ≥ {GOAL_RATIO}: {goals['ratio_met']}; "
