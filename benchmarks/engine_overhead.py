@@ -16,8 +16,7 @@ stop-string checks cost what they cost in serving) decodes N sequences together,
 
 The two alternate `--repeats` times; medians are reported (engine / bare: the median of each engine run's rate
 over the bare run right after it), with the machine's load average at the start (the machine is shared: trust the
-within-run ratio). Goals on the 2-core CPU: engine ≥ 0.95× bare at 256 sequences,
-host ≤ 2 ms per step at 256.
+within-run ratio). Goals on the 2-core CPU: engine ≥ 0.95× bare at 256 sequences, host ≤ 2 ms per step at 256.
 
     python benchmarks/engine_overhead.py
 
@@ -168,10 +167,10 @@ def measure(params, tokenizer, batch: int, args) -> dict:
         engine_rows.append(run_engine(engine, requests(round_)))
         bare_rows.append(run_bare(params, batch, width, args.prompt_tokens, engine_rows[-1]["steps"]))
     engine_rate = statistics.median(r["tokens_per_s"] for r in engine_rows)
+    bare_rate = statistics.median(r["tokens_per_s"] for r in bare_rows)
     # Each engine run against the bare run right after it: the machine's speed drifts between runs, and a ratio
     # of medians can pair a fast engine run with a slow bare one.
     ratios = [e["tokens_per_s"] / b["tokens_per_s"] for e, b in zip(engine_rows, bare_rows)]
-    bare_rate = statistics.median(r["tokens_per_s"] for r in bare_rows)
     split = {
         part: statistics.median(r["split_ms_per_step"][part] for r in engine_rows)
         for part in engine_rows[0]["split_ms_per_step"]
