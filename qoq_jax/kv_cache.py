@@ -181,7 +181,12 @@ def grouped_attention(q_bthd, k_bshd, v_bshd, mask_bts, attention: LayerAttentio
 class KVPool:
     """One layer's keys or values for every page: codes [Hkv, pages, page_size, D/2 (KV4) or D] (uint8, or the
     model dtype at 16 bits) and, below 16 bits, fp16 scale and zero [Hkv, pages, page_size]. Writes keep
-    `clip` of each token-head's range (`quantize_kv`)."""
+    `clip` of each token-head's range (`quantize_kv`).
+
+    A 16-bit float pool may hold its values' bit patterns (uint16 codes, `bits_of` their dtype): XLA:CPU runs a
+    scatter into a bfloat16 or float16 array in float32, converting the whole pool there and back on every
+    write (2 ms per layer and step for SmolLM2's 512 bfloat16 pages, against 0.01 ms for their bits), while a
+    gather reads the bits back as floats for free. `pages` is what attention reads."""
 
     codes: jax.Array
     scale: jax.Array | None
@@ -189,6 +194,7 @@ class KVPool:
     bits: int = dataclasses.field(metadata=dict(static=True))
     clip: float = dataclasses.field(default=1.0, metadata=dict(static=True))
     search: bool = dataclasses.field(default=False, metadata=dict(static=True))
+    bits_of: jnp.dtype | None = dataclasses.field(default=None, metadata=dict(static=True))
 
     @classmethod
     def zeros(
@@ -202,24 +208,37 @@ class KVPool:
         dtype,
         clip: float = 1.0,
         search: bool = False,
+        half_as_bits: bool = False,
     ):
+        """half_as_bits: a 16-bit float pool at 16 bits holds its values' bit patterns (see the class)."""
         if bits not in paged_attention.KV_BITS:
             raise ValueError(f"kv_bits must be one of {paged_attention.KV_BITS}; got {bits}")
         shape = (num_kv_heads, num_pages, page_size)
-        codes = jnp.zeros((*shape, paged_attention.code_width(head_dim, bits)), jnp.uint8 if bits < 16 else dtype)
-        if bits == 16:
-            return cls(codes, None, None, bits, clip, search)
-        return cls(codes, jnp.zeros(shape, jnp.float16), jnp.zeros(shape, jnp.float16), bits, clip, search)
+        width = paged_attention.code_width(head_dim, bits)
+        if bits < 16:
+            codes = jnp.zeros((*shape, width), jnp.uint8)
+            return cls(codes, jnp.zeros(shape, jnp.float16), jnp.zeros(shape, jnp.float16), bits, clip, search)
+        dtype = jnp.dtype(dtype)
+        bits_of = dtype if half_as_bits and dtype.itemsize == 2 else None
+        codes = jnp.zeros((*shape, width), jnp.uint16 if bits_of else dtype)
+        return cls(codes, None, None, bits, clip, search, bits_of)
 
     @property
     def num_pages(self) -> int:
         return self.codes.shape[1]
 
+    @property
+    def pages(self) -> jax.Array:
+        """The codes as attention reads them: the values themselves where the pool holds their bits."""
+        return self.codes if self.bits_of is None else jax.lax.bitcast_convert_type(self.codes, self.bits_of)
+
     def write(self, pages_bt, slots_bt, x_bthd) -> "KVPool":
         """Quantizes x [B, T, Hkv, D] per token-head into (page, slot) [B, T]; out-of-range pages are dropped."""
         x_hbtd = jnp.moveaxis(x_bthd, 2, 0)
         if self.bits == 16:
-            codes = self.codes.at[:, pages_bt, slots_bt].set(x_hbtd.astype(self.codes.dtype), mode="drop")
+            new = x_hbtd.astype(self.codes.dtype if self.bits_of is None else self.bits_of)
+            new = new if self.bits_of is None else jax.lax.bitcast_convert_type(new, self.codes.dtype)
+            codes = self.codes.at[:, pages_bt, slots_bt].set(new, mode="drop")
             return dataclasses.replace(self, codes=codes)
         codes, scale, zero = quantize_kv(x_hbtd, self.bits, self.clip, self.search)
         if self.bits == 4:
@@ -273,6 +292,8 @@ class PagedKVCache(KVCache):
         if page_size < 1:
             raise ValueError(f"page_size must be ≥ 1; got {page_size}")
         bits, clips = layer_kv_settings(config.num_layers, kv_bits, kv_clip)
+        # The jnp path reads pages through gathers, which view the bits back for free; the kernels read floats.
+        half_as_bits = paged_implementation(kernel, page_size, config.head_dim)[0] == "reference"
 
         def pools(which: int):
             return tuple(
@@ -285,6 +306,7 @@ class PagedKVCache(KVCache):
                     dtype=dtype,
                     clip=c[which],
                     search=kv_range_search,
+                    half_as_bits=half_as_bits,
                 )
                 for b, c in zip(bits, clips)
             )
@@ -348,7 +370,7 @@ class PagedKVCache(KVCache):
         implementation, _ = paged_implementation(self.kernel, self.page_size, q.shape[-1])
         run = kernels[0] if implementation == "pallas" else kernels[1]
         k, v = self.keys[layer], self.values[layer]
-        pools = (k.codes, v.codes, self.block_tables, *row_arrays, k.scale, k.zero, v.scale, v.zero)
+        pools = (k.pages, v.pages, self.block_tables, *row_arrays, k.scale, k.zero, v.scale, v.zero)
         return run(q, *pools, bits=k.bits, **attention.kernel_options())
 
 

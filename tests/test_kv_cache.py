@@ -33,29 +33,30 @@ def _config(name="llama"):
     return qoq_jax.ModelConfig.from_hf(TINY_CONFIGS[name]().to_dict())
 
 
-@pytest.mark.parametrize("bits", [4, 8, 16])
-def test_writes_then_reads_reproduce_the_quantized_values(bits):
+@pytest.mark.parametrize("bits,dtype", [(4, "float32"), (8, "float32"), (16, "float32"), (16, "bfloat16")])
+def test_writes_then_reads_reproduce_the_quantized_values(bits, dtype):
     """Prompt tokens land in their rows' pages as quantize→dequantize of their keys and values; padding tokens
-    and tokens past a row's table are dropped, and no other page changes."""
+    and tokens past a row's table are dropped, and no other page changes. bfloat16 pages on the jnp path hold
+    their values' bits."""
     rng, seed = seeded_rng()
     config = _config()
     page_size, batch, length = 4, 3, 10
     tables = jnp.asarray(rng.permutation(12)[:9].reshape(batch, 3), jnp.int32)  # 12 pages: 3 never used
-    cache = PagedKVCache.init(
-        config, num_pages=12, page_size=page_size, block_tables=tables, dtype=jnp.float32, kv_bits=bits
-    )
+    cache = PagedKVCache.init(config, num_pages=12, page_size=page_size, block_tables=tables, dtype=dtype, kv_bits=bits)
     positions = jnp.broadcast_to(jnp.arange(length), (batch, length))
     lengths = np.array([10, 1, 7])
     valid = positions < lengths[:, None]
     shape = (batch, length, config.num_kv_heads, config.head_dim)
-    k, v = (jnp.asarray(rng.normal(size=shape) * 3 + 1, jnp.float32) for _ in range(2))
-    q = jnp.asarray(rng.normal(size=(batch, length, config.num_heads, config.head_dim)), jnp.float32)
+    k, v = (jnp.asarray(rng.normal(size=shape) * 3 + 1, dtype) for _ in range(2))
+    q = jnp.asarray(rng.normal(size=(batch, length, config.num_heads, config.head_dim)), dtype)
     _, cache = cache.attend(1, q, k, v, positions, valid)
+    stored_as = {4: jnp.uint8, 8: jnp.uint8, 16: jnp.uint16 if dtype == "bfloat16" else jnp.float32}[bits]
+    assert cache.keys[1].codes.dtype == stored_as
 
     for pool, x in ((cache.keys[1], k), (cache.values[1], v)):
         everything = jnp.full((batch,), tables.shape[1] * page_size)
-        stored = np.asarray(gather_kv(pool.codes, pool.scale, pool.zero, tables, everything, bits=bits))
-        expected = x if bits == 16 else dequantize_kv(*quantize_kv(x, bits), jnp.float32)
+        stored = np.asarray(gather_kv(pool.pages, pool.scale, pool.zero, tables, everything, bits=bits))
+        expected = x.astype(jnp.float32) if bits == 16 else dequantize_kv(*quantize_kv(x, bits), jnp.float32)
         expected = np.moveaxis(np.asarray(expected), 2, 1)  # [B, Hkv, T, D]
         for b, n in enumerate(lengths):
             np.testing.assert_array_equal(stored[b, :, :n], expected[b, :, :n], err_msg=f"seed {seed}")
