@@ -179,8 +179,8 @@ def grouped_attention(q_bthd, k_bshd, v_bshd, mask_bts, attention: LayerAttentio
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass
 class KVPool:
-    """One layer's keys or values for every page: codes [Hkv, pages, page_size, D/2 (KV4) or D] (uint8, or the
-    model dtype at 16 bits) and, below 16 bits, fp16 scale and zero [Hkv, pages, page_size]. Writes keep
+    """One layer's keys or values for every page: codes [Hkv, pages, page_size, D/2 (KV4) or D] (uint8, or at 16 bits
+    the model dtype or its bits) and, below 16 bits, fp16 scale and zero [Hkv, pages, page_size]. Writes keep
     `clip` of each token-head's range (`quantize_kv`).
 
     A 16-bit float pool may hold its values' bit patterns (uint16 codes, `bits_of` their dtype): XLA:CPU runs a
@@ -236,8 +236,10 @@ class KVPool:
         """Quantizes x [B, T, Hkv, D] per token-head into (page, slot) [B, T]; out-of-range pages are dropped."""
         x_hbtd = jnp.moveaxis(x_bthd, 2, 0)
         if self.bits == 16:
-            new = x_hbtd.astype(self.codes.dtype if self.bits_of is None else self.bits_of)
-            new = new if self.bits_of is None else jax.lax.bitcast_convert_type(new, self.codes.dtype)
+            if self.bits_of is None:
+                new = x_hbtd.astype(self.codes.dtype)
+            else:
+                new = jax.lax.bitcast_convert_type(x_hbtd.astype(self.bits_of), self.codes.dtype)
             codes = self.codes.at[:, pages_bt, slots_bt].set(new, mode="drop")
             return dataclasses.replace(self, codes=codes)
         codes, scale, zero = quantize_kv(x_hbtd, self.bits, self.clip, self.search)

@@ -68,7 +68,7 @@ def _one_row_as_two(matmul: Callable[[jax.Array], jax.Array], x: jax.Array, dot_
     """matmul(x) for a matmul of independent rows; on a CPU a single row of a dot in `dot_dtype` other than
     float32 is multiplied as two equal rows.
 
-    XLA:CPU has no one-row bfloat16 or int8 dot: it converts the whole weight to float32 in every call (SmolLM2's
+    XLA:CPU has no one-row bfloat16 or int8 dot: it widens the whole weight to 32 bits in every call (SmolLM2's
     bfloat16 LM head: 40 ms at one row, 3.5 ms at two; an int8 [576, 49152] GEMM: 37 against 2.4 ms). A float32
     row is faster alone (3.6 against 7.8 ms)."""
     rows = math.prod(x.shape[:-1])
